@@ -1,0 +1,1 @@
+"""COCO semantic segmentation pipeline: library code. Stages in `stages/` are thin wrappers."""

@@ -1,0 +1,200 @@
+"""The only reader of params.yaml: a frozen, typed tree that rejects unknown keys and bad values.
+
+`load_params()` validates the whole file before any stage does work, so a typo anywhere fails at
+start-up with the key's dotted path and the valid choices. Stages then take a *view* of the
+sections they declared in dvc.yaml (`Params.only(...)`): reading any other section raises, which
+keeps dvc.yaml's `params:` lists honest (tests/test_dvc_contract.py checks both sides).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+# Architectures the train stage can build: smp's and the classic ones written in pipeline/models.
+ModelName = Literal[
+    "unet", "unetplusplus", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "linknet", "manet",
+    "pan", "upernet", "segformer", "dpt",
+    "fcn32s", "fcn16s", "fcn8s", "deconvnet", "deeplabv1", "deeplabv2",
+]
+
+
+class ConfigError(ValueError):
+    """params.yaml is unreadable or invalid; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(_Section):
+    demo: str = "data/demo"
+    masks: str = "data/masks"
+    eda: str = "reports/eda"
+    split: str = "data/split"
+    metrics: str = "metrics"
+
+
+class Demo(_Section):
+    n_train: int = Field(48, ge=4)
+    n_test: int = Field(12, ge=0)
+    image_size: int = Field(128, ge=32, le=2048)
+    seed: int = 0
+
+
+class Data(_Section):
+    root: str = "data/demo"
+    image_dir: str = ""
+    train_json: str = "train.json"
+    val_json: Optional[str] = None
+    test_json: Optional[str] = "test.json"
+    strict: bool = True
+
+
+class Masks(_Section):
+    overlap: Literal["smaller_on_top", "higher_class_wins"] = "smaller_on_top"
+    unknown: Literal["keep", "background", "ignore"] = "keep"
+    unknown_name: str = "UNKNOWN"
+    max_side: Optional[int] = Field(None, ge=32)
+    workers: int = Field(0, ge=0)
+
+
+class Eda(_Section):
+    max_side: int = Field(512, ge=32)
+
+
+class Split(_Section):
+    strategy: Literal["multilabel", "random", "given"] = "multilabel"
+    n_folds: int = Field(5, ge=1)
+    group: Optional[str] = None
+    holdout: float = Field(0.1, ge=0.0, lt=0.9)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _folds_fit_strategy(self) -> "Split":
+        if self.strategy == "given" and self.n_folds != 1:
+            raise ValueError("strategy 'given' uses val_json as the single validation fold: set n_folds: 1")
+        if self.strategy != "given" and self.n_folds < 2:
+            raise ValueError(f"strategy {self.strategy!r} needs n_folds >= 2")
+        return self
+
+
+class Params(_Section):
+    model: ModelName = "unet"
+    encoder: str = "resnet34"
+    encoder_weights: Optional[Literal["imagenet"]] = None
+    paths: Paths = Paths()
+    demo: Demo = Demo()
+    data: Data = Data()
+    masks: Masks = Masks()
+    eda: Eda = Eda()
+    split: Split = Split()
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("encoder must be a non-empty encoder name")
+        return v
+
+    @model_validator(mode="after")
+    def _given_needs_val_json(self) -> "Params":
+        if self.split.strategy == "given" and not self.data.val_json:
+            raise ValueError("split.strategy 'given' needs data.val_json (the validation images)")
+        return self
+
+    def only(self, *sections: str) -> "ParamsView":
+        """A read-only view exposing just `sections` (the ones a stage declares in dvc.yaml)."""
+        unknown = sorted(set(sections) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigError(f"no params section(s) {unknown}; sections are {sorted(type(self).model_fields)}")
+        return ParamsView(self, sections)
+
+
+class ParamsView:
+    """Attribute access to the declared sections of a Params; anything else is a contract error."""
+
+    def __init__(self, params: Params, sections: tuple[str, ...]):
+        object.__setattr__(self, "_params", params)
+        object.__setattr__(self, "sections", tuple(sections))
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.sections:
+            raise ConfigError(
+                f"this stage reads params section {name!r} but declares only {list(self.sections)}; "
+                "add it to the stage's `params:` in dvc.yaml and to its PARAMS"
+            )
+        return getattr(self._params, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("params are read-only")
+
+    def flat(self) -> dict[str, Any]:
+        """The declared sections flattened to dotted keys, e.g. {'masks.overlap': 'smaller_on_top'}."""
+        out: dict[str, Any] = {}
+        for name in self.sections:
+            out.update(flatten({name: getattr(self._params, name)}))
+        return out
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts / pydantic models -> {'a.b.c': leaf}."""
+    if isinstance(tree, BaseModel):
+        tree = tree.model_dump()
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    where = f"{source}: {loc}" if loc else source
+    if err["type"] == "extra_forbidden":
+        parent = _model_at([p for p in err["loc"][:-1]])
+        valid = sorted(parent.model_fields) if parent else []
+        return f"{where}: unknown key (valid keys here: {', '.join(valid)})"
+    if err["type"] == "literal_error":
+        return f"{where}: {err['input']!r} is not a valid choice; expected {err['ctx']['expected']}"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _model_at(loc: list) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate an already-loaded mapping. Raises ConfigError listing every problem at once."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err, source) for err in e.errors()]
+        raise ConfigError("invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (the whole file, so typos anywhere fail now)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,176 @@
+"""COCO annotations -> class-index masks, and the on-disk mask cache the loaders read.
+
+Painting rules (params `masks.overlap`), for pixels claimed by several annotations:
+  - smaller_on_top: paint in descending *rasterised* area (the json `area` field is often the box
+    area, so it is not trusted), so a bottle inside a bag keeps its class;
+  - higher_class_wins: paint in ascending class index, so the higher index wins (the baseline's
+    np.maximum).
+UNKNOWN (params `masks.unknown`): keep as its class; background = drop those annotations (what they
+cover falls back to whatever else is there, else 0); ignore = paint 255 in the same order.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+
+from pipeline.data.coco import IGNORE_INDEX, Dataset
+from pipeline.io import atomic_dir
+
+cv2.setNumThreads(1)  # the pool provides the parallelism
+
+
+def target_size(height: int, width: int, max_side: Optional[int]) -> tuple[int, int]:
+    """(h, w) after capping the longest side at max_side (aspect kept, never upscaled)."""
+    if not max_side or max(height, width) <= max_side:
+        return height, width
+    s = max_side / max(height, width)
+    return max(1, round(height * s)), max(1, round(width * s))
+
+
+def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
+    """One validated COCO segmentation -> compressed RLE at (out_h, out_w).
+
+    Polygons are scaled before rasterising (exact at any size); RLEs are decoded and resized
+    nearest-neighbour when the size changes. Polygon parts with < 3 points are dropped first,
+    because pycocotools reads a 4-number list as a *box*, not a polygon.
+    """
+    if isinstance(seg, list):
+        parts = [seg] if seg and not isinstance(seg[0], list) else seg
+        sx, sy = out_w / width, out_h / height
+        parts = [[v * (sx if i % 2 == 0 else sy) for i, v in enumerate(p)] for p in parts if len(p) >= 6]
+        return mask_utils.merge(mask_utils.frPyObjects(parts, out_h, out_w))
+    rle = seg
+    if isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, height, width)
+    elif isinstance(seg["counts"], str):
+        rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+    if (out_h, out_w) == (height, width):
+        return rle
+    m = cv2.resize(mask_utils.decode(rle), (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+    return mask_utils.encode(np.asfortranarray(m))
+
+
+def paint_order(areas: Sequence[int], classes: Sequence[int], rule: str) -> list[int]:
+    """Indices in painting order (later ones end on top). Ties keep json order."""
+    n = range(len(classes))
+    if rule == "smaller_on_top":
+        return sorted(n, key=lambda i: -areas[i])
+    if rule == "higher_class_wins":
+        return sorted(n, key=lambda i: classes[i])
+    raise ValueError(f"unknown overlap rule {rule!r}; choose smaller_on_top or higher_class_wins")
+
+
+def paint(rles: Sequence[dict], classes: Sequence[int], rule: str, out_hw: tuple[int, int],
+          unknown_class: Optional[int] = None, unknown: str = "keep") -> np.ndarray:
+    """Paint RLEs into a (H, W) uint8 class map: 0 background, 1..K classes, 255 ignore."""
+    label = np.zeros(out_hw, dtype=np.uint8)
+    areas = [int(a) for a in mask_utils.area(list(rles))] if len(rles) else []  # uint32: negating overflows
+    for i in paint_order(areas, classes, rule):
+        c = classes[i]
+        if c == unknown_class and unknown == "background":
+            continue
+        value = IGNORE_INDEX if (c == unknown_class and unknown == "ignore") else c
+        label[mask_utils.decode(rles[i]).astype(bool)] = value
+    return label
+
+
+def unknown_class_index(classes: list[str], name: str) -> Optional[int]:
+    """Class index of the UNKNOWN category (case-insensitive name match), None if absent."""
+    lowered = [c.lower() for c in classes]
+    return lowered.index(name.lower()) if name.lower() in lowered else None
+
+
+def image_label(anns: pd.DataFrame | None, height: int, width: int, out_hw: tuple[int, int], rule: str,
+                unknown_class: Optional[int], unknown: str) -> np.ndarray:
+    """All annotations of one image (rows with segmentation, class_idx) -> (H, W) uint8 class map."""
+    if anns is None or anns.empty:
+        return np.zeros(out_hw, dtype=np.uint8)
+    rles = [to_rle(s, height, width, *out_hw) for s in anns.segmentation]
+    return paint(rles, list(anns.class_idx), rule, out_hw, unknown_class, unknown)
+
+
+def _cache_one(task: dict) -> dict:
+    """Worker: rasterise one image's mask (and a resized image copy if capped); write PNG/JPEG."""
+    out_hw = (task["out_h"], task["out_w"])
+    label = image_label(task["anns"], task["height"], task["width"], out_hw, task["rule"],
+                        task["unknown_class"], task["unknown"])
+    Path(task["mask_file"]).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(task["mask_file"], label):
+        raise OSError(f"could not write {task['mask_file']}")
+    if task["image_file"]:
+        img = cv2.imread(task["src"], cv2.IMREAD_COLOR)
+        if img is None:
+            raise OSError(f"{task['src']}: cannot decode image (image_id {task['image_id']})")
+        img = cv2.resize(img, (task["out_w"], task["out_h"]), interpolation=cv2.INTER_AREA)
+        Path(task["image_file"]).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(task["image_file"], img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    counts = np.bincount(label.ravel(), minlength=256)
+    return {"key": task["key"], "counts": counts}
+
+
+def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: str, unknown_name: str,
+                     max_side: Optional[int], workers: int = 0) -> pd.DataFrame:
+    """Rasterise every labelled image once into `out_dir` and return the index table.
+
+    Layout: out_dir/masks/<file_name stem>.png (uint8 class map), out_dir/images/... (only images
+    whose longest side exceeded max_side, resized, JPEG q95), out_dir/index.csv, out_dir/classes.json.
+    Paths in the index are as given (relative to the working directory when the inputs are).
+    The whole folder is written under a temporary name and renamed at the end, so a crash never
+    leaves a half cache behind.
+    """
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        return _build(ds, out_dir, tmp, overlap, unknown, unknown_name, max_side, workers)
+
+
+def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, unknown_name: str,
+           max_side: Optional[int], workers: int) -> pd.DataFrame:
+    unknown_class = unknown_class_index(ds.classes, unknown_name)
+    by_key = ds.annotations_by_key()
+    tasks, rows = [], []
+    for r in ds.images.itertuples(index=False):
+        out_h, out_w = target_size(r.height, r.width, max_side)
+        resized = (out_h, out_w) != (r.height, r.width)
+        stem = str(Path(r.key).with_suffix(""))
+        rows.append(dict(key=r.key, image_id=r.image_id, source=r.source, file_name=r.file_name,
+                         image=str(out_dir / "images" / f"{stem}.jpg") if resized else r.path,
+                         mask=str(out_dir / "masks" / f"{stem}.png"), height=out_h, width=out_w,
+                         orig_height=r.height, orig_width=r.width,
+                         n_annotations=len(by_key[r.key]) if r.key in by_key else 0))
+        tasks.append(dict(key=r.key, image_id=r.image_id, anns=by_key.get(r.key), height=r.height, width=r.width,
+                          out_h=out_h, out_w=out_w, rule=overlap, unknown_class=unknown_class, unknown=unknown,
+                          mask_file=str(tmp / "masks" / f"{stem}.png"), src=r.path,
+                          image_file=str(tmp / "images" / f"{stem}.jpg") if resized else ""))
+    masks_seen = pd.Series([row["mask"] for row in rows])
+    if masks_seen.duplicated().any():
+        clash = sorted(set(masks_seen[masks_seen.duplicated()]))[:5]
+        raise ValueError(f"file names differ only by extension, their masks would collide: {clash}")
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(tasks) < 16:
+        results = [_cache_one(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_cache_one, tasks, chunksize=max(1, len(tasks) // (workers * 8))))
+    counts = {r["key"]: r["counts"] for r in results}
+    index = pd.DataFrame(rows)
+    px = np.stack([counts[k] for k in index.key])
+    for c in range(ds.num_classes):
+        index[f"px_{c}"] = px[:, c]
+    index[f"px_{IGNORE_INDEX}"] = px[:, IGNORE_INDEX]
+    index.to_csv(tmp / "index.csv", index=False)
+    meta = dict(classes=ds.classes, ignore_index=IGNORE_INDEX, overlap=overlap, unknown=unknown,
+                unknown_class=unknown_class, max_side=max_side)
+    (tmp / "classes.json").write_text(json.dumps(meta, indent=2))
+    return index
+
+
+def read_classes(cache_dir: str | Path) -> dict:
+    return json.loads((Path(cache_dir) / "classes.json").read_text())

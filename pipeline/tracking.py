@@ -1,0 +1,165 @@
+"""MLflow: one parent run per pipeline execution, one child run per stage (and per fold).
+
+A pipeline execution is one `dvc repro` or one `dvc exp run`: every stage process DVC starts for it
+descends from the same `dvc` process, so (host, dvc pid, dvc start time) identifies it. The first
+stage to run creates the parent run (named after the DVC experiment when there is one, with the
+whole params file logged flat); later stages find it by tag and nest under it. Each stage marks the
+parent FINISHED (or FAILED) when it ends, so the parent's status is that of the last stage run.
+A stage run by hand (`python -m stages.eda`) gets a parent of its own. Set PIPELINE_SESSION to
+group runs yourself.
+
+Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db. Experiment:
+$MLFLOW_EXPERIMENT_NAME, else "segmentation". MLflow is imported lazily, telemetry off.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from pipeline.config import PARAMS_FILE, ParamsView, flatten, load_params
+from pipeline.io import write_json
+
+DEFAULT_EXPERIMENT = "segmentation"
+SESSION_TAG = "pipeline.session"
+
+
+def _mlflow():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    import mlflow
+
+    return mlflow
+
+
+def repo_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd())
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _proc(pid: int) -> tuple[int, list[str], str]:
+    """(parent pid, argv, start time) of a process, from /proc (Linux)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return int(fields[1]), [a.decode(errors="replace") for a in argv if a], fields[19]
+
+
+def _is_dvc(argv: list[str]) -> bool:
+    names = [Path(a).name for a in argv[:3]]
+    return any(n == "dvc" or n.startswith("dvc.") for n in names) or argv[1:3] == ["-m", "dvc"]
+
+
+def session_key() -> str:
+    """Identity of the current pipeline execution (see the module docstring)."""
+    if os.environ.get("PIPELINE_SESSION"):
+        return os.environ["PIPELINE_SESSION"]
+    host = socket.gethostname()
+    pid = os.getppid()
+    try:
+        for _ in range(12):
+            if pid <= 1:
+                break
+            ppid, argv, start = _proc(pid)
+            if _is_dvc(argv):
+                return f"{host}:dvc:{pid}:{start}"
+            pid = ppid
+    except OSError:
+        pass
+    return f"{host}:standalone:{os.getpid()}:{time.time_ns()}"
+
+
+def git_sha() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=repo_root())
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _clean(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _parent_run(client, experiment_id: str, key: str) -> str:
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    name = exp_name or f"repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    tags = {SESSION_TAG: key, "pipeline.role": "parent", "git.sha": _clean(git_sha()),
+            "dvc.exp_name": _clean(exp_name), "mlflow.runName": name}
+    run = client.create_run(experiment_id, tags=tags, run_name=name)
+    params_file = repo_root() / PARAMS_FILE
+    if params_file.exists():
+        flat = flatten(load_params(params_file))
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, _clean(v)[:6000]) for k, v in sorted(flat.items())])
+    return run.info.run_id
+
+
+class StageRun:
+    """Handle a stage uses to log; metric keys are slash-namespaced (`eda/images`, `val/mIoU`)."""
+
+    def __init__(self, mlflow, run_id: str, parent_id: str):
+        self.mlflow, self.run_id, self.parent_id = mlflow, run_id, parent_id
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None, parent: bool = False) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self.mlflow.log_metrics(clean, step=step)
+        if parent:
+            client = self.mlflow.tracking.MlflowClient()
+            for k, v in clean.items():
+                client.log_metric(self.parent_id, k, v, step=step or 0)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.mlflow.log_artifacts(str(folder), artifact_path)
+
+    def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
+        self.mlflow.log_artifact(str(path), artifact_path)
+
+    def write_metrics(self, path: str | Path, metrics: dict[str, Any], parent: bool = False) -> Path:
+        """Write the DVC metrics JSON (nested as given) and log its numeric leaves to MLflow."""
+        write_json(path, metrics)
+        flat = {k.replace(".", "/"): v for k, v in flatten(metrics).items() if isinstance(v, (int, float))
+                and not isinstance(v, bool)}
+        self.log_metrics(flat, parent=parent)
+        return Path(path)
+
+
+@contextmanager
+def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[int] = None) -> Iterator[StageRun]:
+    """Open this stage's child run under the pipeline execution's parent run."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.tracking.MlflowClient()
+    exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(exp_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
+    parent_id = _parent_run(client, exp_id, session_key())
+    client.update_run(parent_id, status="RUNNING")
+    name = stage if fold is None else f"{stage}@{fold}"
+    tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha()),
+            "dvc.stage": _clean(os.environ.get("DVC_STAGE")), "dvc.exp_name": _clean(os.environ.get("DVC_EXP_NAME"))}
+    if fold is not None:
+        tags["pipeline.fold"] = str(fold)
+    status = "FAILED"
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, parent_run_id=parent_id, tags=tags) as run:
+        try:
+            if params is not None:
+                mlflow.log_params({k: _clean(v)[:6000] for k, v in params.flat().items()})
+            yield StageRun(mlflow, run.info.run_id, parent_id)
+            status = "FINISHED"
+        finally:
+            if status == "FAILED":
+                mlflow.set_tag("pipeline.failed", "true")
+            client.set_terminated(parent_id, status=status)
