@@ -1,0 +1,206 @@
+"""K-fold assignment per image, and how balanced the folds are.
+
+Strategies:
+  multilabel: iterative stratification (iterstrat's MultilabelStratifiedKFold) over per-image class
+      presence plus a one-hot bin of the image's object count, so folds get similar class mixes
+      *and* similar numbers of objects (what a multi-label segmentation split needs; a single-label
+      StratifiedKFold cannot see more than one class per image).
+  random: plain shuffled KFold (the baseline the report compares against).
+  given: the val json's images are fold 0, the train json's images are never validated (fold -1).
+With a group key, stratification runs on groups (labels pooled per group), so a group never
+straddles folds. The holdout is drawn first, stratified the same way, and belongs to no fold.
+
+folds.csv: key, image_id, source, file_name, group, fold (-1 = never a validation image), holdout.
+A training run for fold k trains on `fold != k and not holdout` and validates on `fold == k`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
+from sklearn.model_selection import KFold, ShuffleSplit
+
+from pipeline.data.coco import DataError, Dataset
+
+COUNT_BINS = 4
+
+
+def group_keys(images: pd.DataFrame, group: Optional[str]) -> pd.Series:
+    """The grouping value of each image: its folder ('folder'), an image field, or itself."""
+    if group is None:
+        return images.key.rename("group")
+    if group == "folder":
+        return images.file_name.map(lambda f: str(Path(f).parent)).rename("group")
+    if group not in images.columns:
+        fields = sorted(c for c in images.columns if c not in ("key", "path", "source"))
+        raise DataError(f"split.group: images have no field {group!r}; use 'folder' or one of {fields}")
+    return images[group].astype(str).rename("group")
+
+
+def label_matrix(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(presence (N, K-1) uint8 per class 1..K-1, object counts (N,) int) in ds.images order."""
+    K = ds.num_classes
+    a = ds.annotations
+    pos = pd.Series(np.arange(len(ds.images)), index=ds.images.key)
+    presence = np.zeros((len(ds.images), K - 1), dtype=np.uint8)
+    if len(a):
+        presence[pos[a.key].to_numpy(), a.class_idx.to_numpy() - 1] = 1
+    counts = ds.images.key.map(a.groupby("key").size()).fillna(0).astype(int).to_numpy()
+    return presence, counts
+
+
+def _strat_labels(presence: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Class presence + one-hot quantile bin of the object count (balances objects per fold too)."""
+    edges = np.unique(np.quantile(counts, np.linspace(0, 1, COUNT_BINS + 1)[1:-1])) if len(counts) else []
+    bins = np.digitize(counts, edges)
+    return np.hstack([presence, np.eye(len(edges) + 1, dtype=np.uint8)[bins]])
+
+
+def _by_group(groups: pd.Series, presence: np.ndarray, counts: np.ndarray):
+    codes, uniq = pd.factorize(groups, sort=True)
+    g_presence = np.zeros((len(uniq), presence.shape[1]), dtype=np.uint8)
+    np.maximum.at(g_presence, codes, presence)
+    g_counts = np.bincount(codes, weights=counts, minlength=len(uniq)).astype(int)
+    return codes, len(uniq), g_presence, g_counts
+
+
+def _kfold(strategy: str, n_folds: int, seed: int, labels: np.ndarray) -> np.ndarray:
+    """Fold index per row of `labels` (rows are groups)."""
+    n = len(labels)
+    if n < n_folds:
+        raise DataError(f"split: {n} images/groups left for {n_folds} folds; lower split.n_folds or split.holdout")
+    splitter = (MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+                if strategy == "multilabel" else KFold(n_splits=n_folds, shuffle=True, random_state=seed))
+    fold = np.full(n, -1)
+    for k, (_, val) in enumerate(splitter.split(np.zeros(n), labels)):
+        fold[val] = k
+    return fold
+
+
+def _holdout(strategy: str, frac: float, seed: int, labels: np.ndarray, eligible: np.ndarray) -> np.ndarray:
+    """Boolean mask over groups: which are held out (drawn among `eligible` only)."""
+    out = np.zeros(len(labels), bool)
+    idx = np.nonzero(eligible)[0]
+    if frac <= 0:
+        return out
+    if len(idx) < 2:
+        raise DataError("split.holdout: too few images/groups to set any aside")
+    splitter = (MultilabelStratifiedShuffleSplit(n_splits=1, test_size=frac, random_state=seed)
+                if strategy == "multilabel" else ShuffleSplit(n_splits=1, test_size=frac, random_state=seed))
+    _, test = next(splitter.split(np.zeros(len(idx)), labels[idx]))
+    out[idx[test]] = True
+    return out
+
+
+def make_folds(ds: Dataset, strategy: str, n_folds: int, group: Optional[str] = None, holdout: float = 0.0,
+               seed: int = 42, val_source: Optional[str] = None) -> pd.DataFrame:
+    """Assign every labelled image a fold (see the module docstring for the columns)."""
+    groups = group_keys(ds.images, group)
+    presence, counts = label_matrix(ds)
+    codes, n_groups, g_presence, g_counts = _by_group(groups, presence, counts)
+    labels = _strat_labels(g_presence, g_counts)
+    g_fold = np.full(n_groups, -1)
+    if strategy == "given":
+        if val_source is None:
+            raise DataError("split.strategy 'given' needs data.val_json")
+        is_val = ds.images.source.to_numpy() == val_source
+        g_val = np.zeros(n_groups, bool)
+        np.logical_or.at(g_val, codes, is_val)
+        g_train = np.zeros(n_groups, bool)
+        np.logical_or.at(g_train, codes, ~is_val)
+        if (g_val & g_train).any():
+            raise DataError(f"split.group {group!r} puts train and val images in the same group; "
+                            "with strategy 'given' groups must not straddle the two files")
+        g_hold = _holdout("multilabel", holdout, seed, labels, ~g_val)
+        g_fold[g_val] = 0
+    else:
+        g_hold = _holdout(strategy, holdout, seed, labels, np.ones(n_groups, bool))
+        rest = np.nonzero(~g_hold)[0]
+        g_fold[rest] = _kfold(strategy, n_folds, seed, labels[rest])
+    return pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id, "source": ds.images.source,
+                         "file_name": ds.images.file_name, "group": groups.to_numpy(),
+                         "fold": g_fold[codes], "holdout": g_hold[codes]})
+
+
+def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
+    """Per validation fold: how far its class mix and object share stray from the pool's.
+
+    fold: (N,) fold index per image (-1 = not validated); pool: (N,) bool, images that take part
+    (not held out). Returns one row per fold: images, objects, class_dev (mean |presence rate in
+    the fold - rate in the pool| over classes present in the pool), object_dev (|fold's share of
+    objects - its share of images|), missing_classes (pool classes absent from the fold).
+    """
+    p_pool = presence[pool].mean(axis=0)
+    present = p_pool > 0
+    rows = []
+    for k in sorted(set(fold[pool]) - {-1}):
+        val = pool & (fold == k)
+        p_fold = presence[val].mean(axis=0)
+        rows.append(dict(fold=int(k), images=int(val.sum()), objects=int(counts[val].sum()),
+                         class_dev=float(np.abs(p_fold - p_pool)[present].mean()) if present.any() else 0.0,
+                         object_dev=float(abs(counts[val].sum() / max(counts[pool].sum(), 1) - val.sum() / pool.sum())),
+                         missing_classes=int((present & (p_fold == 0)).sum())))
+    return pd.DataFrame(rows)
+
+
+def balance_report(ds: Dataset, folds: pd.DataFrame, strategy: str, n_folds: int, group: Optional[str],
+                   seed: int) -> tuple[pd.DataFrame, dict]:
+    """Balance of the chosen folds vs plain random KFold on the same (non-holdout) images.
+
+    For 'given', the baseline is a random split with the same number of validation images.
+    Returns (per-fold table with a `strategy` column, summary dict for DVC/MLflow metrics).
+    """
+    presence, counts = label_matrix(ds)
+    pool = ~folds.holdout.to_numpy()
+    codes, n_groups, _, _ = _by_group(folds.group, presence, counts)
+    rng_fold = np.full(len(folds), -1)
+    g_pool = np.zeros(n_groups, bool)
+    g_pool[codes[pool]] = True
+    idx = np.nonzero(g_pool)[0]
+    if strategy == "given":
+        n_val = (folds.fold.to_numpy() == 0).sum()
+        _, test = next(ShuffleSplit(1, test_size=int(n_val), random_state=seed).split(idx))
+        g_rand = np.full(n_groups, -1)
+        g_rand[idx[test]] = 0
+    else:
+        g_rand = np.full(n_groups, -1)
+        g_rand[idx] = _kfold("random", n_folds, seed, np.zeros((len(idx), 1)))
+    rng_fold = g_rand[codes]
+    chosen = fold_balance(folds.fold.to_numpy(), pool, presence, counts).assign(strategy=strategy)
+    random = fold_balance(rng_fold, pool, presence, counts).assign(strategy="random_baseline")
+    table = pd.concat([chosen, random], ignore_index=True)
+    summary = {
+        "class_dev": float(chosen.class_dev.mean()), "random_class_dev": float(random.class_dev.mean()),
+        "object_dev": float(chosen.object_dev.mean()), "random_object_dev": float(random.object_dev.mean()),
+        "missing_classes": int(chosen.missing_classes.sum()), "random_missing_classes": int(random.missing_classes.sum()),
+    }
+    return table, summary
+
+
+def plot_balance(ds: Dataset, folds: pd.DataFrame, out: Path) -> Path:
+    """Heatmap: class presence rate per validation fold (rows) vs the pool (last row)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presence, _ = label_matrix(ds)
+    pool = ~folds.holdout.to_numpy()
+    fold = folds.fold.to_numpy()
+    ks = sorted(set(fold[pool]) - {-1})
+    rates = np.array([presence[pool & (fold == k)].mean(axis=0) for k in ks] + [presence[pool].mean(axis=0)])
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.45 * len(rates)))
+    im = ax.imshow(rates, cmap="magma", aspect="auto")
+    ax.set_xticks(range(len(ds.classes) - 1), ds.classes[1:], rotation=45, ha="right")
+    ax.set_yticks(range(len(rates)), [f"fold {k}" for k in ks] + ["all"])
+    for (i, j), v in np.ndenumerate(rates):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k", fontsize=7)
+    fig.colorbar(im, ax=ax, label="share of images containing the class")
+    ax.set_title("Class presence per validation fold")
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,27 @@
+"""Stage masks: rasterise every labelled image once into the class-index PNG cache."""
+import time
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.data.coco import dataset_from_params
+from pipeline.data.masks import build_mask_cache
+from pipeline.tracking import stage_run
+
+PARAMS = ("data", "masks", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    with stage_run("masks", p) as run:
+        start = time.perf_counter()
+        ds = dataset_from_params(p.data)
+        index = build_mask_cache(ds, p.paths.masks, **p.masks.model_dump())
+        seconds = time.perf_counter() - start
+        run.write_metrics(Path(p.paths.metrics) / "masks.json", {"masks": {
+            "images": len(index), "resized": int((index.height != index.orig_height).sum()),
+            "skipped": int((ds.issues.severity == "error").sum()), "images_per_s": round(len(index) / seconds, 1)}})
+
+
+if __name__ == "__main__":
+    cli.run(main)

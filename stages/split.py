@@ -1,0 +1,33 @@
+"""Stage split: assign folds (and the holdout) per image; report balance against random KFold."""
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.data.coco import dataset_from_params
+from pipeline.data.folds import balance_report, make_folds, plot_balance
+from pipeline.io import atomic_dir
+from pipeline.tracking import stage_run
+
+PARAMS = ("data", "split", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    s = p.split
+    with stage_run("split", p) as run:
+        ds = dataset_from_params(p.data)
+        folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json)
+        table, balance = balance_report(ds, folds, s.strategy, s.n_folds, s.group, s.seed)
+        with atomic_dir(p.paths.split) as out:
+            folds.to_csv(out / "folds.csv", index=False)
+            table.to_csv(out / "balance.csv", index=False)
+            plot_balance(ds, folds, out / "fold_balance.png")
+        run.log_artifacts(p.paths.split, "split")
+        counts = folds[~folds.holdout].fold.value_counts()
+        run.write_metrics(Path(p.paths.metrics) / "split.json", {"split": {
+            "images": len(folds), "holdout_images": int(folds.holdout.sum()),
+            "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance}})
+
+
+if __name__ == "__main__":
+    cli.run(main)
