@@ -1,0 +1,48 @@
+"""Shared fixtures: hand-made COCO datasets in tmp_path, and MLflow pointed away from the repo."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+    """Axis-aligned polygon; pycocotools fills pixels x0..x1-1, y0..y1-1 (area (x1-x0)*(y1-y0))."""
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def write_coco(root: Path, images: list[dict], annotations: list[dict], categories: list[dict] | list[str],
+               name: str = "train.json", write_images: bool = True) -> Path:
+    """Write a COCO json (and blank image files of the declared size) under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    if categories and isinstance(categories[0], str):
+        categories = [{"id": i, "name": n} for i, n in enumerate(categories)]
+    for im in images:
+        if write_images:
+            p = root / im["file_name"]
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((im["height"], im["width"], 3), 127, np.uint8)).save(p)
+    for i, a in enumerate(annotations):
+        a.setdefault("id", i)
+        a.setdefault("iscrowd", 0)
+    path = root / name
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def image(i: int, w: int = 10, h: int = 8, folder: str = "imgs") -> dict:
+    return {"id": i, "file_name": f"{folder}/{i:03d}.png", "width": w, "height": h}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_in_tmp(tmp_path, monkeypatch):
+    """Every test logs to its own sqlite file, never to the repo's mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PIPELINE_SESSION", f"test-{tmp_path.name}")

@@ -1,0 +1,72 @@
+"""params.yaml is validated whole before any work: errors name the key and the valid choices."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, flatten, load_params, parse_params
+from tests.conftest import REPO
+
+
+def test_repo_params_file_is_valid_and_complete():
+    p = load_params(REPO / "params.yaml")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # Every field is written out in params.yaml, so users see every knob with its default.
+    assert set(flatten(raw)) == set(flatten(p)), set(flatten(p)) ^ set(flatten(raw))
+    assert p.encoder_weights is None  # offline by default
+
+
+def test_defaults_equal_the_params_file():
+    assert parse_params({}) == Params()
+    assert load_params(REPO / "params.yaml").model_dump() == Params().model_dump()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"masks": {"overlapp": "x"}}, "masks.overlapp: unknown key (valid keys here: max_side, overlap, unknown, unknown_name, workers)"),
+    ({"modle": "unet"}, "modle: unknown key (valid keys here: data, demo"),
+    ({"masks": {"overlap": "largest"}}, "masks.overlap: 'largest' is not a valid choice; expected 'smaller_on_top' or 'higher_class_wins'"),
+    ({"model": "unet3"}, "model: 'unet3' is not a valid choice"),
+    ({"split": {"n_folds": "five"}}, "split.n_folds: Input should be a valid integer"),
+    ({"split": {"holdout": 0.95}}, "split.holdout: Input should be less than 0.9"),
+    ({"demo": {"image_size": 8}}, "demo.image_size: Input should be greater than or equal to 32"),
+    ({"encoder_weights": "ssl"}, "encoder_weights: 'ssl' is not a valid choice; expected 'imagenet'"),
+    ({"split": {"strategy": "given", "n_folds": 1}}, "needs data.val_json"),
+    ({"split": {"strategy": "given", "n_folds": 5}}, "set n_folds: 1"),
+    ({"data": {"strict": "maybe"}}, "data.strict: Input should be a valid boolean"),
+    ([1, 2], "expected a mapping of sections"),
+])
+def test_bad_params_name_the_key(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert expected in str(err.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"masks": {"overlap": "x", "workers": -1}, "eda": {"max_sid": 3}})
+    msg = str(err.value)
+    assert "masks.overlap" in msg and "masks.workers" in msg and "eda.max_sid" in msg
+
+
+def test_params_are_frozen():
+    p = Params()
+    with pytest.raises(Exception):
+        p.masks.overlap = "higher_class_wins"
+
+
+def test_stage_view_only_exposes_declared_sections():
+    view = Params().only("data", "masks")
+    assert view.masks.overlap == "smaller_on_top"
+    with pytest.raises(ConfigError, match="reads params section 'split' but declares only \\['data', 'masks'\\]"):
+        view.split
+    assert view.flat()["masks.overlap"] == "smaller_on_top" and "split.seed" not in view.flat()
+    with pytest.raises(ConfigError, match="no params section"):
+        Params().only("trian")
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")

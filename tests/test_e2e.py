@@ -1,0 +1,103 @@
+"""The real thing: `dvc repro` in a temporary copy of the repo with a tiny params file."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+TINY = {"demo": {"n_train": 24, "n_test": 4, "image_size": 64, "seed": 0},
+        "split": {"n_folds": 3, "holdout": 0.15}}
+
+
+def deep_update(d: dict, u: dict) -> dict:
+    for k, v in u.items():
+        d[k] = deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
+    return d
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A copy of the repo's files (never .venv or outputs) as a fresh git repo, with tiny params."""
+    ws = tmp_path_factory.mktemp("ws")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file() and f != "dvc.lock":
+            (ws / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, ws / f)
+    params = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_URI", "PIPELINE_SESSION", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        sh(cmd, ws, env)
+    return ws, env
+
+
+def test_dvc_repro_end_to_end(workspace):
+    ws, env = workspace
+    first = sh(["dvc", "repro"], ws, env)
+    for stage in ("demo_data", "masks", "eda", "split"):
+        assert f"Running stage '{stage}'" in first
+
+    index = pd.read_csv(ws / "data/masks/index.csv")
+    assert len(index) == 24 and all((ws / m).exists() for m in index["mask"])
+    folds = pd.read_csv(ws / "data/split/folds.csv")
+    assert set(folds[~folds.holdout].fold) == {0, 1, 2} and folds.holdout.sum() >= 1
+    eda = json.loads((ws / "metrics/eda.json").read_text())["eda"]
+    assert eda["images"] == 24 and eda["classes"] == 11
+    assert {"class_balance.png", "overlap_matrix.png", "area_hist.png", "issues.csv"} <= {
+        p.name for p in (ws / "reports/eda").iterdir()}
+
+    # A second repro is a no-op; a split param reruns the split stage alone.
+    assert "Data and pipelines are up to date" in sh(["dvc", "repro"], ws, env)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["split"]["seed"] = 7
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = sh(["dvc", "repro"], ws, env)
+    assert "Running stage 'split'" in third
+    assert all(f"Running stage '{s}'" not in third for s in ("demo_data", "masks", "eda"))
+
+    # MLflow (default store: sqlite at the repo root): one parent per repro that ran stages.
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
+    parents = sorted((r for r in runs if r.data.tags.get("pipeline.role") == "parent"), key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
+            for p in parents}
+    assert kids[parents[0].info.run_id] == ["demo_data", "eda", "masks", "split"]
+    assert kids[parents[1].info.run_id] == ["split"]
+    assert parents[0].data.params["model"] == "unet" and parents[0].data.params["split.n_folds"] == "3"
+    eda_run = next(r for r in runs if r.info.run_name == "eda")
+    arts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(eda_run.info.run_id, "eda")}
+    assert "eda/overlap_matrix.png" in arts and "eda/class_balance.png" in arts
+    assert eda_run.data.metrics["eda/images"] == 24
+
+
+def test_bad_params_fail_before_work_with_a_clear_message(workspace):
+    ws, env = workspace
+    bad = ws / "bad"
+    bad.mkdir()
+    (bad / "params.yaml").write_text("masks:\n  overlap: biggest\n")
+    out = subprocess.run([sys.executable, "-m", "stages.masks"], cwd=bad, env={**env, "PYTHONPATH": str(ws)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "masks.overlap: 'biggest' is not a valid choice" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,84 @@
+"""EDA numbers on a fixture whose overlaps are counted by hand."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.data.coco import load_dataset
+from pipeline.data.eda import analyse, write_report
+from tests.conftest import image, square, write_coco
+
+CATS = ["Paper", "Metal", "Plastic bag"]  # category ids 0, 1, 2 -> classes 1, 2, 3
+
+
+@pytest.fixture
+def ds(tmp_path):
+    anns = [
+        # image 0: a bag 8x8=64 with a 3x3=9 metal can inside
+        {"image_id": 0, "category_id": 2, "segmentation": square(0, 0, 8, 8), "area": 64.0},
+        {"image_id": 0, "category_id": 1, "segmentation": square(2, 2, 5, 5), "area": 9.0},
+        # image 1: metal 4x4 and paper 4x4 overlapping in a 2x4 strip (8 px); paper is listed
+        # second and equally large, so under smaller_on_top (stable order) paper ends on top.
+        {"image_id": 1, "category_id": 1, "segmentation": square(0, 0, 4, 4), "area": 16.0},
+        {"image_id": 1, "category_id": 0, "segmentation": square(2, 0, 6, 4), "area": 999.0},  # box-like area
+        # image 2: paper alone; image 3: nothing
+        {"image_id": 2, "category_id": 0, "segmentation": square(0, 0, 2, 2), "area": 4.0},
+    ]
+    write_coco(tmp_path, [image(i) for i in range(4)], anns, CATS)
+    return load_dataset(tmp_path, ["train.json"])
+
+
+def pair(result, a, b):
+    t = result.tables["overlap_pairs"]
+    row = t[((t.class_a == a) & (t.class_b == b))]
+    assert len(row) == 1, t
+    return row.iloc[0]
+
+
+def test_overlap_counts_smaller_on_top(ds):
+    r = analyse(ds, max_side=512, overlap="smaller_on_top")
+    bag = pair(r, "Metal", "Plastic bag")
+    assert (bag.images, bag.pixels, bag.a_lost_to_b, bag.b_lost_to_a) == (1, 9, 0, 9)
+    pm = pair(r, "Paper", "Metal")
+    assert (pm.images, pm.pixels, pm.a_lost_to_b, pm.b_lost_to_a) == (1, 8, 0, 8)
+    assert len(r.tables["overlap_pairs"]) == 2
+    assert sorted(r.tables["overlap_images"].image_id) == [0, 1]
+    assert r.summary["overlap"] == {"images": 2, "class_pairs": 2, "pixel_frac": 17 / 320, "reassigned_pixels": 17}
+
+
+def test_overlap_counts_higher_class_wins(ds):
+    r = analyse(ds, max_side=512, overlap="higher_class_wins")
+    bag = pair(r, "Metal", "Plastic bag")
+    assert (bag.a_lost_to_b, bag.b_lost_to_a) == (9, 0)      # the bag (class 3) covers the can
+    pm = pair(r, "Paper", "Metal")
+    assert (pm.a_lost_to_b, pm.b_lost_to_a) == (8, 0)        # metal (2) beats paper (1)
+
+
+def test_class_stats_and_summary(ds, tmp_path):
+    r = analyse(ds, max_side=512, overlap="smaller_on_top")
+    cs = r.tables["class_stats"].set_index("class")
+    assert cs.loc[["Paper", "Metal", "Plastic bag"], "instances"].tolist() == [2, 2, 1]
+    assert cs.loc[["Paper", "Metal", "Plastic bag"], "images"].tolist() == [2, 2, 1]
+    # painted pixels: image0 bag 55 + metal 9; image1 paper 16 + metal 16-8; image2 paper 4
+    assert cs.loc[["Background", "Paper", "Metal", "Plastic bag"], "pixels"].tolist() == [320 - 92, 20, 17, 55]
+    assert cs.pixel_share.sum() == pytest.approx(1.0)
+    assert r.summary["images_without_annotations"] == 1
+    assert r.summary["json_area_mismatch"] == 1                     # the 999 "box area"
+    assert r.summary["rarest_class"] == "Plastic bag" and r.summary["imbalance_ratio"] == 2.0
+    pngs = write_report(r, tmp_path)
+    assert {p.name for p in pngs} == {"class_balance.png", "overlap_matrix.png", "area_hist.png"}
+    assert all(p.stat().st_size > 5000 for p in pngs)
+    m = np.loadtxt(tmp_path / "overlap_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 5))
+    assert m[2, 3] == m[3, 2] == 9 and m[1, 2] == 8
+
+
+def test_capped_resolution_scales_counts(tmp_path):
+    write_coco(tmp_path, [image(0, w=400, h=200)],
+               [{"image_id": 0, "category_id": 2, "segmentation": square(0, 0, 200, 200)},
+                {"image_id": 0, "category_id": 1, "segmentation": square(100, 100, 180, 180)}], CATS)
+    ds = load_dataset(tmp_path, ["train.json"])
+    r = analyse(ds, max_side=100, overlap="smaller_on_top")   # scale 1/4: 20x20 = 400 px of overlap
+    assert pair(r, "Metal", "Plastic bag").pixels == 400
+    assert r.summary["resolution_max_side"] == 100
+    a = r.tables["annotations"].set_index("class")
+    assert a.loc["Metal", "area_px"] == 6400                    # full-resolution estimate

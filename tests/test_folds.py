@@ -1,0 +1,92 @@
+"""Fold invariants: disjoint, complete, groups intact, holdout untouched, better balanced than random."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.data.coco import DataError, Dataset
+from pipeline.data.folds import balance_report, label_matrix, make_folds
+
+CLASSES = ["Background"] + [f"c{i}" for i in range(1, 9)]
+
+
+def skewed_dataset(n: int = 240, seed: int = 0) -> Dataset:
+    """Images with 0-5 objects; classes from common (c1) to very rare (c8, ~3% of images)."""
+    rng = np.random.default_rng(seed)
+    p = np.array([0.6, 0.45, 0.3, 0.2, 0.12, 0.08, 0.05, 0.03])
+    images, anns = [], []
+    for i in range(n):
+        key = f"batch_{i // 12:02d}/{i:04d}.jpg"
+        images.append(dict(key=key, image_id=i, source="train.json", file_name=key, width=64, height=64,
+                           path=key, site=f"site{i % 7}"))
+        for c in np.nonzero(rng.random(8) < p)[0] + 1:
+            for _ in range(rng.integers(1, 3)):
+                anns.append(dict(ann_id=len(anns), key=key, class_idx=int(c), iscrowd=0, segmentation=[], json_area=1))
+    return Dataset(images=pd.DataFrame(images), annotations=pd.DataFrame(anns), classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def ds() -> Dataset:
+    return skewed_dataset()
+
+
+@pytest.mark.parametrize("strategy", ["multilabel", "random"])
+@pytest.mark.parametrize("group", [None, "folder", "site"])
+@pytest.mark.parametrize("holdout", [0.0, 0.15])
+def test_folds_disjoint_complete_groups_intact(ds, strategy, group, holdout):
+    n_folds = 5 if group != "site" else 3
+    f = make_folds(ds, strategy, n_folds, group, holdout, seed=1)
+    assert len(f) == len(ds.images) and f.key.is_unique and set(f.key) == set(ds.images.key)
+    pool = f[~f.holdout]
+    assert set(pool.fold) == set(range(n_folds))            # every fold is used, one fold per image
+    assert (f[f.holdout].fold == -1).all()                   # the holdout is in no fold
+    assert f.groupby("group").fold.nunique().max() == 1      # no group straddles folds
+    assert f.groupby("group").holdout.nunique().max() == 1   # nor the holdout boundary
+    if holdout and group is None:
+        assert abs(f.holdout.mean() - holdout) < 0.05
+    if not holdout:
+        assert not f.holdout.any()
+
+
+def test_deterministic_per_seed(ds):
+    a = make_folds(ds, "multilabel", 5, None, 0.1, seed=3)
+    b = make_folds(ds, "multilabel", 5, None, 0.1, seed=3)
+    c = make_folds(ds, "multilabel", 5, None, 0.1, seed=4)
+    assert a.equals(b) and not a.fold.equals(c.fold)
+
+
+def test_multilabel_beats_random_on_skewed_data(ds):
+    f = make_folds(ds, "multilabel", 5, None, 0.1, seed=0)
+    table, s = balance_report(ds, f, "multilabel", 5, None, seed=0)
+    assert s["class_dev"] < 0.6 * s["random_class_dev"]
+    assert s["missing_classes"] <= s["random_missing_classes"]
+    assert s["object_dev"] < s["random_object_dev"]
+    assert set(table.strategy) == {"multilabel", "random_baseline"} and len(table) == 10
+
+
+def test_rare_class_reaches_every_validation_fold(ds):
+    presence, _ = label_matrix(ds)
+    assert presence[:, 7].sum() >= 5                        # c8 is rare but present
+    f = make_folds(ds, "multilabel", 5, None, 0.0, seed=0)
+    folds_with_c8 = set(f.fold[presence[:, 7] == 1])
+    assert folds_with_c8 == set(range(5))
+
+
+def test_given_strategy_uses_val_json_and_holdout_from_train(ds):
+    images = ds.images.copy()
+    images.loc[images.image_id % 5 == 0, "source"] = "val.json"
+    given = Dataset(images=images, annotations=ds.annotations, classes=CLASSES)
+    f = make_folds(given, "given", 1, None, 0.1, seed=0, val_source="val.json")
+    assert (f[f.source == "val.json"].fold == 0).all() and not f[f.source == "val.json"].holdout.any()
+    assert (f[f.source == "train.json"].fold == -1).all()
+    assert 0 < f.holdout.sum() < (f.source == "train.json").sum()
+    table, s = balance_report(given, f, "given", 1, None, seed=0)
+    assert table.groupby("strategy").images.sum().to_dict() == {"given": 48, "random_baseline": 48}
+
+
+def test_too_few_groups_is_a_clear_error(ds):
+    with pytest.raises(DataError, match="groups left for 10 folds"):
+        make_folds(ds, "multilabel", 10, "site", 0.0)
+    with pytest.raises(DataError, match="no field 'camera'"):
+        make_folds(ds, "multilabel", 5, "camera", 0.0)

@@ -1,0 +1,145 @@
+"""Masks against hand-drawn fixtures whose pixels are counted by hand."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from pipeline.data.coco import IGNORE_INDEX, load_dataset
+from pipeline.data.masks import build_mask_cache, image_label, target_size, unknown_class_index
+from tests.conftest import image, square, write_coco
+
+# The competition's categories: id 0 is a real class (UNKNOWN), so ids and class indices differ.
+CATS = [{"id": 0, "name": "UNKNOWN"}, {"id": 7, "name": "Plastic"}, {"id": 3, "name": "Plastic bag"}]
+UNKNOWN, PLASTIC, BAG = 1, 2, 3  # position in the list + 1
+
+
+def label_of(root, anns, cats=CATS, w=10, h=8, overlap="smaller_on_top", unknown="keep", max_side=None):
+    for a in anns:
+        a.setdefault("image_id", 0)
+    write_coco(root, [image(0, w, h)], anns, cats)
+    ds = load_dataset(root, ["train.json"])
+    out_hw = target_size(h, w, max_side)
+    a = ds.annotations
+    return image_label(a, h, w, out_hw, overlap, unknown_class_index(ds.classes, "UNKNOWN"), unknown), ds
+
+
+def test_class_index_is_list_position_not_raw_id(tmp_path):
+    label, ds = label_of(tmp_path, [{"category_id": 0, "segmentation": square(0, 0, 2, 2)},
+                                    {"category_id": 7, "segmentation": square(4, 0, 6, 3)},
+                                    {"category_id": 3, "segmentation": square(0, 4, 5, 8)}])
+    assert ds.classes == ["Background", "UNKNOWN", "Plastic", "Plastic bag"]
+    assert np.count_nonzero(label == UNKNOWN) == 4
+    assert np.count_nonzero(label == PLASTIC) == 6
+    assert np.count_nonzero(label == BAG) == 20
+    assert np.count_nonzero(label == 0) == 80 - 30
+
+
+@pytest.mark.parametrize("overlap, plastic_px, bag_px", [
+    ("smaller_on_top", 9, 64 - 9),      # the bottle stays visible inside the bag
+    ("higher_class_wins", 0, 64),      # the bag has the higher class index, so it covers the bottle
+])
+def test_overlap_rule(tmp_path, overlap, plastic_px, bag_px):
+    # The bag's json area is wrong on purpose (a tiny number): painting order uses rasterised area.
+    label, _ = label_of(tmp_path, [{"category_id": 3, "segmentation": square(0, 0, 8, 8), "area": 1.0},
+                                   {"category_id": 7, "segmentation": square(2, 2, 5, 5), "area": 500.0}],
+                        overlap=overlap)
+    assert np.count_nonzero(label == PLASTIC) == plastic_px
+    assert np.count_nonzero(label == BAG) == bag_px
+
+
+@pytest.mark.parametrize("mode, expect_unknown_px, expect_bag_px, value", [
+    ("keep", 4, 60, UNKNOWN),
+    ("background", 0, 64, UNKNOWN),   # dropped: the bag underneath shows through
+    ("ignore", 4, 60, IGNORE_INDEX),
+])
+def test_unknown_modes(tmp_path, mode, expect_unknown_px, expect_bag_px, value):
+    label, _ = label_of(tmp_path, [{"category_id": 3, "segmentation": square(0, 0, 8, 8)},
+                                   {"category_id": 0, "segmentation": square(1, 1, 3, 3)}], unknown=mode)
+    assert np.count_nonzero(label == value) == expect_unknown_px
+    assert np.count_nonzero(label == BAG) == expect_bag_px
+
+
+def test_duplicate_category_names_merge_into_one_class(tmp_path):
+    cats = [{"id": 1, "name": "Paper"}, {"id": 2, "name": "Metal"}, {"id": 9, "name": "Paper"}]
+    label, ds = label_of(tmp_path, [{"category_id": 1, "segmentation": square(0, 0, 2, 2)},
+                                    {"category_id": 9, "segmentation": square(5, 0, 7, 2)},
+                                    {"category_id": 2, "segmentation": square(0, 5, 1, 6)}], cats=cats)
+    assert ds.classes == ["Background", "Paper", "Metal"]
+    assert np.count_nonzero(label == 1) == 8 and np.count_nonzero(label == 2) == 1
+    assert "duplicate_category_name" in set(ds.issues.kind)
+
+
+def _rle_counts(m: np.ndarray) -> list[int]:
+    flat, counts, prev, run = m.ravel(order="F"), [], 0, 0
+    for v in flat:
+        if v != prev:
+            counts.append(run)
+            prev, run = v, 0
+        run += 1
+    return counts + [run]
+
+
+def test_rle_compressed_uncompressed_and_crowd(tmp_path):
+    a = np.zeros((8, 10), np.uint8)
+    a[0:3, 0:4] = 1                       # 12 px, compressed RLE string
+    b = np.zeros((8, 10), np.uint8)
+    b[5:8, 6:10] = 1
+    b[6, 0:2] = 1                         # 14 px in two blobs: crowd, uncompressed RLE
+    comp = mask_utils.encode(np.asfortranarray(a))["counts"].decode()
+    label, ds = label_of(tmp_path, [
+        {"category_id": 7, "segmentation": {"size": [8, 10], "counts": comp}},
+        {"category_id": 3, "segmentation": {"size": [8, 10], "counts": _rle_counts(b)}, "iscrowd": 1}])
+    assert np.array_equal(label == PLASTIC, a.astype(bool))
+    assert np.array_equal(label == BAG, b.astype(bool))
+    assert ds.annotations.iscrowd.tolist() == [0, 1]
+
+
+def test_multipolygon_and_degenerate_part(tmp_path):
+    # Two real parts (4 + 6 px) and a 2-point "part" that pycocotools would misread as a box.
+    seg = square(0, 0, 2, 2) + square(5, 5, 8, 7) + [[1, 1, 3, 3]]
+    label, ds = label_of(tmp_path, [{"category_id": 7, "segmentation": seg}])
+    assert np.count_nonzero(label == PLASTIC) == 10
+    assert (ds.issues.kind == "polygon_note").sum() == 1
+
+
+def test_max_side_scales_polygons_exactly(tmp_path):
+    # 200x100 image capped at 50: scale 1/4, a 40x20 rectangle becomes 10x5 = 50 px.
+    label, _ = label_of(tmp_path, [{"category_id": 7, "segmentation": square(40, 20, 80, 40)}],
+                        w=200, h=100, max_side=50)
+    assert label.shape == (25, 50)
+    assert np.count_nonzero(label == PLASTIC) == 50
+
+
+def test_mask_cache_index_and_files(tmp_path):
+    root = tmp_path / "ds"
+    write_coco(root, [image(0), image(1, w=40, h=20)],
+               [{"image_id": 0, "category_id": 3, "segmentation": square(0, 0, 8, 8)},
+                {"image_id": 0, "category_id": 7, "segmentation": square(2, 2, 5, 5)},
+                {"image_id": 1, "category_id": 7, "segmentation": square(0, 0, 20, 10)}], CATS)
+    ds = load_dataset(root, ["train.json"])
+    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", max_side=20, workers=1)
+    assert index.px_2.tolist() == [9, 50] and index.px_3.tolist() == [55, 0]
+    assert index[["height", "width"]].values.tolist() == [[8, 10], [10, 20]]
+    m = cv2.imread(index["mask"][1], cv2.IMREAD_UNCHANGED)
+    assert m.dtype == np.uint8 and m.shape == (10, 20) and np.count_nonzero(m == PLASTIC) == 50
+    small = cv2.imread(index["image"][1])
+    assert small.shape == (10, 20, 3)                 # the capped image was cached resized
+    assert index["image"][0] == str(root / "imgs/000.png")  # the small one is read in place
+    meta = json.loads((tmp_path / "cache" / "classes.json").read_text())
+    assert meta["classes"] == ["Background", "UNKNOWN", "Plastic", "Plastic bag"] and meta["ignore_index"] == 255
+    assert not list(tmp_path.glob("cache.tmp-*"))
+
+
+def test_parallel_cache_equals_serial(tmp_path):
+    root = tmp_path / "ds"
+    anns = [{"image_id": i, "category_id": [0, 7, 3][i % 3], "segmentation": square(i % 5, 0, 6, 1 + i % 7)}
+            for i in range(20)]
+    write_coco(root, [image(i) for i in range(20)], anns, CATS)
+    ds = load_dataset(root, ["train.json"])
+    one = build_mask_cache(ds, tmp_path / "a", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    two = build_mask_cache(ds, tmp_path / "b", "smaller_on_top", "keep", "UNKNOWN", None, workers=2)
+    assert one.filter(like="px_").equals(two.filter(like="px_"))

@@ -1,0 +1,65 @@
+"""MLflow runs: one parent per pipeline execution, one child per stage, status and params honest."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from pipeline.config import Params
+from pipeline.tracking import session_key, stage_run, tracking_uri
+
+
+def runs(experiment="segmentation"):
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def test_stages_of_one_session_share_a_parent(tmp_path):
+    with stage_run("masks", Params().only("masks")) as run:
+        run.log_metrics({"masks/images": 3})
+    with stage_run("eda", Params().only("eda")) as run:
+        run.write_metrics(tmp_path / "m.json", {"eda": {"images": 3, "overlap": {"images": 1}, "name": "x"}})
+    all_runs = runs()
+    parents = [r for r in all_runs if r.data.tags.get("pipeline.role") == "parent"]
+    children = [r for r in all_runs if r.data.tags.get("pipeline.role") == "stage"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert parent.info.status == "FINISHED"
+    eda = next(c for c in children if c.info.run_name == "eda")
+    assert eda.data.metrics == {"eda/images": 3.0, "eda/overlap/images": 1.0}
+    assert eda.data.params == {"eda.max_side": "512"}
+    assert json.loads((tmp_path / "m.json").read_text())["eda"]["overlap"]["images"] == 1
+    masks = next(c for c in children if c.info.run_name == "masks")
+    assert masks.data.params["masks.overlap"] == "smaller_on_top" and masks.data.params["masks.max_side"] == "null"
+
+
+def test_failed_stage_marks_parent_failed():
+    with pytest.raises(RuntimeError):
+        with stage_run("split"):
+            raise RuntimeError("boom")
+    [child] = [r for r in runs() if r.data.tags.get("pipeline.role") == "stage"]
+    [parent] = [r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]
+    assert child.info.status == "FAILED" and parent.info.status == "FAILED"
+
+
+def test_different_sessions_get_different_parents(monkeypatch):
+    for key in ("one", "two"):
+        monkeypatch.setenv("PIPELINE_SESSION", key)
+        with stage_run("eda"):
+            pass
+    assert len([r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]) == 2
+
+
+def test_parent_named_after_dvc_experiment(monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "pspnet-try")
+    with stage_run("eda"):
+        pass
+    [parent] = [r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]
+    assert parent.info.run_name == "pspnet-try" and parent.data.tags["dvc.exp_name"] == "pspnet-try"
+
+
+def test_standalone_session_key_outside_dvc(monkeypatch):
+    monkeypatch.delenv("PIPELINE_SESSION")
+    assert ":standalone:" in session_key()      # pytest has no dvc ancestor
