@@ -60,6 +60,7 @@ class Masks(_Section):
     unknown: Literal["keep", "background", "ignore"] = "keep"
     unknown_name: str = "UNKNOWN"
     max_side: Optional[int] = Field(None, ge=32)
+    cache_images: bool = True
     workers: int = Field(0, ge=0)
 
 

@@ -51,7 +51,7 @@ def test_stage_declares_exactly_its_params_and_code(name):
     assert code == expected | {f"stages/{name}.py"}
     # Stages that read the dataset depend on its folder; every output path comes from `paths`.
     assert ("${data.root}" in stage["deps"]) == ("data" in module.PARAMS)
-    outs = list(stage.get("outs", [])) + [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+    outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", []) + stage.get("metrics", [])]
     assert outs and all(str(o).startswith("${paths.") for o in outs)
 
 

@@ -126,12 +126,39 @@ def test_mask_cache_index_and_files(tmp_path):
     assert index[["height", "width"]].values.tolist() == [[8, 10], [10, 20]]
     m = cv2.imread(index["mask"][1], cv2.IMREAD_UNCHANGED)
     assert m.dtype == np.uint8 and m.shape == (10, 20) and np.count_nonzero(m == PLASTIC) == 50
-    small = cv2.imread(index["image"][1])
-    assert small.shape == (10, 20, 3)                 # the capped image was cached resized
-    assert index["image"][0] == str(root / "imgs/000.png")  # the small one is read in place
+    small = np.load(index["image"][1])
+    assert small.shape == (10, 20, 3) and small.dtype == np.uint8   # decoded once, resized to the cap
+    assert np.load(index["image"][0]).shape == (8, 10, 3)
     meta = json.loads((tmp_path / "cache" / "classes.json").read_text())
     assert meta["classes"] == ["Background", "UNKNOWN", "Plastic", "Plastic bag"] and meta["ignore_index"] == 255
     assert not list(tmp_path.glob("cache.tmp-*"))
+
+
+def test_without_image_cache_only_capped_images_are_stored(tmp_path):
+    root = tmp_path / "ds"
+    write_coco(root, [image(0), image(1, w=40, h=20)], [], CATS)
+    ds = load_dataset(root, ["train.json"])
+    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", max_side=20,
+                             workers=1, cache_images=False)
+    assert index["image"][0] == str(root / "imgs/000.png")          # read in place
+    assert index["image"][1].endswith(".npy") and np.load(index["image"][1]).shape == (10, 20, 3)
+
+
+def test_exif_rotated_photo_is_cached_as_the_json_sees_it(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    write_coco(root, [{"id": 0, "file_name": "p.jpg", "width": 8, "height": 12}], [], CATS, write_images=False)
+    stored = np.zeros((8, 12, 3), np.uint8)
+    stored[:, :4] = 255                                   # stored 12 wide x 8 high, left third white
+    exif = Image.Exif()
+    exif[0x0112] = 6                                      # "rotate 90 CW to view"
+    Image.fromarray(stored).save(root / "p.jpg", exif=exif, quality=100)
+    ds = load_dataset(root, ["train.json"])
+    assert "exif_rotated" in set(ds.issues.kind)
+    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    img = np.load(index["image"][0])
+    assert img.shape == (12, 8, 3) and img[:4].mean() > 200 and img[6:].mean() < 50   # white on top after rotating
 
 
 def test_parallel_cache_equals_serial(tmp_path):

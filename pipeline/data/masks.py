@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pipeline.data.coco import IGNORE_INDEX, Dataset
+from pipeline.data.coco import IGNORE_INDEX, DataError, Dataset
 from pipeline.io import atomic_dir
 
 cv2.setNumThreads(1)  # the pool provides the parallelism
@@ -97,58 +97,89 @@ def image_label(anns: pd.DataFrame | None, height: int, width: int, out_hw: tupl
     return paint(rles, list(anns.class_idx), rule, out_hw, unknown_class, unknown)
 
 
+def read_image(path: str) -> np.ndarray:
+    """An image as (H, W, 3) uint8 RGB, from the cache (.npy) or an image file."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise OSError(f"cannot decode image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def decode_oriented(path: str, height: int, width: int) -> np.ndarray:
+    """Decode a photo to (height, width, 3) uint8 RGB, as the json's size says it is seen.
+
+    Annotation tools disagree about EXIF orientation: if the stored pixels already have the json
+    size they are used as stored; if only the EXIF-rotated view has it, that view is used.
+    """
+    img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is not None and img.shape[:2] != (height, width):
+        img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(f"{path}: cannot decode the image (truncated or corrupt)")
+    if img.shape[:2] != (height, width):
+        raise DataError(f"{path}: decoded size {img.shape[1]}x{img.shape[0]} differs from the json's {width}x{height}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
 def _cache_one(task: dict) -> dict:
-    """Worker: rasterise one image's mask (and a resized image copy if capped); write PNG/JPEG."""
+    """Worker: rasterise one image's mask and, if asked, cache the decoded image; write files."""
     out_hw = (task["out_h"], task["out_w"])
     label = image_label(task["anns"], task["height"], task["width"], out_hw, task["rule"],
                         task["unknown_class"], task["unknown"])
     Path(task["mask_file"]).parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(task["mask_file"], label):
+    # Level 1: decodes ~3x faster than OpenCV's default level, for a few % more bytes.
+    if not cv2.imwrite(task["mask_file"], label, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
         raise OSError(f"could not write {task['mask_file']}")
     if task["image_file"]:
-        img = cv2.imread(task["src"], cv2.IMREAD_COLOR)
-        if img is None:
-            raise OSError(f"{task['src']}: cannot decode image (image_id {task['image_id']})")
-        img = cv2.resize(img, (task["out_w"], task["out_h"]), interpolation=cv2.INTER_AREA)
+        try:
+            img = decode_oriented(task["src"], task["height"], task["width"])
+        except DataError as e:
+            raise DataError(f"{e} (image_id {task['image_id']})") from None
+        if (img.shape[0], img.shape[1]) != out_hw:
+            img = cv2.resize(img, (task["out_w"], task["out_h"]), interpolation=cv2.INTER_AREA)
         Path(task["image_file"]).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(task["image_file"], img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        np.save(task["image_file"], np.ascontiguousarray(img))
     counts = np.bincount(label.ravel(), minlength=256)
     return {"key": task["key"], "counts": counts}
 
 
 def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: str, unknown_name: str,
-                     max_side: Optional[int], workers: int = 0) -> pd.DataFrame:
+                     max_side: Optional[int], workers: int = 0, cache_images: bool = True) -> pd.DataFrame:
     """Rasterise every labelled image once into `out_dir` and return the index table.
 
-    Layout: out_dir/masks/<file_name stem>.png (uint8 class map), out_dir/images/... (only images
-    whose longest side exceeded max_side, resized, JPEG q95), out_dir/index.csv, out_dir/classes.json.
+    Layout: out_dir/masks/<file_name stem>.png (uint8 class map), out_dir/images/<stem>.npy (decoded
+    (H, W, 3) uint8 RGB at the mask's size: no JPEG decoding per epoch; H*W*3 bytes each; with
+    cache_images=False only images shrunk by max_side are stored), out_dir/index.csv (`image` and
+    `mask` paths, sizes, painted pixels per class), out_dir/classes.json.
     Paths in the index are as given (relative to the working directory when the inputs are).
     The whole folder is written under a temporary name and renamed at the end, so a crash never
     leaves a half cache behind.
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        return _build(ds, out_dir, tmp, overlap, unknown, unknown_name, max_side, workers)
+        return _build(ds, out_dir, tmp, overlap, unknown, unknown_name, max_side, workers, cache_images)
 
 
 def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, unknown_name: str,
-           max_side: Optional[int], workers: int) -> pd.DataFrame:
+           max_side: Optional[int], workers: int, cache_images: bool) -> pd.DataFrame:
     unknown_class = unknown_class_index(ds.classes, unknown_name)
     by_key = ds.annotations_by_key()
     tasks, rows = [], []
     for r in ds.images.itertuples(index=False):
         out_h, out_w = target_size(r.height, r.width, max_side)
-        resized = (out_h, out_w) != (r.height, r.width)
+        cached = cache_images or (out_h, out_w) != (r.height, r.width)
         stem = str(Path(r.key).with_suffix(""))
         rows.append(dict(key=r.key, image_id=r.image_id, source=r.source, file_name=r.file_name,
-                         image=str(out_dir / "images" / f"{stem}.jpg") if resized else r.path,
+                         image=str(out_dir / "images" / f"{stem}.npy") if cached else r.path,
                          mask=str(out_dir / "masks" / f"{stem}.png"), height=out_h, width=out_w,
                          orig_height=r.height, orig_width=r.width,
                          n_annotations=len(by_key[r.key]) if r.key in by_key else 0))
         tasks.append(dict(key=r.key, image_id=r.image_id, anns=by_key.get(r.key), height=r.height, width=r.width,
                           out_h=out_h, out_w=out_w, rule=overlap, unknown_class=unknown_class, unknown=unknown,
                           mask_file=str(tmp / "masks" / f"{stem}.png"), src=r.path,
-                          image_file=str(tmp / "images" / f"{stem}.jpg") if resized else ""))
+                          image_file=str(tmp / "images" / f"{stem}.npy") if cached else ""))
     masks_seen = pd.Series([row["mask"] for row in rows])
     if masks_seen.duplicated().any():
         clash = sorted(set(masks_seen[masks_seen.duplicated()]))[:5]
