@@ -28,6 +28,12 @@ def rewrite(root: Path, coco: dict) -> None:
     (root / "train.json").write_text(json.dumps(coco))
 
 
+def apply(root: Path, mutate) -> None:
+    coco = base(root)
+    mutate(coco, root)
+    rewrite(root, coco)
+
+
 def _ann(c, i):
     return c["annotations"][i]
 
@@ -58,13 +64,13 @@ IMAGE_CASES = [
     ("bad_width", lambda c, r: c["images"][1].update(width="10"), "bad_image_size", 1, None),
 ]
 
+BAD_RECORDS = pytest.mark.parametrize("case, mutate, kind, image_id, ann_id", ANNOTATION_CASES + IMAGE_CASES,
+                                      ids=[c[0] for c in ANNOTATION_CASES + IMAGE_CASES])
 
-@pytest.mark.parametrize("case, mutate, kind, image_id, ann_id", ANNOTATION_CASES + IMAGE_CASES,
-                         ids=[c[0] for c in ANNOTATION_CASES + IMAGE_CASES])
+
+@BAD_RECORDS
 def test_bad_record_strict_error_names_it(tmp_path, case, mutate, kind, image_id, ann_id):
-    coco = base(tmp_path)
-    mutate(coco, tmp_path)
-    rewrite(tmp_path, coco)
+    apply(tmp_path, mutate)
     with pytest.raises(DataError) as err:
         load_dataset(tmp_path, ["train.json"], strict=True)
     msg = str(err.value)
@@ -74,12 +80,9 @@ def test_bad_record_strict_error_names_it(tmp_path, case, mutate, kind, image_id
     assert "data.strict: false" in msg
 
 
-@pytest.mark.parametrize("case, mutate, kind, image_id, ann_id", ANNOTATION_CASES + IMAGE_CASES,
-                         ids=[c[0] for c in ANNOTATION_CASES + IMAGE_CASES])
+@BAD_RECORDS
 def test_bad_record_lenient_skips_and_reports(tmp_path, case, mutate, kind, image_id, ann_id):
-    coco = base(tmp_path)
-    mutate(coco, tmp_path)
-    rewrite(tmp_path, coco)
+    apply(tmp_path, mutate)
     ds = load_dataset(tmp_path, ["train.json"], strict=False)
     row = ds.issues[(ds.issues.kind == kind) & (ds.issues.severity == "error")]
     assert len(row) >= 1 and row.action.iloc[0] == "skipped"
