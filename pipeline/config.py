@@ -37,6 +37,8 @@ class Paths(_Section):
     eda: str = "reports/eda"
     split: str = "data/split"
     metrics: str = "metrics"
+    models: str = "models"
+    plots: str = "plots"
 
 
 class Demo(_Section):
@@ -70,7 +72,7 @@ class Eda(_Section):
 
 class Split(_Section):
     strategy: Literal["multilabel", "random", "given"] = "multilabel"
-    n_folds: int = Field(5, ge=1)
+    n_folds: int = Field(3, ge=1)
     group: Optional[str] = None
     holdout: float = Field(0.1, ge=0.0, lt=0.9)
     seed: int = 42
@@ -84,9 +86,57 @@ class Split(_Section):
         return self
 
 
+LossName = Literal["ce", "focal", "dice", "lovasz", "jaccard", "tversky", "boundary_ce"]
+AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "cutout", "gridmask"]
+
+
+class Train(_Section):
+    folds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    image_size: int = Field(128, ge=32)
+    optimizer: Literal["adamw", "sgd", "radam", "adamp"] = "adamw"
+    lookahead: bool = False
+    lr: float = Field(3e-3, gt=0)
+    encoder_lr: Optional[float] = Field(None, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["cosine", "poly", "plateau", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    accumulate: int = Field(1, ge=1)
+    clip_grad: Optional[float] = Field(1.0, gt=0)
+    amp: Literal["off", "bf16", "fp16"] = "bf16"
+    channels_last: bool = False
+    loss: dict[LossName, float] = Field(default_factory=lambda: {"ce": 1.0, "dice": 0.5})
+    class_weights: Literal["none", "inverse", "sqrt_inverse"] = "none"
+    boundary_width: int = Field(3, ge=1)
+    boundary_weight: float = Field(2.0, ge=0)
+    augment: list[AugName] = Field(default_factory=lambda: ["hflip", "vflip", "scale_rotate", "color"])
+    cutmix: float = Field(0.0, ge=0, le=1)
+    copy_paste: float = Field(0.0, ge=0, le=1)
+    copy_paste_classes: Optional[list[str]] = None
+    seed: int = 0
+    deterministic: bool = True
+    workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gallery: int = Field(6, ge=0)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_not_empty(cls, v: dict) -> dict:
+        if not v or not any(w > 0 for w in v.values()):
+            raise ValueError("give at least one loss with a positive weight, e.g. {ce: 1.0}")
+        return v
+
+    @model_validator(mode="after")
+    def _fold_list(self) -> "Train":
+        if len(set(self.folds)) != len(self.folds) or min(self.folds) < 0:
+            raise ValueError(f"folds must be distinct non-negative fold indices, got {self.folds}")
+        return self
+
+
 class Params(_Section):
     model: ModelName = "unet"
-    encoder: str = "resnet34"
+    encoder: str = "resnet18"
     encoder_weights: Optional[Literal["imagenet"]] = None
     paths: Paths = Paths()
     demo: Demo = Demo()
@@ -94,6 +144,7 @@ class Params(_Section):
     masks: Masks = Masks()
     eda: Eda = Eda()
     split: Split = Split()
+    train: Train = Train()
 
     @field_validator("encoder")
     @classmethod
@@ -106,6 +157,9 @@ class Params(_Section):
     def _given_needs_val_json(self) -> "Params":
         if self.split.strategy == "given" and not self.data.val_json:
             raise ValueError("split.strategy 'given' needs data.val_json (the validation images)")
+        n = 1 if self.split.strategy == "given" else self.split.n_folds
+        if max(self.train.folds) >= n:
+            raise ValueError(f"train.folds {self.train.folds} name folds that split.n_folds={n} does not make")
         return self
 
     def only(self, *sections: str) -> "ParamsView":

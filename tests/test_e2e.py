@@ -16,7 +16,8 @@ import yaml
 from tests.conftest import REPO
 
 TINY = {"demo": {"n_train": 24, "n_test": 4, "image_size": 64, "seed": 0},
-        "split": {"n_folds": 3, "holdout": 0.15}}
+        "split": {"n_folds": 3, "holdout": 0.15},
+        "train": {"folds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "gallery": 2}}
 
 
 def deep_update(d: dict, u: dict) -> dict:
@@ -55,7 +56,7 @@ def workspace(tmp_path_factory):
 def test_dvc_repro_end_to_end(workspace):
     ws, env = workspace
     first = sh(["dvc", "repro"], ws, env)
-    for stage in ("demo_data", "masks", "eda", "split"):
+    for stage in ("demo_data", "masks", "eda", "split", "train@0", "train@1", "cv"):
         assert f"Running stage '{stage}'" in first
 
     index = pd.read_csv(ws / "data/masks/index.csv")
@@ -67,6 +68,15 @@ def test_dvc_repro_end_to_end(workspace):
     assert {"class_balance.png", "overlap_matrix.png", "area_hist.png", "issues.csv"} <= {
         p.name for p in (ws / "reports/eda").iterdir()}
 
+    for k in (0, 1):
+        assert {"best.pt", "last.pt", "val_confusion.npy"} <= {p.name for p in (ws / f"models/fold_{k}").iterdir()}
+        fold = json.loads((ws / f"metrics/train/fold_{k}.json").read_text())["val"]
+        assert 0 <= fold["mIoU"] <= 1 and fold["best_epoch"] in (1, 2)
+    cv = json.loads((ws / "metrics/cv.json").read_text())["cv"]
+    assert set(cv["per_fold_mIoU"]) == {"0", "1"} and 0 < cv["mIoU"] <= 1
+    # `dvc plots show` renders the per-fold histories.
+    assert "fold_0.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
+
     # A second repro is a no-op; a split param reruns the split stage alone.
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], ws, env)
     params = yaml.safe_load((ws / "params.yaml").read_text())
@@ -75,6 +85,7 @@ def test_dvc_repro_end_to_end(workspace):
     third = sh(["dvc", "repro"], ws, env)
     assert "Running stage 'split'" in third
     assert all(f"Running stage '{s}'" not in third for s in ("demo_data", "masks", "eda"))
+    assert "Running stage 'train@0'" in third   # new folds: the models downstream retrain
 
     # MLflow (default store: sqlite at the repo root): one parent per repro that ran stages.
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
@@ -83,8 +94,16 @@ def test_dvc_repro_end_to_end(workspace):
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
-    assert kids[parents[0].info.run_id] == ["demo_data", "eda", "masks", "split"]
-    assert kids[parents[1].info.run_id] == ["split"]
+    assert kids[parents[0].info.run_id] == ["cv", "demo_data", "eda", "masks", "split", "train@0", "train@1"]
+    assert kids[parents[1].info.run_id] == ["cv", "split", "train@0", "train@1"]
+    # CV lands on the parent run, so experiments compare side by side in the MLflow UI.
+    assert 0 < parents[0].data.metrics["cv/mIoU"] <= 1
+    fold0 = next(r for r in runs if r.info.run_name == "train@0" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id)
+    client = mlflow.tracking.MlflowClient()
+    assert [m.step for m in client.get_metric_history(fold0.info.run_id, "val/mIoU")] == [1, 2]
+    assert fold0.data.tags["pipeline.fold"] == "0" and fold0.data.params["train.epochs"] == "2"
+    reports = {a.path for a in client.list_artifacts(fold0.info.run_id, "reports")}
+    assert {"reports/gallery.png", "reports/confusion.png", "reports/iou.png", "reports/curves.png"} <= reports
     assert parents[0].data.params["model"] == "unet" and parents[0].data.params["split.n_folds"] == "3"
     eda_run = next(r for r in runs if r.info.run_name == "eda")
     arts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(eda_run.info.run_id, "eda")}

@@ -1,0 +1,121 @@
+"""Figures for a fold: confusion matrix, per-class IoU, learning curves, validation galleries."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.coco import IGNORE_INDEX
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def palette(n: int) -> np.ndarray:
+    """(256, 3) uint8 colours: background black, classes from tab20, ignore white."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    pal = np.zeros((256, 3), np.uint8)
+    for c in range(1, n):
+        pal[c] = (np.array(cmap((c - 1) % 20)[:3]) * 255).astype(np.uint8)
+    pal[IGNORE_INDEX] = 255
+    return pal
+
+
+def plot_confusion(mat: np.ndarray, names: list[str], path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (rows: truth); cells show the share of the true class."""
+    plt = _plt()
+    mat = np.asarray(mat, float)
+    norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(9, 8))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(norm):
+        if v >= 0.005:
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v > 0.5 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title or "confusion (share of each true class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_iou(iou: dict[str, float | None], path: Path, title: str = "") -> Path:
+    plt = _plt()
+    names = list(iou)
+    vals = [v if v is not None else 0.0 for v in iou.values()]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
+    bars = ax.barh(names, vals, color=["tab:gray" if iou[n] is None else "tab:blue" for n in names])
+    for b, n in zip(bars, names):
+        ax.text(b.get_width() + 0.01, b.get_y() + b.get_height() / 2,
+                "absent" if iou[n] is None else f"{iou[n]:.3f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.1)
+    ax.invert_yaxis()
+    ax.set_title(title or "IoU per class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history: list[dict], path: Path) -> Path:
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(ep, [h["train/loss"] for h in history], "o-", label="train")
+    a.plot(ep, [h["val/loss"] for h in history], "o-", label="val")
+    a.set_title("loss")
+    a.legend()
+    b.plot(ep, [h["val/mIoU"] for h in history], "o-", label="val mIoU")
+    b.plot(ep, [h["val/pixel_acc"] for h in history], "o-", label="val pixel acc")
+    b.set_ylim(0, 1)
+    b.set_title("validation")
+    b.legend()
+    for ax in (a, b):
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list[np.ndarray],
+                 names: list[str], path: Path, max_classes: int = 6) -> Path:
+    """One row per image: image | truth | prediction | then, per class present in truth or
+    prediction, a panel with true positives green, false positives red, false negatives blue."""
+    plt = _plt()
+    pal = palette(len(names))
+    ncols = 3 + max_classes
+    fig, axes = plt.subplots(len(images), ncols, figsize=(2.0 * ncols, 2.1 * len(images)), squeeze=False)
+    for r, (img, t, p) in enumerate(zip(images, truths, preds)):
+        row = axes[r]
+        for ax, pic, title in zip(row, (img, pal[t], pal[p]), ("image", "truth", "prediction")):
+            ax.imshow(pic)
+            ax.set_title(title, fontsize=8)
+        classes = [c for c in np.union1d(np.unique(t), np.unique(p)) if 0 < c < len(names)][:max_classes]
+        for ax, c in zip(row[3:], classes):
+            err = np.zeros(t.shape + (3,), np.uint8)
+            err[(t == c) & (p == c)] = (0, 200, 0)
+            err[(t != c) & (p == c) & (t != IGNORE_INDEX)] = (230, 0, 0)
+            err[(t == c) & (p != c)] = (0, 90, 255)
+            ax.imshow(err)
+            inter, union = ((t == c) & (p == c)).sum(), ((t == c) | (p == c)).sum()
+            ax.set_title(f"{names[c]} IoU {inter / max(union, 1):.2f}", fontsize=7)
+        for ax in row:
+            ax.axis("off")
+    fig.suptitle("validation: green = correct, red = false positive, blue = missed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""The training loop: one epoch of training, one pass of validation. Nothing else lives here."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.data.dataset import full_masks
+from pipeline.data.mix import cutmix
+from pipeline.evaluation.metrics import ConfusionMatrix
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16/fp16 autocast on CUDA; CPU always runs fp32 (CPU half precision is slow and lossy)."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _bar(it, desc: str, total: int):
+    return tqdm(it, desc=desc, total=total, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="off", accumulate=1,
+                    clip_grad=None, cutmix_p=0.0, rng=None, channels_last=False, desc="train") -> dict[str, float]:
+    """One pass over `loader`; returns mean loss (and each loss term) per image."""
+    model.train()
+    sums, n = defaultdict(float), 0
+    opt.zero_grad(set_to_none=True)
+    for i, (x, y, _) in enumerate(_bar(loader, desc, len(loader))):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cutmix_p:
+            cutmix(x, y, rng, cutmix_p)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        loss = loss_fn(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at batch {i}; the last good checkpoint is kept")
+        scaler.scale(loss / accumulate).backward()
+        if (i + 1) % accumulate == 0 or i + 1 == len(loader):
+            if clip_grad:
+                scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            schedule.step_batch()
+        sums["loss"] += loss.item() * len(x)
+        for k, v in loss_fn.last.items():
+            sums[f"loss/{k}"] += v * len(x)
+        n += len(x)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def validate(model, loader, table, loss_fn, num_classes, device, amp="off", channels_last=False,
+             keep=()) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray]]:
+    """Loss at model resolution; confusion matrix at each cached mask's own resolution (logits
+    upsampled bilinearly), so the score does not depend on train.image_size.
+    Returns (mean loss, confusion matrix, {row index: (H, W) uint8 prediction} for rows in `keep`)."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    kept: dict[int, np.ndarray] = {}
+    loss_sum, n = 0.0, 0
+    for x, y, idx in _bar(loader, "val", len(loader)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        loss_sum += loss_fn(logits, y).item() * len(x)
+        n += len(x)
+        for logit, full, i in zip(logits.float(), full_masks(table, idx), idx.tolist()):
+            if logit.shape[-2:] != full.shape:
+                logit = F.interpolate(logit[None], size=full.shape, mode="bilinear", align_corners=False)[0]
+            pred = logit.argmax(0).to(torch.uint8).cpu()
+            cm.update(pred, torch.from_numpy(full))
+            if i in keep:
+                kept[i] = pred.numpy()
+    return loss_sum / max(n, 1), cm, kept

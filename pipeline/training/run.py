@@ -1,0 +1,181 @@
+"""Train one fold: the stage train@<fold> calls `train_fold` and nothing else.
+
+Writes <models>/fold_<k>/: last.pt (full state, for resuming), best.pt (weights of the best epoch
+by validation mIoU), val_confusion.npy (the best model's confusion matrix on this fold's
+validation images: the out-of-fold result the cv stage sums), reports/*.png.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.config import ParamsView
+from pipeline.data.augment import build_transform
+from pipeline.data.dataset import SegDataset, fold_tables, worker_init
+from pipeline.data.masks import read_classes, read_image
+from pipeline.evaluation.metrics import flat_scores, scores
+from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou
+from pipeline.io import write_json
+from pipeline.models.factory import build_model, check_input_size, encoder_of
+from pipeline.models.losses import build_loss, class_weights_from_pixels
+from pipeline.training.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.training.loop import train_one_epoch, validate
+from pipeline.training.optim import build_optimizer, build_schedule
+
+PARAMS = ("model", "encoder", "encoder_weights", "train", "paths")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def paste_class_ids(names: Optional[list[str]], classes: list[str], pixels: np.ndarray) -> list[int]:
+    """Class ids to copy-paste: the named ones, or the rarest third of present classes by pixels."""
+    if names is not None:
+        missing = sorted(set(names) - set(classes[1:]))
+        if missing:
+            raise ValueError(f"train.copy_paste_classes: unknown class(es) {missing}; classes are {classes[1:]}")
+        return [classes.index(n) for n in names]
+    present = [c for c in range(1, len(classes)) if pixels[c] > 0]
+    return sorted(present, key=lambda c: pixels[c])[: max(1, len(present) // 3)]
+
+
+def fingerprint(*files: Path) -> str:
+    """What the run was trained on: a checkpoint from other data is never resumed."""
+    h = hashlib.md5()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def train_fold(fold: int, p: ParamsView, run=None) -> dict:
+    """Train, validate every epoch, keep best/last, resume an interrupted run; return final scores."""
+    t = p.train
+    out = Path(p.paths.models) / f"fold_{fold}"
+    classes = read_classes(p.paths.masks)["classes"]
+    n_cls = len(classes)
+    train_tab, val_tab = fold_tables(p.paths.masks, p.paths.split, fold)
+    check_input_size(p.model, t.image_size)
+    device = pick_device(t.device)
+    seed_everything(t.seed, t.deterministic)
+
+    model = build_model(p.model, p.encoder, p.encoder_weights, n_cls).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    pixels = train_tab[[f"px_{c}" for c in range(n_cls)]].sum().to_numpy()
+    cw = class_weights_from_pixels(torch.tensor(pixels.astype(np.int64)), t.class_weights)
+    loss_fn = build_loss(t.loss, cw.to(device) if cw is not None else None, t.boundary_width, t.boundary_weight).to(device)
+    opt = build_optimizer(model, encoder_of(model), t.optimizer, t.lr, t.encoder_lr, t.weight_decay, t.lookahead)
+
+    paste = paste_class_ids(t.copy_paste_classes, classes, pixels)
+    donors = [i for i, row in train_tab.iterrows() if any(row[f"px_{c}"] > 0 for c in paste)]
+    train_ds = SegDataset(train_tab, build_transform(t.augment, t.image_size, t.seed), t.copy_paste, paste, donors, t.seed)
+    val_ds = SegDataset(val_tab, build_transform([], t.image_size))
+    gen = torch.Generator().manual_seed(t.seed)
+    cuda = device.type == "cuda"
+    train_dl = DataLoader(train_ds, t.batch_size, shuffle=True, drop_last=len(train_ds) > t.batch_size,
+                          num_workers=t.workers, worker_init_fn=worker_init, generator=gen, pin_memory=cuda)
+    val_dl = DataLoader(val_ds, t.batch_size, num_workers=t.workers, pin_memory=cuda)
+    steps = math.ceil(len(train_dl) / t.accumulate)
+    schedule = build_schedule(opt, t.scheduler, steps * t.epochs, round(t.warmup_epochs * steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.amp == "fp16")
+
+    params = {**{k: str(v) for k, v in p.flat().items()}, "fold": str(fold),
+              "data": fingerprint(Path(p.paths.masks) / "index.csv", Path(p.paths.split) / "folds.csv")}
+    history, best, start = [], -1.0, 0
+    last = out / "last.pt"
+    if last.exists() and (ck := load_checkpoint(last, device))["params"] == params and ck["epoch"] < t.epochs:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        schedule.load_state_dict(ck["schedule"])
+        scaler.load_state_dict(ck["scaler"])
+        history, best, start = ck["history"], ck["best_miou"], ck["epoch"]
+        torch.set_rng_state(ck["rng"])
+        for row in history:  # a resumed run still shows its whole curve
+            run and run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        print(f"fold {fold}: resuming after epoch {start}")
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    for epoch in range(start, t.epochs):
+        gen.manual_seed(t.seed * 1000 + epoch)  # the epoch's order and augmentations depend on the epoch alone
+        train_ds.reseed(t.seed * 1000 + epoch)
+        rng = np.random.default_rng(t.seed * 1000 + epoch)
+        tr = train_one_epoch(model, train_dl, loss_fn, opt, schedule, scaler, device, t.amp, t.accumulate,
+                             t.clip_grad, t.cutmix, rng, t.channels_last, desc=f"fold {fold} epoch {epoch + 1}")
+        val_loss, cm, _ = validate(model, val_dl, val_tab, loss_fn, n_cls, device, t.amp, t.channels_last)
+        s = scores(cm.numpy(), classes)
+        schedule.step_epoch(s["mIoU"])
+        row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}, "val/loss": val_loss,
+               **flat_scores(s, "val"), **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups}}
+        history.append(row)
+        if run:
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        print(f"fold {fold} epoch {epoch + 1}/{t.epochs}: train loss {tr['loss']:.4f}  val loss {val_loss:.4f}  "
+              f"val mIoU {s['mIoU']:.4f}", flush=True)
+        if s["mIoU"] > best:
+            best = s["mIoU"]
+            save_checkpoint(out / "best.pt", model=model.state_dict(), epoch=epoch + 1, classes=classes,
+                            params=params, scores=s)
+        save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
+                        scaler=scaler.state_dict(), epoch=epoch + 1, history=history, best_miou=best,
+                        rng=torch.get_rng_state(), classes=classes, params=params)
+    # Done: the optimizer state was only needed to resume; keep the final weights and the history.
+    save_checkpoint(last, model=model.state_dict(), epoch=t.epochs, history=history, best_miou=best,
+                    classes=classes, params=params)
+    return finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run)
+
+
+def finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run) -> dict:
+    """Score the best checkpoint on the fold's validation images and write every report."""
+    t = p.train
+    best = load_checkpoint(out / "best.pt", device)
+    model.load_state_dict(best["model"])
+    n_present = (val_tab[[f"px_{c}" for c in range(1, len(classes))]] > 0).sum(axis=1)
+    shown = n_present.sort_values(ascending=False, kind="stable").index[: t.gallery].tolist()
+    _, cm, preds = validate(model, val_dl, val_tab, loss_fn, len(classes), device, t.amp, t.channels_last, keep=set(shown))
+    s = scores(cm.numpy(), classes)
+    np.save(out / "val_confusion.npy", cm.numpy())
+    reports = out / "reports"
+    reports.mkdir(exist_ok=True)
+    plot_confusion(cm.numpy(), classes, reports / "confusion.png", f"fold {fold}, best epoch {best['epoch']}")
+    plot_iou(s["IoU"], reports / "iou.png", f"fold {fold}: mIoU {s['mIoU']:.3f}")
+    plot_curves(history, reports / "curves.png")
+    if shown:
+        plot_gallery([read_image(val_tab["image"][i]) for i in shown],
+                     [cv2.imread(val_tab["mask"][i], cv2.IMREAD_UNCHANGED) for i in shown],
+                     [preds[i] for i in shown], classes, reports / "gallery.png")
+    plots = Path(p.paths.plots) / "train"
+    plots.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(history).to_csv(plots / f"fold_{fold}.csv", index=False)
+    summary = {"fold": fold, "best_epoch": best["epoch"], "val_images": len(val_tab),
+               **{k: v for k, v in s.items() if k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")},
+               "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}
+    write_json(Path(p.paths.metrics) / "train" / f"fold_{fold}.json", {"val": summary})
+    if run:
+        run.log_metrics({f"best/{k}": v for k, v in flat_scores(s, "val").items()})
+        run.log_artifacts(reports, "reports")
+    return s

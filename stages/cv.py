@@ -1,0 +1,32 @@
+"""Stage cv: out-of-fold score over all trained folds, logged on the pipeline's parent MLflow run."""
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.data.masks import read_classes
+from pipeline.evaluation.cv import cv_scores
+from pipeline.evaluation.metrics import flat_scores
+from pipeline.evaluation.reports import plot_confusion, plot_iou
+from pipeline.io import atomic_dir
+from pipeline.tracking import stage_run
+
+PARAMS = ("train", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    with stage_run("cv", p) as run:
+        classes = read_classes(p.paths.masks)["classes"]
+        s = cv_scores(p.paths.models, p.train.folds, classes)
+        with atomic_dir(Path(p.paths.plots) / "cv") as out:
+            plot_confusion(s["confusion"], classes, out / "confusion.png", "out-of-fold confusion, all folds")
+            plot_iou(s["IoU"], out / "iou.png", f"CV mIoU {s['mIoU']:.3f}")
+        run.log_artifacts(Path(p.paths.plots) / "cv", "cv")
+        run.log_metrics(flat_scores(s, "cv"), parent=True)  # on the parent: experiments compare side by side
+        run.write_metrics(Path(p.paths.metrics) / "cv.json", {"cv": {
+            **{k: s[k] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_fold_mIoU")},
+            "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}})
+
+
+if __name__ == "__main__":
+    cli.run(main)

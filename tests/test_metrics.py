@@ -1,0 +1,67 @@
+"""Metrics: a hand-computed answer, torchmetrics agreement, dataset-level (not per-batch) means."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from pipeline.evaluation.metrics import ConfusionMatrix, flat_scores, scores
+
+NAMES = ["bg", "a", "b", "c"]
+
+
+def test_known_answer_and_absent_classes():
+    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 3]])
+    cm = ConfusionMatrix(4)
+    cm.update(pred, target)
+    s = scores(cm.numpy(), NAMES)
+    # (truth, pred) pairs: (0,0) (0,1) (1,1) (1,1) (0,0) (2,2) (2,0); the 255 pixel is skipped, so its
+    # prediction "c" does not count. bg: tp 2, truth 3, pred 3 -> 2/4; a: tp 2, truth 2, pred 3 -> 2/3;
+    # b: tp 1, truth 2, pred 1 -> 1/2; c: absent from truth and prediction -> no IoU.
+    assert s["IoU"]["bg"] == pytest.approx(2 / 4) and s["IoU"]["a"] == pytest.approx(2 / 3)
+    assert s["IoU"]["b"] == pytest.approx(1 / 2) and s["IoU"]["c"] is None   # c: absent from truth and prediction
+    assert s["mIoU"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert s["pixel_acc"] == pytest.approx(5 / 7) and s["mean_acc"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)
+    assert s["fwIoU"] == pytest.approx(3 / 7 * 0.5 + 2 / 7 * 2 / 3 + 2 / 7 * 0.5)
+    assert flat_scores(s, "val")["val/IoU/a"] == pytest.approx(2 / 3) and "val/IoU/c" not in flat_scores(s, "val")
+
+
+def test_equals_torchmetrics():
+    g = torch.Generator().manual_seed(0)
+    cm = ConfusionMatrix(4)
+    jac = MulticlassJaccardIndex(4, average=None, ignore_index=255)
+    acc_micro = MulticlassAccuracy(4, average="micro", ignore_index=255)
+    acc_macro = MulticlassAccuracy(4, average="macro", ignore_index=255)
+    for _ in range(5):
+        target = torch.randint(0, 4, (3, 16, 16), generator=g)
+        target[target == 3] = torch.where(torch.rand(target[target == 3].shape, generator=g) < 0.3, 255, 3)
+        pred = torch.where(torch.rand(target.shape, generator=g) < 0.6, target.clamp(max=3), torch.randint(0, 4, target.shape, generator=g))
+        cm.update(pred, target)
+        jac.update(pred, target)
+        acc_micro.update(pred, target)
+        acc_macro.update(pred, target)
+    s = scores(cm.numpy(), NAMES)
+    assert np.allclose([s["IoU"][n] for n in NAMES], jac.compute().numpy(), atol=1e-6)
+    assert s["mIoU"] == pytest.approx(jac.compute().mean().item(), abs=1e-6)
+    assert s["pixel_acc"] == pytest.approx(acc_micro.compute().item(), abs=1e-6)
+    assert s["mean_acc"] == pytest.approx(acc_macro.compute().item(), abs=1e-6)
+
+
+def test_dataset_level_not_mean_of_batches():
+    big_t, big_p = torch.ones(100, dtype=torch.long), torch.ones(100, dtype=torch.long)
+    small_t, small_p = torch.full((4,), 2), torch.zeros(4, dtype=torch.long)
+    cm = ConfusionMatrix(3)
+    cm.update(big_p, big_t)
+    cm.update(small_p, small_t)
+    per_batch = np.mean([scores(ConfusionMatrix(3).merge(_cm(p, t)).numpy(), ["bg", "a", "b"])["pixel_acc"]
+                         for p, t in ((big_p, big_t), (small_p, small_t))])
+    assert scores(cm.numpy(), ["bg", "a", "b"])["pixel_acc"] == pytest.approx(100 / 104)
+    assert per_batch == pytest.approx(0.5)
+
+
+def _cm(p, t):
+    c = ConfusionMatrix(3)
+    c.update(p, t)
+    return c

@@ -1,0 +1,142 @@
+"""Training: it learns, it resumes to the same result, and mixing/augmenting keeps labels on their pixels."""
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import Params
+from pipeline.data.augment import AUGMENTATIONS
+from pipeline.data.coco import load_dataset
+from pipeline.data.folds import make_folds
+from pipeline.data.masks import build_mask_cache
+from pipeline.data.mix import cutmix, paste_classes
+from pipeline.training import run as run_module
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.run import PARAMS, train_fold
+from tests.conftest import write_coco
+
+
+def easy_dataset(root, n=48, size=64, seed=0):
+    """Big red squares (class 1) and blue discs (class 2) on grey noise: easy to learn."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    (root / "img").mkdir(parents=True)
+    for i in range(n):
+        img = rng.normal(128, 20, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        x, y, s = rng.integers(4, size // 2 - 4, 3)
+        s = 12 + s % 10
+        img[y:y + s, x:x + s] = (40, 40, 220)                   # BGR red square
+        poly = [[float(x), float(y), float(x + s), float(y), float(x + s), float(y + s), float(x), float(y + s)]]
+        anns.append({"image_id": i, "category_id": 0, "segmentation": poly})
+        cx, cy, r = int(rng.integers(size // 2 + 8, size - 10)), int(rng.integers(10, size - 10)), 8
+        cv2.circle(img, (cx, cy), r, (220, 60, 40), -1)         # BGR blue disc
+        circle = cv2.ellipse2Poly((cx, cy), (r, r), 0, 0, 360, 15).astype(float).ravel().tolist()
+        anns.append({"image_id": i, "category_id": 1, "segmentation": [circle]})
+        cv2.imwrite(str(root / f"img/{i:03d}.png"), img)
+        images.append({"id": i, "file_name": f"img/{i:03d}.png", "width": size, "height": size})
+    write_coco(root, images, anns, ["square", "disc"], write_images=False)
+
+
+def params_for(tmp, **train):
+    raw = Params().model_dump()
+    raw.update(model="unet", encoder="resnet18")
+    raw["paths"].update(masks=str(tmp / "masks"), split=str(tmp / "split"), models=str(tmp / "models"),
+                        metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
+    raw["train"].update(dict(epochs=6, batch_size=8, image_size=64, lr=3e-3, loss={"ce": 1.0}, augment=["hflip"],
+                             workers=0, gallery=2, warmup_epochs=0.5), **train)
+    return Params.model_validate(raw).only(*PARAMS)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("easy")
+    easy_dataset(tmp / "data")
+    ds = load_dataset(tmp / "data", ["train.json"])
+    build_mask_cache(ds, tmp / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    (tmp / "split").mkdir()
+    make_folds(ds, "random", 4, None, 0.0, seed=0).to_csv(tmp / "split/folds.csv", index=False)
+    return tmp
+
+
+def test_a_small_model_learns_easy_data(prepared):
+    p = params_for(prepared)
+    s = train_fold(0, p)
+    assert s["mIoU"] >= 0.7, s
+    out = prepared / "models/fold_0"
+    assert {"best.pt", "last.pt", "val_confusion.npy"} <= {f.name for f in out.iterdir()}
+    assert {"confusion.png", "iou.png", "curves.png", "gallery.png"} == {f.name for f in (out / "reports").iterdir()}
+    best = load_checkpoint(out / "best.pt")                       # weights_only=True
+    assert best["classes"] == ["Background", "square", "disc"] and best["params"]["train.epochs"] == "6"
+    assert np.load(out / "val_confusion.npy").sum() == 12 * 64 * 64   # every validation pixel, once
+    history = (prepared / "plots/train/fold_0.csv").read_text().splitlines()
+    assert len(history) == 7 and history[0].startswith("epoch,")
+
+
+def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
+    p = params_for(prepared, epochs=3, cutmix=0.5, augment=["hflip", "color"])
+    straight = train_fold(1, p)
+    straight_hist = load_checkpoint(prepared / "models/fold_1/last.pt")["history"]
+
+    real_validate, calls = run_module.validate, {"n": 0}
+
+    def dies_in_epoch_2(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_validate(*a, **k)
+
+    monkeypatch.setattr(run_module, "validate", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(1, p)
+    assert load_checkpoint(prepared / "models/fold_1/last.pt")["epoch"] == 1
+    monkeypatch.setattr(run_module, "validate", real_validate)
+    resumed = train_fold(1, p)
+    resumed_hist = load_checkpoint(prepared / "models/fold_1/last.pt")["history"]
+    assert [h["epoch"] for h in resumed_hist] == [1, 2, 3]
+    for a, b in zip(straight_hist, resumed_hist):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+    assert resumed["mIoU"] == pytest.approx(straight["mIoU"], rel=1e-5)
+
+
+def test_cutmix_moves_pixels_and_labels_together():
+    n, h, w = 6, 32, 32
+    ids = torch.arange(n).view(n, 1, 1)
+    images = ids.view(n, 1, 1, 1).expand(n, 3, h, w).float().clone()
+    masks = ids.expand(n, h, w).clone()
+    assert cutmix(images, masks, np.random.default_rng(0), p=1.0)
+    assert torch.equal(images[:, 0].long(), masks) and torch.equal(images[:, 1], images[:, 2])
+    assert (masks != ids).any()                                   # something was mixed
+    assert not cutmix(images, masks, np.random.default_rng(0), p=0.0)
+
+
+def test_copy_paste_known_answer():
+    image, mask = torch.zeros(3, 4, 4), torch.zeros(4, 4, dtype=torch.long)
+    donor_image, donor_mask = torch.ones(3, 4, 4), torch.zeros(4, 4, dtype=torch.long)
+    donor_mask[0, :2] = 7
+    donor_mask[3, 3] = 2                                          # a class not asked for
+    assert paste_classes(image, mask, donor_image, donor_mask, torch.tensor([7])) == 2
+    assert mask[0, :2].tolist() == [7, 7] and mask.sum() == 14 and image[:, 0, :2].eq(1).all() and image.sum() == 6
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentation_keeps_labels_on_their_pixels(name):
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:40, 8:30] = 1
+    mask[40:60, 35:60] = 2
+    image = np.stack([mask * 100, rng.integers(0, 50, (64, 64)), mask * 50], -1).astype(np.uint8)
+    t = AUGMENTATIONS[name]()
+    t.p = 1.0
+    out = A.Compose([t], seed=3)(image=image, mask=mask)
+    img, m = out["image"], out["mask"]
+    assert m.shape == (64, 64) and set(np.unique(m)) <= {0, 1, 2, 255}
+    labelled = m != 255
+    if name != "color":  # colour jitter changes values, never positions
+        agree = (np.abs(img[..., 0].astype(int) - m.astype(int) * 100) < 30)[labelled]
+        assert agree.mean() > 0.97
+    if name in ("cutout", "gridmask"):
+        assert (m == 255).any() and (img[m == 255] == 0).all()    # invented pixels are ignored, not labelled
