@@ -137,7 +137,7 @@ class Train(_Section):
 class Params(_Section):
     model: ModelName = "unet"
     encoder: str = "resnet18"
-    encoder_weights: Optional[Literal["imagenet"]] = None
+    encoder_weights: Optional[Literal["imagenet"]] = None  # None: offline default; imagenet: online option
     paths: Paths = Paths()
     demo: Demo = Demo()
     data: Data = Data()

@@ -102,6 +102,27 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     assert resumed["mIoU"] == pytest.approx(straight["mIoU"], rel=1e-5)
 
 
+def test_fold_tables_never_train_on_validation_or_holdout(tmp_path):
+    import pandas as pd
+
+    from pipeline.data.dataset import fold_tables
+
+    keys = [f"k{i}" for i in range(20)]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "s").mkdir()
+    pd.DataFrame({"key": keys, "image": keys, "mask": keys}).to_csv(tmp_path / "m/index.csv", index=False)
+    fold = [i % 3 for i in range(20)]
+    holdout = [i >= 17 for i in range(20)]
+    fold = [-1 if h else f for f, h in zip(fold, holdout)]
+    pd.DataFrame({"key": keys, "fold": fold, "holdout": holdout}).to_csv(tmp_path / "s/folds.csv", index=False)
+    for k in range(3):
+        train, val = fold_tables(tmp_path / "m", tmp_path / "s", k)
+        assert set(val.key) == {keys[i] for i in range(17) if i % 3 == k}
+        assert set(train.key) == {keys[i] for i in range(17) if i % 3 != k}   # no val, no holdout
+    with pytest.raises(ValueError, match="fold 5: .* 0 validation images"):
+        fold_tables(tmp_path / "m", tmp_path / "s", 5)
+
+
 def test_cutmix_moves_pixels_and_labels_together():
     n, h, w = 6, 32, 32
     ids = torch.arange(n).view(n, 1, 1)

@@ -21,7 +21,7 @@ def _smp(arch: str, encoder: str, weights: Optional[str], classes: int, **kw) ->
 
 
 def _classic(cls: Callable[..., nn.Module], encoder: str, weights: Optional[str], classes: int, **kw) -> nn.Module:
-    return cls(classes, pretrained=weights == "imagenet", **kw)
+    return cls(classes, pretrained=weights == "imagenet", **kw)  # imagenet: the online option; default None
 
 
 MODELS: dict[str, Callable[[str, Optional[str], int], nn.Module]] = {
