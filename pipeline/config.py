@@ -39,6 +39,8 @@ class Paths(_Section):
     metrics: str = "metrics"
     models: str = "models"
     plots: str = "plots"
+    reports: str = "reports"
+    submission: str = "submission"
 
 
 class Demo(_Section):
@@ -134,6 +136,31 @@ class Train(_Section):
         return self
 
 
+TtaView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4"]
+
+
+class Infer(_Section):
+    tta: list[TtaView] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    checkpoints: list[Literal["best", "last"]] = Field(default_factory=lambda: ["best"], min_length=1)
+    fold_weights: Optional[list[float]] = None
+    batch_size: int = Field(8, ge=1)
+    amp: Literal["off", "bf16", "fp16"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("scales")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if min(v) <= 0:
+            raise ValueError(f"scales must be positive, got {v}")
+        return v
+
+
+class Submit(_Section):
+    size: int = Field(256, ge=1)
+    gallery: int = Field(8, ge=0)
+
+
 class Params(_Section):
     model: ModelName = "unet"
     encoder: str = "resnet18"
@@ -145,6 +172,8 @@ class Params(_Section):
     eda: Eda = Eda()
     split: Split = Split()
     train: Train = Train()
+    infer: Infer = Infer()
+    submit: Submit = Submit()
 
     @field_validator("encoder")
     @classmethod

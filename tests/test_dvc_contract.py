@@ -56,6 +56,9 @@ def test_stage_declares_exactly_its_params_and_code(name):
     assert outs and all(str(o).startswith("${paths.") for o in outs)
 
 
+ON_DEMAND = {"predict"}  # commands, not DAG stages
+
+
 def test_every_stage_module_is_in_the_dag():
     modules = {p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "__init__"}
-    assert modules == set(DVC)
+    assert modules - ON_DEMAND == set(DVC)

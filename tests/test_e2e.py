@@ -1,6 +1,7 @@
 """The real thing: `dvc repro` in a temporary copy of the repo with a tiny params file."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -56,7 +57,7 @@ def workspace(tmp_path_factory):
 def test_dvc_repro_end_to_end(workspace):
     ws, env = workspace
     first = sh(["dvc", "repro"], ws, env)
-    for stage in ("demo_data", "masks", "eda", "split", "train@0", "train@1", "cv"):
+    for stage in ("demo_data", "masks", "eda", "split", "train@0", "train@1", "cv", "ensemble", "submit"):
         assert f"Running stage '{stage}'" in first
 
     index = pd.read_csv(ws / "data/masks/index.csv")
@@ -74,6 +75,13 @@ def test_dvc_repro_end_to_end(workspace):
         assert 0 <= fold["mIoU"] <= 1 and fold["best_epoch"] in (1, 2)
     cv = json.loads((ws / "metrics/cv.json").read_text())["cv"]
     assert set(cv["per_fold_mIoU"]) == {"0", "1"} and 0 < cv["mIoU"] <= 1
+    ens = json.loads((ws / "metrics/ensemble.json").read_text())["ensemble"]
+    assert ens["out_of_fold/fold_model"]["mIoU"] == pytest.approx(cv["mIoU"])   # two routes, one answer
+    assert {"holdout/k_fold_ensemble", "holdout/k_fold_ensemble_TTA", "out_of_fold/fold_model_TTA"} <= set(ens)
+    csv.field_size_limit(10**7)
+    rows = list(csv.reader(open(ws / "submission/submission.csv")))
+    test_ids = [im["file_name"] for im in json.loads((ws / "data/demo/test.json").read_text())["images"]]
+    assert [r[0] for r in rows[1:]] == test_ids and all(len(r[1].split(" ")) == 256 * 256 for r in rows[1:])
     # `dvc plots show` renders the per-fold histories.
     assert "fold_0.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
 
@@ -94,8 +102,10 @@ def test_dvc_repro_end_to_end(workspace):
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
-    assert kids[parents[0].info.run_id] == ["cv", "demo_data", "eda", "masks", "split", "train@0", "train@1"]
-    assert kids[parents[1].info.run_id] == ["cv", "split", "train@0", "train@1"]
+    assert kids[parents[0].info.run_id] == ["cv", "demo_data", "eda", "ensemble", "masks", "split", "submit",
+                                            "train@0", "train@1"]
+    assert kids[parents[1].info.run_id] == ["cv", "ensemble", "split", "submit", "train@0", "train@1"]
+    assert "ensemble/holdout/k_fold_ensemble/mIoU" in parents[0].data.metrics
     # CV lands on the parent run, so experiments compare side by side in the MLflow UI.
     assert 0 < parents[0].data.metrics["cv/mIoU"] <= 1
     fold0 = next(r for r in runs if r.info.run_name == "train@0" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id)

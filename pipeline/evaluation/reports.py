@@ -119,3 +119,25 @@ def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_predictions(images: list[np.ndarray], preds: list[np.ndarray], names: list[str], path: Path) -> Path:
+    """Unlabelled images (e.g. the test set): image | prediction | overlay, with a class legend."""
+    plt = _plt()
+    pal = palette(len(names))
+    fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+    for row, img, p in zip(axes, images, preds):
+        colour = pal[p]
+        overlay = np.where(p[..., None] > 0, (0.5 * img + 0.5 * colour).astype(np.uint8), img)
+        for ax, pic, title in zip(row, (img, colour, overlay), ("image", "prediction", "overlay")):
+            ax.imshow(pic)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    present = sorted({int(c) for p in preds for c in np.unique(p) if 0 < c < len(names)})
+    handles = [plt.Rectangle((0, 0), 1, 1, color=pal[c] / 255) for c in present]
+    if handles:
+        fig.legend(handles, [names[c] for c in present], loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

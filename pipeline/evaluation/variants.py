@@ -1,0 +1,90 @@
+"""How much each trick is worth, judged honestly: every variant is scored only on images that none
+of its members trained on.
+
+  out-of-fold (all non-holdout images): each fold's model on its own validation fold, summed —
+      single model, + TTA, best+last epoch ensemble;
+  holdout (images in no fold): each fold model alone (mean over folds), the k-fold ensemble,
+      + TTA, and the final ensemble the submission uses (params `infer`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from pipeline.data.dataset import fold_tables
+from pipeline.evaluation.metrics import ConfusionMatrix, scores
+from pipeline.inference.ensemble import Ensemble, fold_weights, load_member, member_paths, score
+
+
+def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[str], models_dir: str | Path,
+                      masks_dir: str | Path, split_dir: str | Path, device: torch.device) -> pd.DataFrame:
+    """One row per variant: variant, judged_on, images, mIoU, pixel_acc, mean_acc, images_per_s, IoU/<class>."""
+    n_cls = len(classes)
+    cache: dict[Path, torch.nn.Module] = {}
+
+    def model(k: int, ckpt: str = "best") -> torch.nn.Module:
+        path = member_paths(models_dir, [k], [ckpt])[0]
+        if path not in cache:
+            cache[path] = load_member(path, device)[0]
+        return cache[path]
+
+    def ens(members, views=("identity",), scales=(1.0,)) -> Ensemble:
+        return Ensemble(members, list(views), list(scales), device, infer.amp)
+
+    rows = []
+
+    def add(name: str, judged_on: str, cm: ConfusionMatrix, images: int, rate: float) -> None:
+        s = scores(cm.numpy(), classes)
+        rows.append({"variant": name, "judged_on": judged_on, "images": images, "mIoU": s["mIoU"],
+                     "pixel_acc": s["pixel_acc"], "mean_acc": s["mean_acc"], "images_per_s": rate,
+                     **{f"IoU/{c}": v for c, v in s["IoU"].items()}})
+
+    tables = {k: fold_tables(masks_dir, split_dir, k) for k in folds}
+    oof = {"fold model": lambda k: ens([(model(k), 1.0)]),
+           "fold model + TTA": lambda k: ens([(model(k), 1.0)], infer.tta, infer.scales)}
+    if "last" in infer.checkpoints or len(infer.checkpoints) > 1:
+        oof["fold model, best + last epochs"] = lambda k: ens([(model(k, c), 1.0) for c in ("best", "last")])
+    for name, make in oof.items():
+        cm, n, seconds = ConfusionMatrix(n_cls), 0, 0.0
+        for k in folds:
+            val = tables[k][1]
+            c, rate = score(make(k), val, n_cls, image_size, infer.batch_size)
+            cm.merge(c)
+            n += len(val)
+            seconds += len(val) / rate
+        add(name, "out-of-fold", cm, n, n / seconds)
+
+    index = pd.read_csv(Path(masks_dir) / "index.csv")
+    held = index.merge(pd.read_csv(Path(split_dir) / "folds.csv")[["key", "holdout"]], on="key")
+    held = held[held.holdout].reset_index(drop=True)
+    if held.empty:
+        return pd.DataFrame(rows)
+    per_fold = [score(ens([(model(k), 1.0)]), held, n_cls, image_size, infer.batch_size) for k in folds]
+    mean = {"variant": "fold model (mean over folds)", "judged_on": "holdout", "images": len(held),
+            **{m: sum(scores(c.numpy(), classes)[m] for c, _ in per_fold) / len(folds)
+               for m in ("mIoU", "pixel_acc", "mean_acc")},
+            "images_per_s": sum(r for _, r in per_fold) / len(folds)}
+    rows.append(mean)
+    kfold = [(model(k), 1.0) for k in folds]
+    add("k-fold ensemble", "holdout", *_scored(ens(kfold), held, n_cls, image_size, infer.batch_size))
+    add("k-fold ensemble + TTA", "holdout",
+        *_scored(ens(kfold, infer.tta, infer.scales), held, n_cls, image_size, infer.batch_size))
+    add("final ensemble (infer params)", "holdout",
+        *_scored(final_ensemble(infer, folds, models_dir, device, model), held, n_cls, image_size, infer.batch_size))
+    return pd.DataFrame(rows)
+
+
+def _scored(e: Ensemble, table: pd.DataFrame, n_cls: int, image_size: int, batch: int):
+    cm, rate = score(e, table, n_cls, image_size, batch)
+    return cm, len(table), rate
+
+
+def final_ensemble(infer, folds: list[int], models_dir: str | Path, device: torch.device, model=None) -> Ensemble:
+    """The ensemble the submission and `predict` use: folds x infer.checkpoints, weighted, with TTA."""
+    weights = fold_weights(folds, infer.fold_weights)
+    member_paths(models_dir, folds, infer.checkpoints)  # fail early, naming what is missing
+    get = model or (lambda k, c: load_member(Path(models_dir) / f"fold_{k}" / f"{c}.pt", device)[0])
+    members = [(get(k, c), w) for k, w in zip(folds, weights) for c in infer.checkpoints]
+    return Ensemble(members, infer.tta, infer.scales, device, infer.amp)

@@ -1,0 +1,104 @@
+"""Ensembles of fold models: mean of softmax over members (optionally weighted), each with TTA.
+
+Members are loaded from checkpoints alone (weights_only=True): the checkpoint names its model,
+encoder and classes, so any ensemble can be rebuilt without the params that trained it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.data.augment import build_transform
+from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.inference.tta import predict_proba
+from pipeline.models.factory import build_model
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.loop import autocast
+
+
+def load_member(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
+    """A trained model from its checkpoint, in eval mode, and its class names."""
+    ck = load_checkpoint(path, device)
+    p = ck["params"]
+    model = build_model(p["model"], p["encoder"], None, len(ck["classes"]))  # weights come from the checkpoint
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), ck["classes"]
+
+
+class ImageFiles(Dataset):
+    """Items: (image (3, S, S) float32 normalised, index); `read(i)` gives (H, W, 3) uint8 RGB."""
+
+    def __init__(self, read: Callable[[int], np.ndarray], n: int, size: int):
+        self.read, self.n, self.transform = read, n, build_transform([], size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.transform(image=self.read(i))["image"], i
+
+
+class Ensemble:
+    """Members (model, weight); `predict` yields mean softmax probabilities per image."""
+
+    def __init__(self, members: list[tuple[torch.nn.Module, float]], views: list[str], scales: list[float],
+                 device: torch.device, amp: str = "off"):
+        total = sum(w for _, w in members)
+        self.members = [(m, w / total) for m, w in members]
+        self.views, self.scales, self.device, self.amp = list(views), list(scales), device, amp
+
+    def proba(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, C, S, S) float32 probabilities."""
+        x = x.to(self.device)
+        return sum(w * predict_proba(m, x, self.views, self.scales, autocast(self.device, self.amp))
+                   for m, w in self.members)
+
+    def predict(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
+                workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (index, (H, W) uint8 class map at sizes[index]) for every item of `dataset`."""
+        for x, idx in DataLoader(dataset, batch_size, num_workers=workers):
+            probs = self.proba(x)
+            for p, i in zip(probs, idx.tolist()):
+                if tuple(p.shape[-2:]) != tuple(sizes[i]):
+                    p = F.interpolate(p[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
+                yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def score(ensemble: Ensemble, table: pd.DataFrame, num_classes: int, image_size: int,
+          batch_size: int = 8) -> tuple[ConfusionMatrix, float]:
+    """Confusion matrix of the ensemble on the mask-cache rows of `table`, and images/s."""
+    import cv2
+
+    from pipeline.data.masks import read_image
+
+    masks = [cv2.imread(m, cv2.IMREAD_UNCHANGED) for m in table["mask"]]
+    images = table["image"].tolist()
+    data = ImageFiles(lambda i: read_image(images[i]), len(images), image_size)
+    cm = ConfusionMatrix(num_classes)
+    start = time.perf_counter()
+    for i, pred in ensemble.predict(data, [m.shape for m in masks], batch_size):
+        cm.update(torch.from_numpy(pred), torch.from_numpy(masks[i]))
+    return cm, len(images) / max(time.perf_counter() - start, 1e-9)
+
+
+def member_paths(models_dir: str | Path, folds: list[int], checkpoints: list[str]) -> list[Path]:
+    paths = [Path(models_dir) / f"fold_{k}" / f"{c}.pt" for k in folds for c in checkpoints]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing checkpoints {missing}: run the train stages first")
+    return paths
+
+
+def fold_weights(folds: list[int], weights: Optional[list[float]]) -> list[float]:
+    if weights is None:
+        return [1.0] * len(folds)
+    if len(weights) != len(folds) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"infer.fold_weights {weights} must be {len(folds)} non-negative numbers, not all 0")
+    return list(weights)

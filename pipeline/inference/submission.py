@@ -1,0 +1,111 @@
+"""The competition submission and predictions on new images.
+
+submission.csv: columns image_id, PredictionString. image_id is the test image's file_name;
+PredictionString is the predicted class map (at the image's own size) resized nearest-neighbour
+to size x size, flattened row by row, as space-separated integers.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.data.coco import DataError, read_json, safe_relpath
+from pipeline.data.masks import decode_oriented
+from pipeline.inference.ensemble import Ensemble, ImageFiles
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def load_test_images(root: str | Path, image_dir: str, test_json: str) -> pd.DataFrame:
+    """The test json's images: file_name, path, width, height (json order). Bad records are errors."""
+    file = Path(root) / test_json
+    raw = read_json(file)
+    rows, problems = [], []
+    for pos, im in enumerate(raw["images"]):
+        rel = safe_relpath(im.get("file_name")) if isinstance(im, dict) else None
+        ok = rel and isinstance(im.get("width"), int) and isinstance(im.get("height"), int)
+        path = Path(root) / image_dir / rel if rel else None
+        if not ok or not path.exists():
+            problems.append(f"images[{pos}] id={im.get('id') if isinstance(im, dict) else None}: "
+                            f"{'file ' + str(path) + ' not found' if ok else 'bad file_name/width/height'}")
+            continue
+        rows.append({"image_id": im["file_name"], "path": str(path), "width": im["width"], "height": im["height"]})
+    if problems:
+        raise DataError(f"{file}: {len(problems)} unusable test image(s) (a submission needs every one):\n  "
+                        + "\n  ".join(problems[:20]))
+    if not rows:
+        raise DataError(f"{file}: no test images")
+    return pd.DataFrame(rows)
+
+
+def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: int, batch_size: int):
+    """Yield (row index, (H, W) uint8 class map at the image's json size)."""
+    data = ImageFiles(lambda i: decode_oriented(images.path[i], images.height[i], images.width[i]),
+                      len(images), image_size)
+    yield from ens.predict(data, list(zip(images.height, images.width)), batch_size)
+
+
+def write_submission(ens: Ensemble, images: pd.DataFrame, image_size: int, out_csv: str | Path, size: int = 256,
+                     batch_size: int = 8, keep: int = 0) -> dict[int, np.ndarray]:
+    """Write submission.csv atomically (rows in the test json's order); return `keep` predictions."""
+    preds: dict[int, str] = {}
+    kept: dict[int, np.ndarray] = {}
+    for i, pred in predict_images(ens, images, image_size, batch_size):
+        small = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST)
+        preds[i] = " ".join(map(str, small.ravel().tolist()))
+        if i < keep:
+            kept[i] = pred
+    out_csv = Path(out_csv)
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "PredictionString"])
+        for i, image_id in enumerate(images.image_id):
+            w.writerow([image_id, preds[i]])
+    os.replace(tmp, out_csv)
+    return kept
+
+
+def check_output_dir(images_dir: Path, out_dir: Path) -> None:
+    """Refuse an output folder that is, contains, or lies inside the input folder."""
+    a, b = images_dir.resolve(), out_dir.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise DataError(f"--out {out_dir} overlaps --images {images_dir}: predictions would overwrite or mix "
+                        "with the inputs; choose a separate folder")
+
+
+def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, image_size: int, classes: list[str],
+                   batch_size: int = 8) -> int:
+    """Every image under images_dir -> out_dir/<same path>.png (class indices, uint8) and
+    <same path>_overlay.jpg (prediction blended over the photo). Returns the number written."""
+    from pipeline.evaluation.reports import palette
+
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    check_output_dir(images_dir, out_dir)
+    files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    sizes = []
+    for p in files:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"{p}: cannot decode the image")
+        sizes.append(img.shape[:2])
+    table = pd.DataFrame({"path": [str(p) for p in files], "height": [s[0] for s in sizes],
+                          "width": [s[1] for s in sizes]})
+    pal = palette(len(classes))
+    for i, pred in predict_images(ens, table, image_size, batch_size):
+        rel = files[i].relative_to(images_dir).with_suffix("")
+        target = out_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target) + ".png", pred)
+        photo = cv2.imread(str(files[i]), cv2.IMREAD_COLOR)
+        colour = pal[pred][..., ::-1]
+        overlay = np.where(pred[..., None] > 0, (0.5 * photo + 0.5 * colour).astype(np.uint8), photo)
+        cv2.imwrite(str(target) + "_overlay.jpg", overlay)
+    return len(files)

@@ -1,0 +1,38 @@
+"""Stage ensemble: score every variant (TTA, epoch and k-fold ensembles) on images none of its members saw."""
+import re
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.data.masks import read_classes
+from pipeline.evaluation.variants import evaluate_variants
+from pipeline.io import atomic_dir
+from pipeline.tracking import stage_run
+from pipeline.training.run import pick_device
+
+PARAMS = ("infer", "train", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    with stage_run("ensemble", p) as run:
+        classes = read_classes(p.paths.masks)["classes"]
+        table = evaluate_variants(p.infer, p.train.folds, p.train.image_size, classes, p.paths.models,
+                                  p.paths.masks, p.paths.split, pick_device(p.infer.device))
+        with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
+            table.to_csv(out / "variants.csv", index=False)
+        run.log_artifacts(Path(p.paths.reports) / "ensemble", "ensemble")
+        # Keys like "holdout/k_fold_ensemble_TTA": valid MLflow names, readable in `dvc exp show`.
+        variants = {slug(f"{r.judged_on}/{r.variant}"): {"mIoU": r.mIoU, "pixel_acc": r.pixel_acc,
+                                                         "images": int(r.images), "images_per_s": round(r.images_per_s, 1)}
+                    for r in table.itertuples()}
+        run.write_metrics(Path(p.paths.metrics) / "ensemble.json", {"ensemble": variants})
+        # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
+        run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
+
+
+def slug(text: str) -> str:
+    return "/".join(re.sub(r"[^A-Za-z0-9]+", "_", part).strip("_") for part in text.split("/"))
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,31 @@
+"""Predict new images with the final ensemble (not a DVC stage: run it on demand).
+
+    python -m stages.predict --images DIR --out DIR
+writes OUT/<name>.png (class indices) and OUT/<name>_overlay.jpg for every image under DIR.
+"""
+import argparse
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.data.masks import read_classes
+from pipeline.evaluation.variants import final_ensemble
+from pipeline.inference.submission import predict_folder
+from pipeline.training.run import pick_device
+
+PARAMS = ("infer", "train", "paths")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    ap.add_argument("--out", required=True, help="output folder; must not overlap --images")
+    args = ap.parse_args()
+    p = load_params().only(*PARAMS)
+    classes = read_classes(p.paths.masks)["classes"]
+    ens = final_ensemble(p.infer, p.train.folds, p.paths.models, pick_device(p.infer.device))
+    n = predict_folder(ens, args.images, args.out, p.train.image_size, classes, p.infer.batch_size)
+    print(f"wrote {n} predictions to {args.out}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,37 @@
+"""Stage submit: the final ensemble predicts test.json's images -> submission.csv (+ a gallery)."""
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import ConfigError, load_params
+from pipeline.data.masks import read_classes, read_image
+from pipeline.evaluation.reports import plot_predictions
+from pipeline.evaluation.variants import final_ensemble
+from pipeline.inference.submission import load_test_images, write_submission
+from pipeline.tracking import stage_run
+from pipeline.training.run import pick_device
+
+PARAMS = ("data", "infer", "train", "submit", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    with stage_run("submit", p) as run:
+        if not p.data.test_json:
+            raise ConfigError("data.test_json is null: there is nothing to submit")
+        classes = read_classes(p.paths.masks)["classes"]
+        images = load_test_images(p.data.root, p.data.image_dir, p.data.test_json)
+        ens = final_ensemble(p.infer, p.train.folds, p.paths.models, pick_device(p.infer.device))
+        out = Path(p.paths.submission)
+        out.mkdir(parents=True, exist_ok=True)
+        kept = write_submission(ens, images, p.train.image_size, out / "submission.csv", p.submit.size,
+                                p.infer.batch_size, keep=p.submit.gallery)
+        if kept:
+            shown = sorted(kept)
+            plot_predictions([read_image(images.path[i]) for i in shown], [kept[i] for i in shown], classes,
+                             out / "gallery.png")
+            run.log_artifact(out / "gallery.png", "submission")
+        run.log_metrics({"submit/images": len(images)})
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,125 @@
+"""TTA, ensembles, the submission file and predict: invariants with known answers."""
+from __future__ import annotations
+
+import csv
+import json
+from typing import get_args
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import TtaView
+from pipeline.data.coco import DataError
+from pipeline.inference.ensemble import Ensemble
+from pipeline.inference.submission import check_output_dir, load_test_images, predict_folder, write_submission
+from pipeline.inference.tta import D4, TTA, expand, predict_proba
+
+
+def test_registry_matches_params_choices():
+    assert set(get_args(TtaView)) == set(TTA) | {"d4"}
+
+
+@pytest.mark.parametrize("name", sorted(TTA))
+def test_deaugment_undoes_augment(name):
+    x = torch.randn(2, 3, 32, 64)                  # not square: rotations change the shape
+    aug, deaug = TTA[name]
+    assert torch.equal(deaug(aug(x)), x)
+
+
+def test_d4_views_are_the_8_distinct_symmetries():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    outs = {tuple(TTA[v][0](x).flatten().tolist()) for v in expand(["d4"])}
+    assert len(expand(["d4", "hflip"])) == 8 and len(outs) == 8 and set(expand(["d4"])) == set(D4)
+    with pytest.raises(ValueError, match="unknown TTA view"):
+        expand(["mirror"])
+
+
+class PixelModel(nn.Module):
+    """Per-pixel (1x1) classifier: equivariant to every flip, rotation and (nearly) to resizing."""
+
+    def __init__(self, classes=3, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, classes, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_tta_on_an_equivariant_model_changes_nothing():
+    model, x = PixelModel().eval(), torch.randn(2, 3, 64, 96)
+    single = predict_proba(model, x)
+    assert torch.allclose(predict_proba(model, x, ["d4"]), single, atol=1e-6)
+    multi = predict_proba(model, x, ["identity", "hflip"], [0.5, 1.0, 1.5])
+    assert multi.shape == single.shape and torch.allclose(multi.sum(1), torch.ones(2, 64, 96), atol=1e-5)
+
+
+def test_tta_passes_per_device(monkeypatch):
+    calls = []
+    model = PixelModel().eval()
+    model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    predict_proba(model, torch.randn(2, 3, 32, 32), ["d4"])
+    assert calls == [2] * 8                         # CPU: one pass per view
+    calls.clear()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    predict_proba(model, torch.randn(2, 3, 32, 48), ["identity", "hflip", "rot90"])
+    assert calls == [4, 2]                          # "CUDA": same-shape views batched together
+
+
+def test_ensemble_of_identical_models_is_the_model():
+    x = torch.randn(2, 3, 32, 32)
+    one = Ensemble([(PixelModel(seed=1).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
+    three = Ensemble([(PixelModel(seed=1).eval(), w) for w in (1.0, 2.0, 0.5)], ["identity"], [1.0],
+                     torch.device("cpu"))
+    assert torch.allclose(one.proba(x), three.proba(x), atol=1e-6)
+    mixed = Ensemble([(PixelModel(seed=1).eval(), 1.0), (PixelModel(seed=2).eval(), 3.0)], ["identity"], [1.0],
+                     torch.device("cpu")).proba(x)
+    a = Ensemble([(PixelModel(seed=1).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu")).proba(x)
+    b = Ensemble([(PixelModel(seed=2).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu")).proba(x)
+    assert torch.allclose(mixed, 0.25 * a + 0.75 * b, atol=1e-6)
+
+
+@pytest.fixture
+def test_set(tmp_path):
+    root = tmp_path / "data"
+    (root / "test").mkdir(parents=True)
+    images = []
+    for i, (w, h) in enumerate([(64, 64), (96, 64), (64, 128)]):
+        cv2.imwrite(str(root / f"test/{i}.jpg"), np.full((h, w, 3), 40 * i, np.uint8))
+        images.append({"id": i, "file_name": f"test/{i}.jpg", "width": w, "height": h})
+    (root / "test.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
+    return root
+
+
+def test_submission_format(test_set, tmp_path):
+    images = load_test_images(test_set, "", "test.json")
+    ens = Ensemble([(PixelModel(classes=12).eval(), 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
+    kept = write_submission(ens, images, 64, tmp_path / "submission.csv", size=256, keep=2)
+    csv.field_size_limit(10**7)   # a row holds 65,536 numbers: more than csv's default field limit
+    rows = list(csv.reader(open(tmp_path / "submission.csv")))
+    assert rows[0] == ["image_id", "PredictionString"]
+    assert [r[0] for r in rows[1:]] == ["test/0.jpg", "test/1.jpg", "test/2.jpg"]   # test.json order and names
+    for _, pred in rows[1:]:
+        values = [int(v) for v in pred.split(" ")]
+        assert len(values) == 256 * 256 and 0 <= min(values) and max(values) < 12
+    assert kept[1].shape == (64, 96) and set(kept) == {0, 1}                        # at the image's own size
+
+
+def test_missing_test_image_is_an_error(test_set):
+    (test_set / "test/1.jpg").unlink()
+    with pytest.raises(DataError, match=r"(?s)1 unusable test image.*id=1: file .*test/1.jpg not found"):
+        load_test_images(test_set, "", "test.json")
+
+
+def test_predict_refuses_to_write_into_its_inputs(test_set, tmp_path):
+    for out in (test_set, test_set / "test" / "preds", tmp_path):
+        with pytest.raises(DataError, match="overlaps --images"):
+            check_output_dir(test_set / "test", out) if out != tmp_path else check_output_dir(tmp_path / "data", out)
+    ens = Ensemble([(PixelModel(classes=3).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
+    n = predict_folder(ens, test_set / "test", tmp_path / "out", 64, ["bg", "a", "b"])
+    assert n == 3
+    pred = cv2.imread(str(tmp_path / "out/1.png"), cv2.IMREAD_UNCHANGED)
+    assert pred.shape == (64, 96) and pred.max() < 3 and (tmp_path / "out/1_overlay.jpg").exists()
