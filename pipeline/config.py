@@ -121,6 +121,7 @@ class Train(_Section):
     workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gallery: int = Field(6, ge=0)
+    swa_epochs: int = Field(0, ge=0)
 
     @field_validator("loss")
     @classmethod
@@ -128,6 +129,12 @@ class Train(_Section):
         if not v or not any(w > 0 for w in v.values()):
             raise ValueError("give at least one loss with a positive weight, e.g. {ce: 1.0}")
         return v
+
+    @model_validator(mode="after")
+    def _swa_fits(self) -> "Train":
+        if self.swa_epochs > self.epochs:
+            raise ValueError(f"swa_epochs {self.swa_epochs} > epochs {self.epochs}")
+        return self
 
     @model_validator(mode="after")
     def _fold_list(self) -> "Train":
@@ -142,7 +149,7 @@ TtaView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "tr
 class Infer(_Section):
     tta: list[TtaView] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-    checkpoints: list[Literal["best", "last"]] = Field(default_factory=lambda: ["best"], min_length=1)
+    checkpoints: list[Literal["best", "last", "swa"]] = Field(default_factory=lambda: ["best"], min_length=1)
     fold_weights: Optional[list[float]] = None
     batch_size: int = Field(8, ge=1)
     amp: Literal["off", "bf16", "fp16"] = "bf16"

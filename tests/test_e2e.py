@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 TINY = {"demo": {"n_train": 24, "n_test": 4, "image_size": 64, "seed": 0},
         "split": {"n_folds": 3, "holdout": 0.15},
-        "train": {"folds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "gallery": 2}}
+        "train": {"folds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "gallery": 2, "swa_epochs": 1}}
 
 
 def deep_update(d: dict, u: dict) -> dict:
@@ -70,14 +70,16 @@ def test_dvc_repro_end_to_end(workspace):
         p.name for p in (ws / "reports/eda").iterdir()}
 
     for k in (0, 1):
-        assert {"best.pt", "last.pt", "val_confusion.npy"} <= {p.name for p in (ws / f"models/fold_{k}").iterdir()}
+        assert {"best.pt", "last.pt", "swa.pt", "val_confusion.npy", "val_confusion_swa.npy"} <= {
+            p.name for p in (ws / f"models/fold_{k}").iterdir()}
         fold = json.loads((ws / f"metrics/train/fold_{k}.json").read_text())["val"]
         assert 0 <= fold["mIoU"] <= 1 and fold["best_epoch"] in (1, 2)
     cv = json.loads((ws / "metrics/cv.json").read_text())["cv"]
     assert set(cv["per_fold_mIoU"]) == {"0", "1"} and 0 < cv["mIoU"] <= 1
     ens = json.loads((ws / "metrics/ensemble.json").read_text())["ensemble"]
     assert ens["out_of_fold/fold_model"]["mIoU"] == pytest.approx(cv["mIoU"])   # two routes, one answer
-    assert {"holdout/k_fold_ensemble", "holdout/k_fold_ensemble_TTA", "out_of_fold/fold_model_TTA"} <= set(ens)
+    assert {"holdout/k_fold_ensemble", "holdout/k_fold_ensemble_TTA", "out_of_fold/fold_model_TTA",
+            "out_of_fold/fold_model_SWA", "out_of_fold/fold_model_SWA_TTA"} <= set(ens)
     csv.field_size_limit(10**7)
     rows = list(csv.reader(open(ws / "submission/submission.csv")))
     test_ids = [im["file_name"] for im in json.loads((ws / "data/demo/test.json").read_text())["images"]]

@@ -102,6 +102,20 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     assert resumed["mIoU"] == pytest.approx(straight["mIoU"], rel=1e-5)
 
 
+@pytest.mark.parametrize("swa_epochs", [1, 2])
+def test_swa_averages_the_last_epochs(prepared, swa_epochs):
+    p = params_for(prepared, epochs=3, swa_epochs=swa_epochs)
+    train_fold(2, p)
+    out = prepared / "models/fold_2"
+    swa, last = load_checkpoint(out / "swa.pt"), load_checkpoint(out / "last.pt")
+    weights = [k for k, v in last["model"].items() if v.is_floating_point() and "running_" not in k]
+    same = all(torch.equal(swa["model"][k], last["model"][k]) for k in weights)
+    assert same == (swa_epochs == 1)      # an average over one epoch is that epoch's weights
+    assert np.load(out / "val_confusion_swa.npy").sum() == 12 * 64 * 64
+    bn = [k for k in last["model"] if k.endswith("running_mean")]
+    assert not all(torch.equal(swa["model"][k], last["model"][k]) for k in bn)   # BN statistics recomputed
+
+
 def test_fold_tables_never_train_on_validation_or_holdout(tmp_path):
     import pandas as pd
 

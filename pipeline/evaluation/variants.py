@@ -2,7 +2,7 @@
 of its members trained on.
 
   out-of-fold (all non-holdout images): each fold's model on its own validation fold, summed —
-      single model, + TTA, best+last epoch ensemble;
+      single model, + TTA, best+last epoch ensemble, SWA (+ TTA) when trained;
   holdout (images in no fold): each fold model alone (mean over folds), the k-fold ensemble,
       + TTA, and the final ensemble the submission uses (params `infer`).
 """
@@ -46,6 +46,9 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
            "fold model + TTA": lambda k: ens([(model(k), 1.0)], infer.tta, infer.scales)}
     if "last" in infer.checkpoints or len(infer.checkpoints) > 1:
         oof["fold model, best + last epochs"] = lambda k: ens([(model(k, c), 1.0) for c in ("best", "last")])
+    if all((Path(models_dir) / f"fold_{k}" / "swa.pt").exists() for k in folds):
+        oof["fold model, SWA"] = lambda k: ens([(model(k, "swa"), 1.0)])
+        oof["fold model, SWA + TTA"] = lambda k: ens([(model(k, "swa"), 1.0)], infer.tta, infer.scales)
     for name, make in oof.items():
         cm, n, seconds = ConfusionMatrix(n_cls), 0, 0.0
         for k in folds:

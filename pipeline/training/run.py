@@ -2,7 +2,9 @@
 
 Writes <models>/fold_<k>/: last.pt (full state, for resuming), best.pt (weights of the best epoch
 by validation mIoU), val_confusion.npy (the best model's confusion matrix on this fold's
-validation images: the out-of-fold result the cv stage sums), reports/*.png.
+validation images: the out-of-fold result the cv stage sums), reports/*.png; with
+train.swa_epochs > 0 also swa.pt (weights averaged over the last epochs, BN statistics
+recomputed on the training images) and val_confusion_swa.npy.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
+from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader
 
 from pipeline.config import ParamsView
@@ -105,9 +108,12 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
     params = {**{k: str(v) for k, v in p.flat().items()}, "fold": str(fold),
               "data": fingerprint(Path(p.paths.masks) / "index.csv", Path(p.paths.split) / "folds.csv")}
     history, best, start = [], -1.0, 0
+    swa = AveragedModel(model) if t.swa_epochs else None
     last = out / "last.pt"
     if last.exists() and (ck := load_checkpoint(last, device))["params"] == params and ck["epoch"] < t.epochs:
         model.load_state_dict(ck["model"])
+        if swa is not None:
+            swa.load_state_dict(ck["swa"])
         opt.load_state_dict(ck["optimizer"])
         schedule.load_state_dict(ck["schedule"])
         scaler.load_state_dict(ck["scaler"])
@@ -131,6 +137,8 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
         schedule.step_epoch(s["mIoU"])
         row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}, "val/loss": val_loss,
                **flat_scores(s, "val"), **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups}}
+        if swa is not None and epoch >= t.epochs - t.swa_epochs:
+            swa.update_parameters(model)
         history.append(row)
         if run:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
@@ -142,7 +150,19 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
                             params=params, scores=s)
         save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
                         scaler=scaler.state_dict(), epoch=epoch + 1, history=history, best_miou=best,
-                        rng=torch.get_rng_state(), classes=classes, params=params)
+                        rng=torch.get_rng_state(), classes=classes, params=params,
+                        swa=swa.state_dict() if swa is not None else None)
+    if swa is not None:  # BN statistics of the averaged weights, from the training images (no augmentation)
+        bn_dl = DataLoader(SegDataset(train_tab, build_transform([], t.image_size)), t.batch_size)
+        update_bn(bn_dl, swa, device)
+        save_checkpoint(out / "swa.pt", model=swa.module.state_dict(), epoch=t.epochs, classes=classes, params=params,
+                        swa_epochs=t.swa_epochs)
+        _, swa_cm, _ = validate(swa.module, val_dl, val_tab, loss_fn, n_cls, device, t.amp, t.channels_last)
+        np.save(out / "val_confusion_swa.npy", swa_cm.numpy())
+        swa_scores = scores(swa_cm.numpy(), classes)
+        print(f"fold {fold} SWA over the last {t.swa_epochs} epochs: val mIoU {swa_scores['mIoU']:.4f}")
+        if run:
+            run.log_metrics({f"swa/{k}": v for k, v in flat_scores(swa_scores, "val").items()})
     # Done: the optimizer state was only needed to resume; keep the final weights and the history.
     save_checkpoint(last, model=model.state_dict(), epoch=t.epochs, history=history, best_miou=best,
                     classes=classes, params=params)
