@@ -23,9 +23,12 @@ def main() -> None:
             table.to_csv(out / "variants.csv", index=False)
         run.log_artifacts(Path(p.paths.reports) / "ensemble", "ensemble")
         # Keys like "holdout/k_fold_ensemble_TTA": valid MLflow names, readable in `dvc exp show`.
-        variants = {slug(f"{r.judged_on}/{r.variant}"): {"mIoU": r.mIoU, "pixel_acc": r.pixel_acc,
-                                                         "images": int(r.images), "images_per_s": round(r.images_per_s, 1)}
-                    for r in table.itertuples()}
+        iou_cols = [c for c in table.columns if c.startswith("IoU/")]
+        variants = {slug(f"{r['judged_on']}/{r['variant']}"): {
+            "mIoU": r["mIoU"], "pixel_acc": r["pixel_acc"], "images": int(r["images"]),
+            "images_per_s": round(r["images_per_s"], 1),
+            "IoU": {c[4:]: r[c] for c in iou_cols if isinstance(r.get(c), float) and r[c] == r[c]}}
+            for r in table.to_dict("records")}
         run.write_metrics(Path(p.paths.metrics) / "ensemble.json", {"ensemble": variants})
         # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
         run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
