@@ -8,7 +8,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.data.augment import AUGMENTATIONS
-from pipeline.data.coco import load_dataset
+from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.folds import make_folds
 from pipeline.data.masks import build_mask_cache
 from pipeline.data.mix import cutmix, paste_classes
@@ -133,7 +133,7 @@ def test_fold_tables_never_train_on_validation_or_holdout(tmp_path):
         train, val = fold_tables(tmp_path / "m", tmp_path / "s", k)
         assert set(val.key) == {keys[i] for i in range(17) if i % 3 == k}
         assert set(train.key) == {keys[i] for i in range(17) if i % 3 != k}   # no val, no holdout
-    with pytest.raises(ValueError, match="fold 5: .* 0 validation images"):
+    with pytest.raises(DataError, match="fold 5: .* 0 validation images"):
         fold_tables(tmp_path / "m", tmp_path / "s", 5)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from pipeline.data.coco import DataError
 from pipeline.data.masks import read_image
 from pipeline.data.mix import paste_classes
 
@@ -21,11 +22,11 @@ def fold_tables(masks_dir: str | Path, split_dir: str | Path, fold: int) -> tupl
     folds = pd.read_csv(Path(split_dir) / "folds.csv")[["key", "fold", "holdout"]]
     table = index.merge(folds, on="key", how="inner", validate="one_to_one")
     if len(table) != len(index):
-        raise ValueError(f"folds.csv and the mask index disagree on {len(index) - len(table)} images: rerun split")
+        raise DataError(f"folds.csv and the mask index disagree on {len(index) - len(table)} images: rerun split")
     train = table[(table.fold != fold) & ~table.holdout].reset_index(drop=True)
     val = table[table.fold == fold].reset_index(drop=True)
     if train.empty or val.empty:
-        raise ValueError(f"fold {fold}: {len(train)} training and {len(val)} validation images; check split.n_folds")
+        raise DataError(f"fold {fold}: {len(train)} training and {len(val)} validation images; check split.n_folds")
     return train, val
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.coco import DataError
 from pipeline.evaluation.metrics import scores
 
 
@@ -18,7 +19,7 @@ def cv_scores(models_dir: str | Path, folds: list[int], classes: list[str]) -> d
     for k in folds:
         f = Path(models_dir) / f"fold_{k}" / "val_confusion.npy"
         if not f.exists():
-            raise FileNotFoundError(f"{f} is missing: run the train@{k} stage first")
+            raise DataError(f"{f} is missing: run the train@{k} stage first")
         mats.append(np.load(f))
     total = np.sum(mats, axis=0)
     s = scores(total, classes)

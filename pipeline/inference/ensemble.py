@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.augment import build_transform
+from pipeline.data.coco import DataError
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
@@ -92,7 +93,7 @@ def member_paths(models_dir: str | Path, folds: list[int], checkpoints: list[str
     paths = [Path(models_dir) / f"fold_{k}" / f"{c}.pt" for k in folds for c in checkpoints]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"missing checkpoints {missing}: run the train stages first")
+        raise DataError(f"missing checkpoints {missing}: run the train stages first")
     return paths
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader
 
-from pipeline.config import ParamsView
+from pipeline.config import ConfigError, ParamsView
 from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset, fold_tables, worker_init
 from pipeline.data.masks import read_classes, read_image
@@ -41,7 +41,7 @@ PARAMS = ("model", "encoder", "encoder_weights", "train", "paths")
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 
@@ -59,7 +59,7 @@ def paste_class_ids(names: Optional[list[str]], classes: list[str], pixels: np.n
     if names is not None:
         missing = sorted(set(names) - set(classes[1:]))
         if missing:
-            raise ValueError(f"train.copy_paste_classes: unknown class(es) {missing}; classes are {classes[1:]}")
+            raise ConfigError(f"train.copy_paste_classes: unknown class(es) {missing}; classes are {classes[1:]}")
         return [classes.index(n) for n in names]
     present = [c for c in range(1, len(classes)) if pixels[c] > 0]
     return sorted(present, key=lambda c: pixels[c])[: max(1, len(present) // 3)]
@@ -119,8 +119,8 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
         scaler.load_state_dict(ck["scaler"])
         history, best, start = ck["history"], ck["best_miou"], ck["epoch"]
         torch.set_rng_state(ck["rng"])
-        for row in history:  # a resumed run still shows its whole curve
-            run and run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        for row in history if run else []:  # a resumed run still shows its whole curve
+            run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         print(f"fold {fold}: resuming after epoch {start}")
     else:
         shutil.rmtree(out, ignore_errors=True)
