@@ -41,6 +41,8 @@ class Paths(_Section):
     plots: str = "plots"
     reports: str = "reports"
     submission: str = "submission"
+    pseudo: str = "data/pseudo"
+    models_round2: str = "models_round2"
 
 
 class Demo(_Section):
@@ -154,6 +156,7 @@ class Infer(_Section):
     batch_size: int = Field(8, ge=1)
     amp: Literal["off", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    round: Literal[1, 2] = 2
 
     @field_validator("scales")
     @classmethod
@@ -161,6 +164,12 @@ class Infer(_Section):
         if min(v) <= 0:
             raise ValueError(f"scales must be positive, got {v}")
         return v
+
+
+class Pseudo(_Section):
+    threshold: float = Field(0.9, gt=0, le=1)
+    min_kept: float = Field(0.5, ge=0, le=1)
+    epochs: int = Field(3, ge=1)
 
 
 class Submit(_Section):
@@ -180,6 +189,7 @@ class Params(_Section):
     split: Split = Split()
     train: Train = Train()
     infer: Infer = Infer()
+    pseudo: Pseudo = Pseudo()
     submit: Submit = Submit()
 
     @field_validator("encoder")

@@ -18,7 +18,7 @@ def main() -> None:
     with stage_run("ensemble", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
         table = evaluate_variants(p.infer, p.train.folds, p.train.image_size, classes, p.paths.models,
-                                  p.paths.masks, p.paths.split, pick_device(p.infer.device))
+                                  p.paths.masks, p.paths.split, pick_device(p.infer.device), p.paths.models_round2)
         with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
             table.to_csv(out / "variants.csv", index=False)
         run.log_artifacts(Path(p.paths.reports) / "ensemble", "ensemble")

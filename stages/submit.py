@@ -5,7 +5,7 @@ from pipeline import cli
 from pipeline.config import ConfigError, load_params
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.reports import plot_predictions
-from pipeline.evaluation.variants import final_ensemble
+from pipeline.evaluation.variants import final_ensemble, models_for_round
 from pipeline.inference.submission import load_test_images, write_submission
 from pipeline.tracking import stage_run
 from pipeline.training.run import pick_device
@@ -20,7 +20,7 @@ def main() -> None:
             raise ConfigError("data.test_json is null: there is nothing to submit")
         classes = read_classes(p.paths.masks)["classes"]
         images = load_test_images(p.data.root, p.data.image_dir, p.data.test_json)
-        ens = final_ensemble(p.infer, p.train.folds, p.paths.models, pick_device(p.infer.device))
+        ens = final_ensemble(p.infer, p.train.folds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)
         kept = write_submission(ens, images, p.train.image_size, out / "submission.csv", p.submit.size,

@@ -18,7 +18,8 @@ from tests.conftest import REPO
 
 TINY = {"demo": {"n_train": 24, "n_test": 4, "image_size": 64, "seed": 0},
         "split": {"n_folds": 3, "holdout": 0.15},
-        "train": {"folds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "gallery": 2, "swa_epochs": 1}}
+        "train": {"folds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "gallery": 2, "swa_epochs": 1},
+        "pseudo": {"epochs": 1, "threshold": 0.6, "min_kept": 0.3}}
 
 
 def deep_update(d: dict, u: dict) -> dict:
@@ -57,7 +58,8 @@ def workspace(tmp_path_factory):
 def test_dvc_repro_end_to_end(workspace):
     ws, env = workspace
     first = sh(["dvc", "repro"], ws, env)
-    for stage in ("demo_data", "masks", "eda", "split", "train@0", "train@1", "cv", "ensemble", "submit"):
+    for stage in ("demo_data", "masks", "eda", "split", "train@0", "train@1", "cv", "pseudo", "train_round2@0",
+                  "train_round2@1", "ensemble", "submit"):
         assert f"Running stage '{stage}'" in first
 
     index = pd.read_csv(ws / "data/masks/index.csv")
@@ -79,7 +81,11 @@ def test_dvc_repro_end_to_end(workspace):
     ens = json.loads((ws / "metrics/ensemble.json").read_text())["ensemble"]
     assert ens["out_of_fold/fold_model"]["mIoU"] == pytest.approx(cv["mIoU"])   # two routes, one answer
     assert {"holdout/k_fold_ensemble", "holdout/k_fold_ensemble_TTA", "out_of_fold/fold_model_TTA",
-            "out_of_fold/fold_model_SWA", "out_of_fold/fold_model_SWA_TTA"} <= set(ens)
+            "out_of_fold/fold_model_SWA", "out_of_fold/fold_model_SWA_TTA", "out_of_fold/round_2_fold_model_pseudo_labels",
+            "holdout/round_2_k_fold_ensemble_pseudo_labels", "holdout/final_ensemble_infer_params_round_2"} <= set(ens)
+    pseudo = json.loads((ws / "metrics/pseudo.json").read_text())["pseudo"]
+    assert pseudo["test_images"] == 4 and pseudo["fold_0"]["images"] >= 1     # something confident enough
+    assert (ws / "models_round2/fold_1/best.pt").exists()
     csv.field_size_limit(10**7)
     rows = list(csv.reader(open(ws / "submission/submission.csv")))
     test_ids = [im["file_name"] for im in json.loads((ws / "data/demo/test.json").read_text())["images"]]
@@ -104,9 +110,10 @@ def test_dvc_repro_end_to_end(workspace):
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
-    assert kids[parents[0].info.run_id] == ["cv", "demo_data", "eda", "ensemble", "masks", "split", "submit",
-                                            "train@0", "train@1"]
-    assert kids[parents[1].info.run_id] == ["cv", "ensemble", "split", "submit", "train@0", "train@1"]
+    assert kids[parents[0].info.run_id] == ["cv", "demo_data", "eda", "ensemble", "masks", "pseudo", "split", "submit",
+                                            "train@0", "train@1", "train_round2@0", "train_round2@1"]
+    assert kids[parents[1].info.run_id] == ["cv", "ensemble", "pseudo", "split", "submit", "train@0", "train@1",
+                                            "train_round2@0", "train_round2@1"]
     assert "ensemble/holdout/k_fold_ensemble/mIoU" in parents[0].data.metrics
     # CV lands on the parent run, so experiments compare side by side in the MLflow UI.
     assert 0 < parents[0].data.metrics["cv/mIoU"] <= 1

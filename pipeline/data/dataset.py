@@ -30,6 +30,17 @@ def fold_tables(masks_dir: str | Path, split_dir: str | Path, fold: int) -> tupl
     return train, val
 
 
+def round2_table(train: pd.DataFrame, pseudo_index: Path, val_keys: set[str], holdout_keys: set[str]) -> pd.DataFrame:
+    """Round-2 training rows: the fold's training rows plus its pseudo-labelled images."""
+    extra = pd.read_csv(pseudo_index)
+    if extra.empty:
+        return train
+    source = {k.split("/", 1)[1] for k in extra.key}
+    if source & (val_keys | holdout_keys):
+        raise DataError(f"pseudo-labels for validation/holdout images {sorted(source & (val_keys | holdout_keys))[:5]}")
+    return pd.concat([train, extra[[c for c in extra.columns if c in train.columns]]], ignore_index=True)
+
+
 class SegDataset(Dataset):
     """Items: image (3, S, S) float32 normalised, mask (S, S) int64, index.
 

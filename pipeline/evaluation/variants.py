@@ -2,9 +2,10 @@
 of its members trained on.
 
   out-of-fold (all non-holdout images): each fold's model on its own validation fold, summed —
-      single model, + TTA, best+last epoch ensemble, SWA (+ TTA) when trained;
+      single model, + TTA, best+last epoch ensemble, SWA (+ TTA) when trained, round-2 (pseudo-label)
+      fold model;
   holdout (images in no fold): each fold model alone (mean over folds), the k-fold ensemble,
-      + TTA, and the final ensemble the submission uses (params `infer`).
+      + TTA, the round-2 k-fold ensemble, and the final ensemble the submission uses (`infer`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pipeline.inference.ensemble import Ensemble, fold_weights, load_member, mem
 
 
 def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[str], models_dir: str | Path,
-                      masks_dir: str | Path, split_dir: str | Path, device: torch.device) -> pd.DataFrame:
+                      masks_dir: str | Path, split_dir: str | Path, device: torch.device,
+                      models_round2: str | Path | None = None) -> pd.DataFrame:
     """One row per variant: variant, judged_on, images, mIoU, pixel_acc, mean_acc, images_per_s, IoU/<class>."""
     n_cls = len(classes)
     cache: dict[Path, torch.nn.Module] = {}
@@ -59,6 +61,19 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
             seconds += len(val) / rate
         add(name, "out-of-fold", cm, n, n / seconds)
 
+    round2 = Path(models_round2) if models_round2 else None
+    has_round2 = round2 is not None and all((round2 / f"fold_{k}" / "best.pt").exists() for k in folds)
+    if has_round2:
+        cm, n = ConfusionMatrix(n_cls), 0
+        seconds = 0.0
+        for k in folds:
+            c, rate = score(ens([(load_member(round2 / f"fold_{k}" / "best.pt", device)[0], 1.0)]), tables[k][1],
+                            n_cls, image_size, infer.batch_size)
+            cm.merge(c)
+            n += len(tables[k][1])
+            seconds += len(tables[k][1]) / rate
+        add("round 2 fold model (pseudo-labels)", "out-of-fold", cm, n, n / seconds)
+
     index = pd.read_csv(Path(masks_dir) / "index.csv")
     held = index.merge(pd.read_csv(Path(split_dir) / "folds.csv")[["key", "holdout"]], on="key")
     held = held[held.holdout].reset_index(drop=True)
@@ -74,8 +89,13 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
     add("k-fold ensemble", "holdout", *_scored(ens(kfold), held, n_cls, image_size, infer.batch_size))
     add("k-fold ensemble + TTA", "holdout",
         *_scored(ens(kfold, infer.tta, infer.scales), held, n_cls, image_size, infer.batch_size))
-    add("final ensemble (infer params)", "holdout",
-        *_scored(final_ensemble(infer, folds, models_dir, device, model), held, n_cls, image_size, infer.batch_size))
+    if has_round2:
+        r2 = [(load_member(round2 / f"fold_{k}" / "best.pt", device)[0], 1.0) for k in folds]
+        add("round 2 k-fold ensemble (pseudo-labels)", "holdout", *_scored(ens(r2), held, n_cls, image_size, infer.batch_size))
+    final_dir = round2 if infer.round == 2 and has_round2 else Path(models_dir)
+    add(f"final ensemble (infer params, round {2 if final_dir == round2 else 1})", "holdout",
+        *_scored(final_ensemble(infer, folds, final_dir, device, model if final_dir != round2 else None), held, n_cls,
+                 image_size, infer.batch_size))
     return pd.DataFrame(rows)
 
 
@@ -85,9 +105,14 @@ def _scored(e: Ensemble, table: pd.DataFrame, n_cls: int, image_size: int, batch
 
 
 def final_ensemble(infer, folds: list[int], models_dir: str | Path, device: torch.device, model=None) -> Ensemble:
-    """The ensemble the submission and `predict` use: folds x infer.checkpoints, weighted, with TTA."""
+    """The ensemble the submission and `predict` use: folds x infer.checkpoints, weighted, with TTA.
+    `models_dir` is round 1's or round 2's models folder (see `models_for_round`)."""
     weights = fold_weights(folds, infer.fold_weights)
     member_paths(models_dir, folds, infer.checkpoints)  # fail early, naming what is missing
     get = model or (lambda k, c: load_member(Path(models_dir) / f"fold_{k}" / f"{c}.pt", device)[0])
     members = [(get(k, c), w) for k, w in zip(folds, weights) for c in infer.checkpoints]
     return Ensemble(members, infer.tta, infer.scales, device, infer.amp)
+
+
+def models_for_round(infer, paths) -> str:
+    return paths.models_round2 if infer.round == 2 else paths.models

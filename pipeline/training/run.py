@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import ConfigError, ParamsView
 from pipeline.data.augment import build_transform
-from pipeline.data.dataset import SegDataset, fold_tables, worker_init
+from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_init
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.metrics import flat_scores, scores
 from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou
@@ -73,18 +73,30 @@ def fingerprint(*files: Path) -> str:
     return h.hexdigest()
 
 
-def train_fold(fold: int, p: ParamsView, run=None) -> dict:
-    """Train, validate every epoch, keep best/last, resume an interrupted run; return final scores."""
+def train_fold(fold: int, p: ParamsView, run=None, round2: bool = False) -> dict:
+    """Train, validate every epoch, keep best/last, resume an interrupted run; return final scores.
+
+    round2: fine-tune fold k's round-1 best model for `pseudo.epochs` on its training images plus
+    its pseudo-labelled test images (validation unchanged), into paths.models_round2.
+    """
     t = p.train
-    out = Path(p.paths.models) / f"fold_{fold}"
+    out = Path(p.paths.models_round2 if round2 else p.paths.models) / f"fold_{fold}"
     classes = read_classes(p.paths.masks)["classes"]
     n_cls = len(classes)
     train_tab, val_tab = fold_tables(p.paths.masks, p.paths.split, fold)
+    epochs, inputs = t.epochs, [Path(p.paths.masks) / "index.csv", Path(p.paths.split) / "folds.csv"]
+    if round2:
+        folds = pd.read_csv(Path(p.paths.split) / "folds.csv")
+        pseudo_index = Path(p.paths.pseudo) / f"fold_{fold}" / "index.csv"
+        train_tab = round2_table(train_tab, pseudo_index, set(val_tab.key), set(folds.key[folds.holdout]))
+        epochs, inputs = p.pseudo.epochs, inputs + [pseudo_index, Path(p.paths.models) / f"fold_{fold}" / "best.pt"]
     check_input_size(p.model, t.image_size)
     device = pick_device(t.device)
     seed_everything(t.seed, t.deterministic)
 
     model = build_model(p.model, p.encoder, p.encoder_weights, n_cls).to(device)
+    if round2:
+        model.load_state_dict(load_checkpoint(Path(p.paths.models) / f"fold_{fold}" / "best.pt", device)["model"])
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     pixels = train_tab[[f"px_{c}" for c in range(n_cls)]].sum().to_numpy()
@@ -102,15 +114,15 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
                           num_workers=t.workers, worker_init_fn=worker_init, generator=gen, pin_memory=cuda)
     val_dl = DataLoader(val_ds, t.batch_size, num_workers=t.workers, pin_memory=cuda)
     steps = math.ceil(len(train_dl) / t.accumulate)
-    schedule = build_schedule(opt, t.scheduler, steps * t.epochs, round(t.warmup_epochs * steps))
+    schedule = build_schedule(opt, t.scheduler, steps * epochs, round(t.warmup_epochs * steps))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.amp == "fp16")
 
     params = {**{k: str(v) for k, v in p.flat().items()}, "fold": str(fold),
-              "data": fingerprint(Path(p.paths.masks) / "index.csv", Path(p.paths.split) / "folds.csv")}
+              "data": fingerprint(*inputs), "round": "2" if round2 else "1"}
     history, best, start = [], -1.0, 0
-    swa = AveragedModel(model) if t.swa_epochs else None
+    swa = AveragedModel(model) if t.swa_epochs and not round2 else None
     last = out / "last.pt"
-    if last.exists() and (ck := load_checkpoint(last, device))["params"] == params and ck["epoch"] < t.epochs:
+    if last.exists() and (ck := load_checkpoint(last, device))["params"] == params and ck["epoch"] < epochs:
         model.load_state_dict(ck["model"])
         if swa is not None:
             swa.load_state_dict(ck["swa"])
@@ -126,7 +138,7 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    for epoch in range(start, t.epochs):
+    for epoch in range(start, epochs):
         gen.manual_seed(t.seed * 1000 + epoch)  # the epoch's order and augmentations depend on the epoch alone
         train_ds.reseed(t.seed * 1000 + epoch)
         rng = np.random.default_rng(t.seed * 1000 + epoch)
@@ -137,12 +149,12 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
         schedule.step_epoch(s["mIoU"])
         row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}, "val/loss": val_loss,
                **flat_scores(s, "val"), **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups}}
-        if swa is not None and epoch >= t.epochs - t.swa_epochs:
+        if swa is not None and epoch >= epochs - t.swa_epochs:
             swa.update_parameters(model)
         history.append(row)
         if run:
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-        print(f"fold {fold} epoch {epoch + 1}/{t.epochs}: train loss {tr['loss']:.4f}  val loss {val_loss:.4f}  "
+        print(f"fold {fold} epoch {epoch + 1}/{epochs}: train loss {tr['loss']:.4f}  val loss {val_loss:.4f}  "
               f"val mIoU {s['mIoU']:.4f}", flush=True)
         if s["mIoU"] > best:
             best = s["mIoU"]
@@ -155,7 +167,7 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
     if swa is not None:  # BN statistics of the averaged weights, from the training images (no augmentation)
         bn_dl = DataLoader(SegDataset(train_tab, build_transform([], t.image_size)), t.batch_size)
         update_bn(bn_dl, swa, device)
-        save_checkpoint(out / "swa.pt", model=swa.module.state_dict(), epoch=t.epochs, classes=classes, params=params,
+        save_checkpoint(out / "swa.pt", model=swa.module.state_dict(), epoch=epochs, classes=classes, params=params,
                         swa_epochs=t.swa_epochs)
         _, swa_cm, _ = validate(swa.module, val_dl, val_tab, loss_fn, n_cls, device, t.amp, t.channels_last)
         np.save(out / "val_confusion_swa.npy", swa_cm.numpy())
@@ -164,12 +176,13 @@ def train_fold(fold: int, p: ParamsView, run=None) -> dict:
         if run:
             run.log_metrics({f"swa/{k}": v for k, v in flat_scores(swa_scores, "val").items()})
     # Done: the optimizer state was only needed to resume; keep the final weights and the history.
-    save_checkpoint(last, model=model.state_dict(), epoch=t.epochs, history=history, best_miou=best,
+    save_checkpoint(last, model=model.state_dict(), epoch=epochs, history=history, best_miou=best,
                     classes=classes, params=params)
-    return finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run)
+    return finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run,
+                       "train_round2" if round2 else "train")
 
 
-def finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run) -> dict:
+def finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run, tag="train") -> dict:
     """Score the best checkpoint on the fold's validation images and write every report."""
     t = p.train
     best = load_checkpoint(out / "best.pt", device)
@@ -188,13 +201,13 @@ def finish_fold(fold, model, out, val_tab, val_dl, loss_fn, classes, history, de
         plot_gallery([read_image(val_tab["image"][i]) for i in shown],
                      [cv2.imread(val_tab["mask"][i], cv2.IMREAD_UNCHANGED) for i in shown],
                      [preds[i] for i in shown], classes, reports / "gallery.png")
-    plots = Path(p.paths.plots) / "train"
+    plots = Path(p.paths.plots) / tag
     plots.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(history).to_csv(plots / f"fold_{fold}.csv", index=False)
     summary = {"fold": fold, "best_epoch": best["epoch"], "val_images": len(val_tab),
                **{k: v for k, v in s.items() if k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")},
                "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}
-    write_json(Path(p.paths.metrics) / "train" / f"fold_{fold}.json", {"val": summary})
+    write_json(Path(p.paths.metrics) / tag / f"fold_{fold}.json", {"val": summary})
     if run:
         run.log_metrics({f"best/{k}": v for k, v in flat_scores(s, "val").items()})
         run.log_artifacts(reports, "reports")

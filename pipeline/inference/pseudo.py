@@ -1,0 +1,79 @@
+"""Pseudo-labels for the unlabelled test images, one set per fold.
+
+Fold k's pseudo-labels come from fold k's own round-1 model (+ TTA) — never from an ensemble of all
+folds, which has seen fold k's validation images — so fold k's round-2 validation score stays
+out-of-fold. Pixels whose top probability is below the threshold become 255 (ignored by every
+loss); images keeping too few pixels are dropped. Test images are never validation or holdout
+images: any test image whose file_name is also in the labelled pool is left out and reported.
+
+Per fold: <out>/fold_<k>/masks/*.png, images/*.npy and index.csv (the mask-cache columns: image,
+mask, height, width, px_<c>), so round-2 training reads them exactly like the mask cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from pipeline.data.coco import IGNORE_INDEX
+from pipeline.data.masks import decode_oriented
+from pipeline.inference.ensemble import Ensemble, ImageFiles
+
+
+def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: int, n_classes: int,
+                 threshold: float, min_kept: float, batch_size: int = 8,
+                 final_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Write one fold's pseudo-labelled images into out_dir; return (index table, per-class report).
+
+    The index records paths under `final_dir` (default out_dir): where the folder will live once an
+    atomic write has renamed it."""
+    final_dir = final_dir or out_dir
+    data = ImageFiles(lambda i: decode_oriented(images.path[i], images.height[i], images.width[i]),
+                      len(images), image_size)
+    rows, predicted, kept = [], np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
+    for x, idx in DataLoader(data, batch_size):
+        probs = teacher.proba(x)
+        for p, i in zip(probs, idx.tolist()):
+            h, w = int(images.height[i]), int(images.width[i])
+            if p.shape[-2:] != (h, w):
+                p = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            conf, label = p.max(0)
+            label = label.to(torch.uint8).numpy()
+            confident = (conf >= threshold).numpy()
+            predicted += np.bincount(label.ravel(), minlength=n_classes)[:n_classes]
+            kept += np.bincount(label[confident].ravel(), minlength=n_classes)[:n_classes]
+            frac = float(confident.mean())
+            if frac < min_kept:
+                continue
+            label[~confident] = IGNORE_INDEX
+            stem = str(Path(images.image_id[i]).with_suffix(""))
+            mask_file, image_file = out_dir / "masks" / f"{stem}.png", out_dir / "images" / f"{stem}.npy"
+            mask_file.parent.mkdir(parents=True, exist_ok=True)
+            image_file.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(mask_file), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            np.save(image_file, decode_oriented(images.path[i], h, w))
+            counts = np.bincount(label.ravel(), minlength=256)
+            rows.append({"key": f"pseudo/{images.image_id[i]}", "image": str(final_dir / image_file.relative_to(out_dir)),
+                         "mask": str(final_dir / mask_file.relative_to(out_dir)),
+                         "height": h, "width": w, "kept_fraction": frac,
+                         **{f"px_{c}": int(counts[c]) for c in range(n_classes)}, f"px_{IGNORE_INDEX}": int(counts[255])})
+    report = pd.DataFrame({"class_idx": range(n_classes), "predicted_pixels": predicted, "kept_pixels": kept,
+                           "kept_fraction": np.where(predicted > 0, kept / np.maximum(predicted, 1), np.nan)})
+    cols = ["key", "image", "mask", "height", "width", "kept_fraction"] + [f"px_{c}" for c in range(n_classes)] + \
+        [f"px_{IGNORE_INDEX}"]
+    index = pd.DataFrame(rows, columns=cols)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index.to_csv(out_dir / "index.csv", index=False)
+    return index, report
+
+
+def unlabelled(test: pd.DataFrame, folds_csv: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Test images not in the labelled pool (by file_name); and the names of those left out."""
+    pool = set(pd.read_csv(folds_csv)["key"])
+    clash = test.image_id.isin(pool)
+    return test[~clash].reset_index(drop=True), sorted(test.image_id[clash])
