@@ -45,7 +45,7 @@ def main() -> None:
         noop = timed(["dvc", "repro"], ws, env)
     print(f"dvc repro, demo data, default params, {os.cpu_count()} cores, fresh clone")
     print(f"  data half (demo_data, masks, eda, split): {data:6.1f} s  (target <= 120 s)")
-    print(f"  training half (train@k, cv):              {rest:6.1f} s")
+    print(f"  rest (train, cv, pseudo, round 2, ensemble, submit): {rest:6.1f} s")
     print(f"  whole DAG:                                {data + rest:6.1f} s  (target <= 300 s)")
     print(f"  no-op repro:                              {noop:6.1f} s  (target <= 5 s)")
 
