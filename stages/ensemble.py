@@ -1,11 +1,10 @@
-"""Stage ensemble: score every variant (TTA, epoch and k-fold ensembles) on images none of its members saw."""
-import re
+"""Stage ensemble: score every variant (TTA, epoch/SWA/k-fold ensembles, round 2) on images none of its members saw."""
 from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
-from pipeline.evaluation.variants import evaluate_variants
+from pipeline.evaluation.variants import evaluate_variants, variants_metrics
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
 from pipeline.training.run import pick_device
@@ -22,20 +21,11 @@ def main() -> None:
         with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
             table.to_csv(out / "variants.csv", index=False)
         run.log_artifacts(Path(p.paths.reports) / "ensemble", "ensemble")
-        # Keys like "holdout/k_fold_ensemble_TTA": valid MLflow names, readable in `dvc exp show`.
-        iou_cols = [c for c in table.columns if c.startswith("IoU/")]
-        variants = {slug(f"{r['judged_on']}/{r['variant']}"): {
-            "mIoU": r["mIoU"], "pixel_acc": r["pixel_acc"], "images": int(r["images"]),
-            "images_per_s": round(r["images_per_s"], 1),
-            "IoU": {c[4:]: r[c] for c in iou_cols if isinstance(r.get(c), float) and r[c] == r[c]}}
-            for r in table.to_dict("records")}
+        variants = variants_metrics(table)
         run.write_metrics(Path(p.paths.metrics) / "ensemble.json", {"ensemble": variants})
         # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
         run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
 
-
-def slug(text: str) -> str:
-    return "/".join(re.sub(r"[^A-Za-z0-9]+", "_", part).strip("_") for part in text.split("/"))
 
 if __name__ == "__main__":
     cli.run(main)

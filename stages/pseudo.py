@@ -6,8 +6,7 @@ import pandas as pd
 from pipeline import cli
 from pipeline.config import ConfigError, load_params
 from pipeline.data.masks import read_classes
-from pipeline.inference.ensemble import Ensemble, load_member
-from pipeline.inference.pseudo import pseudo_label, unlabelled
+from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
 from pipeline.inference.submission import load_test_images
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
@@ -21,25 +20,17 @@ def main() -> None:
     with stage_run("pseudo", p) as run:
         if not p.data.test_json:
             raise ConfigError("data.test_json is null: there are no unlabelled images to pseudo-label")
-        classes = read_classes(p.paths.masks)["classes"]
         test, left_out = unlabelled(load_test_images(p.data.root, p.data.image_dir, p.data.test_json),
                                     Path(p.paths.split) / "folds.csv")
-        device = pick_device(p.infer.device)
-        reports, summary = [], {"test_images": len(test), "left_out_in_labelled_pool": len(left_out)}
         with atomic_dir(p.paths.pseudo) as out:
-            for k in p.train.folds:
-                teacher = Ensemble([(load_member(Path(p.paths.models) / f"fold_{k}" / "best.pt", device)[0], 1.0)],
-                                   p.infer.tta, p.infer.scales, device, p.infer.amp)
-                index, report = pseudo_label(teacher, test, out / f"fold_{k}", p.train.image_size, len(classes),
-                                             p.pseudo.threshold, p.pseudo.min_kept, p.infer.batch_size,
-                                             final_dir=Path(p.paths.pseudo) / f"fold_{k}")
-                reports.append(report.assign(fold=k, **{"class": classes}))
-                summary[f"fold_{k}"] = {"images": len(index), "pixel_kept_fraction":
-                                        float(index.kept_fraction.mean()) if len(index) else 0.0}
-            pd.concat(reports).to_csv(out / "report.csv", index=False)
+            report, summary = pseudo_label_folds(
+                test, p.train.folds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,
+                p.pseudo.min_kept, p.train.image_size, read_classes(p.paths.masks)["classes"], pick_device(p.infer.device))
+            report.to_csv(out / "report.csv", index=False)
             pd.Series(left_out, name="file_name").to_csv(out / "left_out.csv", index=False)
         run.log_artifact(Path(p.paths.pseudo) / "report.csv", "pseudo")
-        run.write_metrics(Path(p.paths.metrics) / "pseudo.json", {"pseudo": summary})
+        run.write_metrics(Path(p.paths.metrics) / "pseudo.json", {"pseudo": {
+            "test_images": len(test), "left_out_in_labelled_pool": len(left_out), **summary}})
 
 
 if __name__ == "__main__":

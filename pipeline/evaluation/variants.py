@@ -9,6 +9,7 @@ of its members trained on.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -116,3 +117,18 @@ def final_ensemble(infer, folds: list[int], models_dir: str | Path, device: torc
 
 def models_for_round(infer, paths) -> str:
     return paths.models_round2 if infer.round == 2 else paths.models
+
+
+def variants_metrics(table: pd.DataFrame) -> dict:
+    """The table as DVC/MLflow metrics: {"holdout/k_fold_ensemble_TTA": {mIoU, pixel_acc, images,
+    images_per_s, IoU: {class: iou}}} — keys are valid MLflow names and read well in `dvc exp show`."""
+    iou_cols = [c for c in table.columns if c.startswith("IoU/")]
+    return {_slug(f"{r['judged_on']}/{r['variant']}"): {
+        "mIoU": r["mIoU"], "pixel_acc": r["pixel_acc"], "images": int(r["images"]),
+        "images_per_s": round(r["images_per_s"], 1),
+        "IoU": {c[4:]: r[c] for c in iou_cols if isinstance(r.get(c), float) and r[c] == r[c]}}
+        for r in table.to_dict("records")}
+
+
+def _slug(text: str) -> str:
+    return "/".join(re.sub(r"[^A-Za-z0-9]+", "_", part).strip("_") for part in text.split("/"))

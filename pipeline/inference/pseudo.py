@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.coco import IGNORE_INDEX
 from pipeline.data.masks import decode_oriented
-from pipeline.inference.ensemble import Ensemble, ImageFiles
+from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member
 
 
 def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: int, n_classes: int,
@@ -77,3 +77,20 @@ def unlabelled(test: pd.DataFrame, folds_csv: Path) -> tuple[pd.DataFrame, list[
     pool = set(pd.read_csv(folds_csv)["key"])
     clash = test.image_id.isin(pool)
     return test[~clash].reset_index(drop=True), sorted(test.image_id[clash])
+
+
+def pseudo_label_folds(test: pd.DataFrame, folds: list[int], models_dir: Path, out: Path, final_root: Path,
+                       infer, threshold: float, min_kept: float, image_size: int, classes: list[str],
+                       device: torch.device) -> tuple[pd.DataFrame, dict]:
+    """Every fold's pseudo-labels from its own round-1 best model (+ infer's TTA) into out/fold_<k>.
+    Returns (per fold and class report, summary for the metrics file)."""
+    reports, summary = [], {}
+    for k in folds:
+        teacher = Ensemble([(load_member(Path(models_dir) / f"fold_{k}" / "best.pt", device)[0], 1.0)],
+                           infer.tta, infer.scales, device, infer.amp)
+        index, report = pseudo_label(teacher, test, out / f"fold_{k}", image_size, len(classes), threshold, min_kept,
+                                     infer.batch_size, final_dir=Path(final_root) / f"fold_{k}")
+        reports.append(report.assign(fold=k, **{"class": classes}))
+        summary[f"fold_{k}"] = {"images": len(index),
+                                "pixel_kept_fraction": float(index.kept_fraction.mean()) if len(index) else 0.0}
+    return pd.concat(reports, ignore_index=True), summary
