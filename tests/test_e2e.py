@@ -55,6 +55,7 @@ def workspace(tmp_path_factory):
     return ws, env
 
 
+@pytest.mark.timeout(900)  # the whole DAG three times over; the suite's default limit is 300 s a test
 def test_dvc_repro_end_to_end(workspace):
     ws, env = workspace
     first = sh(["dvc", "repro"], ws, env)
