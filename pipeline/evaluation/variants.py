@@ -26,9 +26,11 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
     """One row per variant: variant, judged_on, images, mIoU, pixel_acc, mean_acc, images_per_s, IoU/<class>."""
     n_cls = len(classes)
     cache: dict[Path, torch.nn.Module] = {}
+    round2 = Path(models_round2) if models_round2 else None
+    has_round2 = round2 is not None and all((round2 / f"fold_{k}" / "best.pt").exists() for k in folds)
 
-    def model(k: int, ckpt: str = "best") -> torch.nn.Module:
-        path = member_paths(models_dir, [k], [ckpt])[0]
+    def model(k: int, ckpt: str = "best", folder: str | Path = models_dir) -> torch.nn.Module:
+        path = member_paths(folder, [k], [ckpt])[0]
         if path not in cache:
             cache[path] = load_member(path, device)[0]
         return cache[path]
@@ -52,6 +54,8 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
     if all((Path(models_dir) / f"fold_{k}" / "swa.pt").exists() for k in folds):
         oof["fold model, SWA"] = lambda k: ens([(model(k, "swa"), 1.0)])
         oof["fold model, SWA + TTA"] = lambda k: ens([(model(k, "swa"), 1.0)], infer.tta, infer.scales)
+    if has_round2:
+        oof["round 2 fold model (pseudo-labels)"] = lambda k: ens([(model(k, "best", round2), 1.0)])
     for name, make in oof.items():
         cm, n, seconds = ConfusionMatrix(n_cls), 0, 0.0
         for k in folds:
@@ -62,18 +66,6 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
             seconds += len(val) / rate
         add(name, "out-of-fold", cm, n, n / seconds)
 
-    round2 = Path(models_round2) if models_round2 else None
-    has_round2 = round2 is not None and all((round2 / f"fold_{k}" / "best.pt").exists() for k in folds)
-    if has_round2:
-        cm, n = ConfusionMatrix(n_cls), 0
-        seconds = 0.0
-        for k in folds:
-            c, rate = score(ens([(load_member(round2 / f"fold_{k}" / "best.pt", device)[0], 1.0)]), tables[k][1],
-                            n_cls, image_size, infer.batch_size)
-            cm.merge(c)
-            n += len(tables[k][1])
-            seconds += len(tables[k][1]) / rate
-        add("round 2 fold model (pseudo-labels)", "out-of-fold", cm, n, n / seconds)
 
     index = pd.read_csv(Path(masks_dir) / "index.csv")
     held = index.merge(pd.read_csv(Path(split_dir) / "folds.csv")[["key", "holdout"]], on="key")
@@ -91,11 +83,11 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
     add("k-fold ensemble + TTA", "holdout",
         *_scored(ens(kfold, infer.tta, infer.scales), held, n_cls, image_size, infer.batch_size))
     if has_round2:
-        r2 = [(load_member(round2 / f"fold_{k}" / "best.pt", device)[0], 1.0) for k in folds]
+        r2 = [(model(k, "best", round2), 1.0) for k in folds]
         add("round 2 k-fold ensemble (pseudo-labels)", "holdout", *_scored(ens(r2), held, n_cls, image_size, infer.batch_size))
     final_dir = round2 if infer.round == 2 and has_round2 else Path(models_dir)
     add(f"final ensemble (infer params, round {2 if final_dir == round2 else 1})", "holdout",
-        *_scored(final_ensemble(infer, folds, final_dir, device, model if final_dir != round2 else None), held, n_cls,
+        *_scored(final_ensemble(infer, folds, final_dir, device, lambda k, c: model(k, c, final_dir)), held, n_cls,
                  image_size, infer.batch_size))
     return pd.DataFrame(rows)
 
