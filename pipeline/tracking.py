@@ -14,8 +14,11 @@ $MLFLOW_EXPERIMENT_NAME, else "segmentation". MLflow is imported lazily, telemet
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,6 +156,10 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
     if fold is not None:
         tags["pipeline.fold"] = str(fold)
     status = "FAILED"
+    # SIGTERM (kill, a cancelled CI job, a scheduler) would end the process without closing the runs;
+    # as an exception it unwinds through here and both runs are marked FAILED.
+    previous = (signal.signal(signal.SIGTERM, _exit_on_sigterm)
+                if threading.current_thread() is threading.main_thread() else None)
     with mlflow.start_run(experiment_id=exp_id, run_name=name, parent_run_id=parent_id, tags=tags) as run:
         try:
             if params is not None:
@@ -163,3 +170,9 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
             if status == "FAILED":
                 mlflow.set_tag("pipeline.failed", "true")
             client.set_terminated(parent_id, status=status)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)

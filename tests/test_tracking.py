@@ -63,3 +63,22 @@ def test_parent_named_after_dvc_experiment(monkeypatch):
 def test_standalone_session_key_outside_dvc(monkeypatch):
     monkeypatch.delenv("PIPELINE_SESSION")
     assert ":standalone:" in session_key()      # pytest has no dvc ancestor
+
+
+def test_sigterm_marks_the_runs_failed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = "import time\nfrom pipeline.tracking import stage_run\nwith stage_run('slow'):\n" \
+             "    print('ready', flush=True)\n    time.sleep(120)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    statuses = {r.data.tags.get("pipeline.role"): r.info.status for r in runs()}
+    assert statuses == {"parent": "FAILED", "stage": "FAILED"}
