@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import cli
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
 from pipeline.inference.submission import load_test_images
@@ -18,8 +18,6 @@ PARAMS = ("data", "infer", "train", "pseudo", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("pseudo", p) as run:
-        if not p.data.test_json:
-            raise ConfigError("data.test_json is null: there are no unlabelled images to pseudo-label")
         test, left_out = unlabelled(load_test_images(p.data.root, p.data.image_dir, p.data.test_json),
                                     Path(p.paths.split) / "folds.csv")
         with atomic_dir(p.paths.pseudo) as out:

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.config import ConfigError, load_params
+from pipeline.config import load_params
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.reports import plot_predictions
 from pipeline.evaluation.variants import final_ensemble, models_for_round
@@ -16,8 +16,6 @@ PARAMS = ("data", "infer", "train", "submit", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("submit", p) as run:
-        if not p.data.test_json:
-            raise ConfigError("data.test_json is null: there is nothing to submit")
         classes = read_classes(p.paths.masks)["classes"]
         images = load_test_images(p.data.root, p.data.image_dir, p.data.test_json)
         ens = final_ensemble(p.infer, p.train.folds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))

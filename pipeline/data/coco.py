@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
@@ -358,7 +357,3 @@ def dataset_from_params(data: Any, check_files: bool = True) -> Dataset:
     """Load the labelled pool named by the `data` params section."""
     files = [data.train_json] + ([data.val_json] if data.val_json else [])
     return load_dataset(data.root, files, data.image_dir, data.strict, check_files)
-
-
-def num_images(path: str | os.PathLike) -> int:
-    return len(read_json(Path(path))["images"])

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.config import ConfigError
 from pipeline.data.coco import DataError, read_json, safe_relpath
 from pipeline.data.masks import decode_oriented
 from pipeline.inference.ensemble import Ensemble, ImageFiles
@@ -21,8 +22,10 @@ from pipeline.inference.ensemble import Ensemble, ImageFiles
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def load_test_images(root: str | Path, image_dir: str, test_json: str) -> pd.DataFrame:
+def load_test_images(root: str | Path, image_dir: str, test_json: str | None) -> pd.DataFrame:
     """The test json's images: file_name, path, width, height (json order). Bad records are errors."""
+    if not test_json:
+        raise ConfigError("data.test_json is null: there are no test images")
     file = Path(root) / test_json
     raw = read_json(file)
     rows, problems = [], []
