@@ -18,8 +18,10 @@ def run(main: Callable[[], object]) -> None:
         sys.exit(2)
 
 
-def fold_argument(description: str) -> int:
-    """The `--fold K` flag of the per-fold stages (train@K, train_round2@K)."""
+def member_arguments(description: str) -> tuple[int, int]:
+    """The `--fold K --seed S` flags of the per-model stages (train@K-S, train_round2@K-S)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--fold", type=int, required=True)
-    return ap.parse_args().fold
+    ap.add_argument("--seed", type=int, required=True)
+    args = ap.parse_args()
+    return args.fold, args.seed

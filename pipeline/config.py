@@ -118,12 +118,14 @@ class Train(_Section):
     cutmix: float = Field(0.0, ge=0, le=1)
     copy_paste: float = Field(0.0, ge=0, le=1)
     copy_paste_classes: Optional[list[str]] = None
-    seed: int = 0
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     deterministic: bool = True
     workers: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(1, ge=1)
     gallery: int = Field(6, ge=0)
     swa_epochs: int = Field(0, ge=0)
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
 
     @field_validator("loss")
     @classmethod
@@ -142,6 +144,12 @@ class Train(_Section):
     def _fold_list(self) -> "Train":
         if len(set(self.folds)) != len(self.folds) or min(self.folds) < 0:
             raise ValueError(f"folds must be distinct non-negative fold indices, got {self.folds}")
+        return self
+
+    @model_validator(mode="after")
+    def _seed_list(self) -> "Train":
+        if len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be distinct non-negative integers, got {self.seeds}")
         return self
 
 

@@ -140,7 +140,8 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[int] = None) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[int] = None,
+              seed: Optional[int] = None) -> Iterator[StageRun]:
     """Open this stage's child run under the pipeline execution's parent run."""
     mlflow = _mlflow()
     mlflow.set_tracking_uri(tracking_uri())
@@ -150,11 +151,13 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
     exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
     parent_id = _parent_run(client, exp_id, session_key())
     client.update_run(parent_id, status="RUNNING")
-    name = stage if fold is None else f"{stage}@{fold}"
+    name = stage if fold is None else f"{stage}@{fold}" if seed is None else f"{stage}@{fold}-{seed}"  # = DVC's
     tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha()),
             "dvc.stage": _clean(os.environ.get("DVC_STAGE")), "dvc.exp_name": _clean(os.environ.get("DVC_EXP_NAME"))}
     if fold is not None:
         tags["pipeline.fold"] = str(fold)
+    if seed is not None:
+        tags["pipeline.seed"] = str(seed)
     status = "FAILED"
     # SIGTERM (kill, a cancelled CI job, a scheduler) would end the process without closing the runs;
     # as an exception it unwinds through here and both runs are marked FAILED.

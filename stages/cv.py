@@ -17,14 +17,14 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("cv", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
-        s = cv_scores(p.paths.models, p.train.folds, classes)
+        s = cv_scores(p.paths.models, p.train.folds, p.train.seeds, classes)
         with atomic_dir(Path(p.paths.plots) / "cv") as out:
-            plot_confusion(s["confusion"], classes, out / "confusion.png", "out-of-fold confusion, all folds")
+            plot_confusion(s["confusion"], classes, out / "confusion.png", "out-of-fold confusion, all folds and seeds")
             plot_iou(s["IoU"], out / "iou.png", f"CV mIoU {s['mIoU']:.3f}")
         run.log_artifacts(Path(p.paths.plots) / "cv", "cv")
         run.log_metrics(flat_scores(s, "cv"), parent=True)  # on the parent: experiments compare side by side
         run.write_metrics(Path(p.paths.metrics) / "cv.json", {"cv": {
-            **{k: s[k] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_fold_mIoU")},
+            **{k: s[k] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_fold_mIoU", "per_seed_mIoU")},
             "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}})
 
 

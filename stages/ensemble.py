@@ -1,4 +1,4 @@
-"""Stage ensemble: score every variant (TTA, epoch/SWA/k-fold ensembles, round 2) on images none of its members saw."""
+"""Stage ensemble: score every variant (TTA, epoch/SWA/seed/k-fold ensembles, round 2) on images none of its members saw."""
 from pathlib import Path
 
 from pipeline import cli
@@ -16,7 +16,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("ensemble", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
-        table = evaluate_variants(p.infer, p.train.folds, p.train.image_size, classes, p.paths.models,
+        table = evaluate_variants(p.infer, p.train.folds, p.train.seeds, p.train.image_size, classes, p.paths.models,
                                   p.paths.masks, p.paths.split, pick_device(p.infer.device), p.paths.models_round2)
         with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
             table.to_csv(out / "variants.csv", index=False)

@@ -22,7 +22,7 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params().only(*PARAMS)
     classes = read_classes(p.paths.masks)["classes"]
-    ens = final_ensemble(p.infer, p.train.folds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
+    ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
     n = predict_folder(ens, args.images, args.out, p.train.image_size, classes, p.infer.batch_size)
     print(f"wrote {n} predictions to {args.out}")
 

@@ -1,4 +1,4 @@
-"""Stage pseudo: each fold's round-1 model (+ TTA) pseudo-labels the test images for that fold."""
+"""Stage pseudo: each fold's round-1 models (+ TTA) pseudo-labels the test images for that fold."""
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +22,7 @@ def main() -> None:
                                     Path(p.paths.split) / "folds.csv")
         with atomic_dir(p.paths.pseudo) as out:
             report, summary = pseudo_label_folds(
-                test, p.train.folds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,
+                test, p.train.folds, p.train.seeds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,
                 p.pseudo.min_kept, p.train.image_size, read_classes(p.paths.masks)["classes"], pick_device(p.infer.device))
             report.to_csv(out / "report.csv", index=False)
             pd.Series(left_out, name="file_name").to_csv(out / "left_out.csv", index=False)

@@ -18,7 +18,7 @@ def main() -> None:
     with stage_run("submit", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
         images = load_test_images(p.data.root, p.data.image_dir, p.data.test_json)
-        ens = final_ensemble(p.infer, p.train.folds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
+        ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)
         kept = write_submission(ens, images, p.train.image_size, out / "submission.csv", p.submit.size,

@@ -1,17 +1,21 @@
-"""Stage train_round2@<fold>: fine-tune fold k's round-1 model on its training + pseudo-labelled images."""
+"""Stage train_round2@<fold>-<seed>: fine-tune that round-1 model on its training + pseudo-labelled images."""
+from contextlib import nullcontext
+
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
+from pipeline.training import distributed
 from pipeline.training.run import PARAMS, train_fold
 
 PARAMS = PARAMS + ("pseudo",)
 
 
 def main() -> None:
-    fold = cli.fold_argument(__doc__)
+    fold, seed = cli.member_arguments(__doc__)
     p = load_params().only(*PARAMS)
-    with stage_run("train_round2", p, fold=fold) as run:
-        train_fold(fold, p, run, round2=True)
+    distributed.relaunch(p.train.devices, "stages.train_round2")  # train.devices > 1: this, under torchrun
+    with stage_run("train_round2", p, fold=fold, seed=seed) if distributed.from_env().main else nullcontext() as run:
+        train_fold(fold, seed, p, run, round2=True)
 
 
 if __name__ == "__main__":

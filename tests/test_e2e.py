@@ -59,8 +59,8 @@ def workspace(tmp_path_factory):
 def test_dvc_repro_end_to_end(workspace):
     ws, env = workspace
     first = sh(["dvc", "repro"], ws, env)
-    for stage in ("demo_data", "masks", "eda", "split", "train@0", "train@1", "cv", "pseudo", "train_round2@0",
-                  "train_round2@1", "ensemble", "submit"):
+    for stage in ("demo_data", "masks", "eda", "split", "train@0-0", "train@1-0", "cv", "pseudo", "train_round2@0-0",
+                  "train_round2@1-0", "ensemble", "submit"):
         assert f"Running stage '{stage}'" in first
 
     index = pd.read_csv(ws / "data/masks/index.csv")
@@ -74,8 +74,8 @@ def test_dvc_repro_end_to_end(workspace):
 
     for k in (0, 1):
         assert {"best.pt", "last.pt", "swa.pt", "val_confusion.npy", "val_confusion_swa.npy"} <= {
-            p.name for p in (ws / f"models/fold_{k}").iterdir()}
-        fold = json.loads((ws / f"metrics/train/fold_{k}.json").read_text())["val"]
+            p.name for p in (ws / f"models/fold_{k}/seed_0").iterdir()}
+        fold = json.loads((ws / f"metrics/train/fold_{k}_seed_0.json").read_text())["val"]
         assert 0 <= fold["mIoU"] <= 1 and fold["best_epoch"] in (1, 2)
     cv = json.loads((ws / "metrics/cv.json").read_text())["cv"]
     assert set(cv["per_fold_mIoU"]) == {"0", "1"} and 0 < cv["mIoU"] <= 1
@@ -86,13 +86,13 @@ def test_dvc_repro_end_to_end(workspace):
             "holdout/round_2_k_fold_ensemble_pseudo_labels", "holdout/final_ensemble_infer_params_round_2"} <= set(ens)
     pseudo = json.loads((ws / "metrics/pseudo.json").read_text())["pseudo"]
     assert pseudo["test_images"] == 4 and pseudo["fold_0"]["images"] >= 1     # something confident enough
-    assert (ws / "models_round2/fold_1/best.pt").exists()
+    assert (ws / "models_round2/fold_1/seed_0/best.pt").exists()
     csv.field_size_limit(10**7)
     rows = list(csv.reader(open(ws / "submission/submission.csv")))
     test_ids = [im["file_name"] for im in json.loads((ws / "data/demo/test.json").read_text())["images"]]
     assert [r[0] for r in rows[1:]] == test_ids and all(len(r[1].split(" ")) == 256 * 256 for r in rows[1:])
     # `dvc plots show` renders the per-fold histories.
-    assert "fold_0.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
+    assert "fold_0_seed_0.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
 
     # A second repro is a no-op; a split param reruns the split stage alone.
     assert "Data and pipelines are up to date" in sh(["dvc", "repro"], ws, env)
@@ -102,7 +102,7 @@ def test_dvc_repro_end_to_end(workspace):
     third = sh(["dvc", "repro"], ws, env)
     assert "Running stage 'split'" in third
     assert all(f"Running stage '{s}'" not in third for s in ("demo_data", "masks", "eda"))
-    assert "Running stage 'train@0'" in third   # new folds: the models downstream retrain
+    assert "Running stage 'train@0-0'" in third and "reusing" not in third  # new folds: the models retrain
 
     # MLflow (default store: sqlite at the repo root): one parent per repro that ran stages.
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
@@ -112,16 +112,16 @@ def test_dvc_repro_end_to_end(workspace):
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
     assert kids[parents[0].info.run_id] == ["cv", "demo_data", "eda", "ensemble", "masks", "pseudo", "split", "submit",
-                                            "train@0", "train@1", "train_round2@0", "train_round2@1"]
-    assert kids[parents[1].info.run_id] == ["cv", "ensemble", "pseudo", "split", "submit", "train@0", "train@1",
-                                            "train_round2@0", "train_round2@1"]
+                                            "train@0-0", "train@1-0", "train_round2@0-0", "train_round2@1-0"]
+    assert kids[parents[1].info.run_id] == ["cv", "ensemble", "pseudo", "split", "submit", "train@0-0", "train@1-0",
+                                            "train_round2@0-0", "train_round2@1-0"]
     assert "ensemble/holdout/k_fold_ensemble/mIoU" in parents[0].data.metrics
     # CV lands on the parent run, so experiments compare side by side in the MLflow UI.
     assert 0 < parents[0].data.metrics["cv/mIoU"] <= 1
-    fold0 = next(r for r in runs if r.info.run_name == "train@0" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id)
+    fold0 = next(r for r in runs if r.info.run_name == "train@0-0" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id)
     client = mlflow.tracking.MlflowClient()
     assert [m.step for m in client.get_metric_history(fold0.info.run_id, "val/mIoU")] == [1, 2]
-    assert fold0.data.tags["pipeline.fold"] == "0" and fold0.data.params["train.epochs"] == "2"
+    assert fold0.data.tags["pipeline.fold"] == "0" and fold0.data.tags["pipeline.seed"] == "0" and fold0.data.params["train.epochs"] == "2"
     reports = {a.path for a in client.list_artifacts(fold0.info.run_id, "reports")}
     assert {"reports/gallery.png", "reports/confusion.png", "reports/iou.png", "reports/curves.png"} <= reports
     assert parents[0].data.params["model"] == "unet" and parents[0].data.params["split.n_folds"] == "3"
@@ -129,6 +129,16 @@ def test_dvc_repro_end_to_end(workspace):
     arts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(eda_run.info.run_id, "eda")}
     assert "eda/overlap_matrix.png" in arts and "eda/class_balance.png" in arts
     assert eda_run.data.metrics["eda/images"] == 24
+
+    # A second seed makes a seed ensemble: only the new models train, the finished ones are reused.
+    params["train"]["seeds"] = [0, 1]
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    fourth = sh(["dvc", "repro"], ws, env)
+    assert "Running stage 'train@1-1'" in fourth and fourth.count("reusing it") == 2, fourth
+    assert set(json.loads((ws / "metrics/cv.json").read_text())["cv"]["per_seed_mIoU"]) == {"0", "1"}
+    ens = json.loads((ws / "metrics/ensemble.json").read_text())["ensemble"]
+    assert {"out_of_fold/fold_model_seed_ensemble_2_seeds", "holdout/k_fold_x_seed_ensemble_2_seeds"} <= set(ens)
+    assert (ws / "models_round2/fold_0/seed_1/best.pt").exists() and (ws / "submission/submission.csv").exists()
 
 
 def test_bad_params_fail_before_work_with_a_clear_message(workspace):

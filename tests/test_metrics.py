@@ -65,3 +65,20 @@ def _cm(p, t):
     c = ConfusionMatrix(3)
     c.update(p, t)
     return c
+
+
+def test_cv_sums_every_fold_and_seed_and_reports_each(tmp_path):
+    from pipeline.data.coco import DataError
+    from pipeline.evaluation.cv import cv_scores
+    from pipeline.training.checkpoint import member_dir
+
+    classes = ["Background", "a"]
+    right, wrong = np.array([[5, 0], [0, 5]]), np.array([[0, 5], [5, 0]])
+    for (k, s), m in {(0, 0): right, (1, 0): right, (0, 1): wrong, (1, 1): right}.items():
+        member_dir(tmp_path, k, s).mkdir(parents=True)
+        np.save(member_dir(tmp_path, k, s) / "val_confusion.npy", m)
+    out = cv_scores(tmp_path, [0, 1], [0, 1], classes)
+    assert out["per_seed_mIoU"] == {"0": 1.0, "1": pytest.approx(0.5 * (1 / 3 + 1 / 3))}
+    assert out["confusion"] == (3 * right + wrong).tolist() and out["per_fold_mIoU"]["1"] == 1.0
+    with pytest.raises(DataError, match=r"train@2-0"):
+        cv_scores(tmp_path, [2], [0], classes)

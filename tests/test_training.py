@@ -1,6 +1,8 @@
 """Training: it learns, it resumes to the same result, and mixing/augmenting keeps labels on their pixels."""
 from __future__ import annotations
 
+import shutil
+
 import albumentations as A
 import numpy as np
 import pytest
@@ -64,22 +66,38 @@ def prepared(tmp_path_factory):
 
 def test_a_small_model_learns_easy_data(prepared):
     p = params_for(prepared)
-    s = train_fold(0, p)
+    s = train_fold(0, 0, p)
     assert s["mIoU"] >= 0.7, s
-    out = prepared / "models/fold_0"
+    out = prepared / "models/fold_0/seed_0"
     assert {"best.pt", "last.pt", "val_confusion.npy"} <= {f.name for f in out.iterdir()}
     assert {"confusion.png", "iou.png", "curves.png", "gallery.png"} == {f.name for f in (out / "reports").iterdir()}
     best = load_checkpoint(out / "best.pt")                       # weights_only=True
     assert best["classes"] == ["Background", "square", "disc"] and best["params"]["train.epochs"] == "6"
     assert np.load(out / "val_confusion.npy").sum() == 12 * 64 * 64   # every validation pixel, once
-    history = (prepared / "plots/train/fold_0.csv").read_text().splitlines()
+    history = (prepared / "plots/train/fold_0_seed_0.csv").read_text().splitlines()
     assert len(history) == 7 and history[0].startswith("epoch,")
+
+
+def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):
+    """Adding a seed or a fold reruns every train stage in DVC's eyes; the finished ones must not retrain."""
+    before = load_checkpoint(prepared / "models/fold_0/seed_0/best.pt")
+
+    def no_training(*a, **k):
+        raise RuntimeError("retrained")
+
+    monkeypatch.setattr(run_module, "train_one_epoch", no_training)
+    again = train_fold(0, 0, params_for(prepared, folds=[0, 2], seeds=[0, 5]))   # other members: same run
+    after = load_checkpoint(prepared / "models/fold_0/seed_0/best.pt")
+    assert again["mIoU"] == before["scores"]["mIoU"] and after["epoch"] == before["epoch"]
+    with pytest.raises(RuntimeError, match="retrained"):     # a different recipe is a different run
+        train_fold(0, 0, params_for(prepared, lr=1e-3))
 
 
 def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     p = params_for(prepared, epochs=3, cutmix=0.5, augment=["hflip", "color"])
-    straight = train_fold(1, p)
-    straight_hist = load_checkpoint(prepared / "models/fold_1/last.pt")["history"]
+    straight = train_fold(1, 0, p)
+    straight_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
+    shutil.rmtree(prepared / "models/fold_1")          # or the finished run would be reused
 
     real_validate, calls = run_module.validate, {"n": 0}
 
@@ -91,11 +109,11 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
 
     monkeypatch.setattr(run_module, "validate", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train_fold(1, p)
-    assert load_checkpoint(prepared / "models/fold_1/last.pt")["epoch"] == 1
+        train_fold(1, 0, p)
+    assert load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["epoch"] == 1
     monkeypatch.setattr(run_module, "validate", real_validate)
-    resumed = train_fold(1, p)
-    resumed_hist = load_checkpoint(prepared / "models/fold_1/last.pt")["history"]
+    resumed = train_fold(1, 0, p)
+    resumed_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
     assert [h["epoch"] for h in resumed_hist] == [1, 2, 3]
     for a, b in zip(straight_hist, resumed_hist):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
@@ -105,8 +123,8 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
 @pytest.mark.parametrize("swa_epochs", [1, 2])
 def test_swa_averages_the_last_epochs(prepared, swa_epochs):
     p = params_for(prepared, epochs=3, swa_epochs=swa_epochs)
-    train_fold(2, p)
-    out = prepared / "models/fold_2"
+    train_fold(2, 0, p)
+    out = prepared / "models/fold_2/seed_0"
     swa, last = load_checkpoint(out / "swa.pt"), load_checkpoint(out / "last.pt")
     weights = [k for k, v in last["model"].items() if v.is_floating_point() and "running_" not in k]
     same = all(torch.equal(swa["model"][k], last["model"][k]) for k in weights)

@@ -2,10 +2,12 @@
 of its members trained on.
 
   out-of-fold (all non-holdout images): each fold's model on its own validation fold, summed —
-      single model, + TTA, best+last epoch ensemble, SWA (+ TTA) when trained, round-2 (pseudo-label)
-      fold model;
+      single model, + TTA, best+last epoch ensemble, SWA (+ TTA) when trained, the seed ensemble
+      (all train.seeds of the fold) when there are several, round-2 (pseudo-label) fold model;
   holdout (images in no fold): each fold model alone (mean over folds), the k-fold ensemble,
-      + TTA, the round-2 k-fold ensemble, and the final ensemble the submission uses (`infer`).
+      + TTA, the k-fold x seed ensemble, the round-2 k-fold ensemble, and the final ensemble the
+      submission uses (`infer`: folds x seeds x checkpoints, TTA).
+Single-model rows use the first seed of train.seeds.
 """
 from __future__ import annotations
 
@@ -18,19 +20,20 @@ import torch
 from pipeline.data.dataset import fold_tables
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
 from pipeline.inference.ensemble import Ensemble, fold_weights, load_member, member_paths, score
+from pipeline.training.checkpoint import member_dir
 
 
-def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[str], models_dir: str | Path,
-                      masks_dir: str | Path, split_dir: str | Path, device: torch.device,
+def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: int, classes: list[str],
+                      models_dir: str | Path, masks_dir: str | Path, split_dir: str | Path, device: torch.device,
                       models_round2: str | Path | None = None) -> pd.DataFrame:
     """One row per variant: variant, judged_on, images, mIoU, pixel_acc, mean_acc, images_per_s, IoU/<class>."""
     n_cls = len(classes)
     cache: dict[Path, torch.nn.Module] = {}
     round2 = Path(models_round2) if models_round2 else None
-    has_round2 = round2 is not None and all((round2 / f"fold_{k}" / "best.pt").exists() for k in folds)
+    has_round2 = round2 is not None and all((member_dir(round2, k, s) / "best.pt").exists() for k in folds for s in seeds)
 
-    def model(k: int, ckpt: str = "best", folder: str | Path = models_dir) -> torch.nn.Module:
-        path = member_paths(folder, [k], [ckpt])[0]
+    def model(k: int, ckpt: str = "best", folder: str | Path = models_dir, seed: int = seeds[0]) -> torch.nn.Module:
+        path = member_paths(folder, [k], [seed], [ckpt])[0]
         if path not in cache:
             cache[path] = load_member(path, device)[0]
         return cache[path]
@@ -51,9 +54,11 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
            "fold model + TTA": lambda k: ens([(model(k), 1.0)], infer.tta, infer.scales)}
     if "last" in infer.checkpoints or len(infer.checkpoints) > 1:
         oof["fold model, best + last epochs"] = lambda k: ens([(model(k, c), 1.0) for c in ("best", "last")])
-    if all((Path(models_dir) / f"fold_{k}" / "swa.pt").exists() for k in folds):
+    if all((member_dir(models_dir, k, seeds[0]) / "swa.pt").exists() for k in folds):
         oof["fold model, SWA"] = lambda k: ens([(model(k, "swa"), 1.0)])
         oof["fold model, SWA + TTA"] = lambda k: ens([(model(k, "swa"), 1.0)], infer.tta, infer.scales)
+    if len(seeds) > 1:
+        oof[f"fold model, seed ensemble ({len(seeds)} seeds)"] = lambda k: ens([(model(k, seed=s), 1.0) for s in seeds])
     if has_round2:
         oof["round 2 fold model (pseudo-labels)"] = lambda k: ens([(model(k, "best", round2), 1.0)])
     for name, make in oof.items():
@@ -82,13 +87,17 @@ def evaluate_variants(infer, folds: list[int], image_size: int, classes: list[st
     add("k-fold ensemble", "holdout", *_scored(ens(kfold), held, n_cls, image_size, infer.batch_size))
     add("k-fold ensemble + TTA", "holdout",
         *_scored(ens(kfold, infer.tta, infer.scales), held, n_cls, image_size, infer.batch_size))
+    if len(seeds) > 1:
+        add(f"k-fold x seed ensemble ({len(seeds)} seeds)", "holdout",
+            *_scored(ens([(model(k, seed=s), 1.0) for k in folds for s in seeds]), held, n_cls, image_size,
+                     infer.batch_size))
     if has_round2:
         r2 = [(model(k, "best", round2), 1.0) for k in folds]
         add("round 2 k-fold ensemble (pseudo-labels)", "holdout", *_scored(ens(r2), held, n_cls, image_size, infer.batch_size))
     final_dir = round2 if infer.round == 2 and has_round2 else Path(models_dir)
     add(f"final ensemble (infer params, round {2 if final_dir == round2 else 1})", "holdout",
-        *_scored(final_ensemble(infer, folds, final_dir, device, lambda k, c: model(k, c, final_dir)), held, n_cls,
-                 image_size, infer.batch_size))
+        *_scored(final_ensemble(infer, folds, seeds, final_dir, device, lambda k, s, c: model(k, c, final_dir, s)),
+                 held, n_cls, image_size, infer.batch_size))
     return pd.DataFrame(rows)
 
 
@@ -97,13 +106,14 @@ def _scored(e: Ensemble, table: pd.DataFrame, n_cls: int, image_size: int, batch
     return cm, len(table), rate
 
 
-def final_ensemble(infer, folds: list[int], models_dir: str | Path, device: torch.device, model=None) -> Ensemble:
-    """The ensemble the submission and `predict` use: folds x infer.checkpoints, weighted, with TTA.
-    `models_dir` is round 1's or round 2's models folder (see `models_for_round`)."""
+def final_ensemble(infer, folds: list[int], seeds: list[int], models_dir: str | Path, device: torch.device,
+                   model=None) -> Ensemble:
+    """The ensemble the submission and `predict` use: folds x seeds x infer.checkpoints, fold-weighted,
+    with TTA. `models_dir` is round 1's or round 2's models folder (see `models_for_round`)."""
     weights = fold_weights(folds, infer.fold_weights)
-    member_paths(models_dir, folds, infer.checkpoints)  # fail early, naming what is missing
-    get = model or (lambda k, c: load_member(Path(models_dir) / f"fold_{k}" / f"{c}.pt", device)[0])
-    members = [(get(k, c), w) for k, w in zip(folds, weights) for c in infer.checkpoints]
+    member_paths(models_dir, folds, seeds, infer.checkpoints)  # fail early, naming what is missing
+    get = model or (lambda k, s, c: load_member(member_dir(models_dir, k, s) / f"{c}.pt", device)[0])
+    members = [(get(k, s, c), w) for k, w in zip(folds, weights) for s in seeds for c in infer.checkpoints]
     return Ensemble(members, infer.tta, infer.scales, device, infer.amp)
 
 

@@ -20,7 +20,7 @@ from pipeline.data.coco import DataError
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
-from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.checkpoint import load_checkpoint, member_dir
 from pipeline.training.loop import autocast
 
 
@@ -89,8 +89,9 @@ def score(ensemble: Ensemble, table: pd.DataFrame, num_classes: int, image_size:
     return cm, len(images) / max(time.perf_counter() - start, 1e-9)
 
 
-def member_paths(models_dir: str | Path, folds: list[int], checkpoints: list[str]) -> list[Path]:
-    paths = [Path(models_dir) / f"fold_{k}" / f"{c}.pt" for k in folds for c in checkpoints]
+def member_paths(models_dir: str | Path, folds: list[int], seeds: list[int], checkpoints: list[str]) -> list[Path]:
+    """Checkpoint files of folds x seeds x checkpoints (in that order); an error names the missing ones."""
+    paths = [member_dir(models_dir, k, s) / f"{c}.pt" for k in folds for s in seeds for c in checkpoints]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(f"missing checkpoints {missing}: run the train stages first")

@@ -1,8 +1,8 @@
 """Pseudo-labels for the unlabelled test images, one set per fold.
 
-Fold k's pseudo-labels come from fold k's own round-1 model (+ TTA) — never from an ensemble of all
-folds, which has seen fold k's validation images — so fold k's round-2 validation score stays
-out-of-fold. Pixels whose top probability is below the threshold become 255 (ignored by every
+Fold k's pseudo-labels come from fold k's own round-1 models (all its seeds, + TTA) — never from an
+ensemble of all folds, which has seen fold k's validation images — so fold k's round-2 validation
+score stays out-of-fold. Pixels whose top probability is below the threshold become 255 (ignored by every
 loss); images keeping too few pixels are dropped. Test images are never validation or holdout
 images: any test image whose file_name is also in the labelled pool is left out and reported.
 
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.coco import IGNORE_INDEX
 from pipeline.data.masks import decode_oriented
-from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member
+from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member, member_paths
 
 
 def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: int, n_classes: int,
@@ -79,14 +79,14 @@ def unlabelled(test: pd.DataFrame, folds_csv: Path) -> tuple[pd.DataFrame, list[
     return test[~clash].reset_index(drop=True), sorted(test.image_id[clash])
 
 
-def pseudo_label_folds(test: pd.DataFrame, folds: list[int], models_dir: Path, out: Path, final_root: Path,
-                       infer, threshold: float, min_kept: float, image_size: int, classes: list[str],
-                       device: torch.device) -> tuple[pd.DataFrame, dict]:
-    """Every fold's pseudo-labels from its own round-1 best model (+ infer's TTA) into out/fold_<k>.
-    Returns (per fold and class report, summary for the metrics file)."""
+def pseudo_label_folds(test: pd.DataFrame, folds: list[int], seeds: list[int], models_dir: Path, out: Path,
+                       final_root: Path, infer, threshold: float, min_kept: float, image_size: int,
+                       classes: list[str], device: torch.device) -> tuple[pd.DataFrame, dict]:
+    """Every fold's pseudo-labels from its own round-1 best models (its seed ensemble + infer's TTA)
+    into out/fold_<k>. Returns (per fold and class report, summary for the metrics file)."""
     reports, summary = [], {}
     for k in folds:
-        teacher = Ensemble([(load_member(Path(models_dir) / f"fold_{k}" / "best.pt", device)[0], 1.0)],
+        teacher = Ensemble([(load_member(path, device)[0], 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
                            infer.tta, infer.scales, device, infer.amp)
         index, report = pseudo_label(teacher, test, out / f"fold_{k}", image_size, len(classes), threshold, min_kept,
                                      infer.batch_size, final_dir=Path(final_root) / f"fold_{k}")

@@ -24,3 +24,13 @@ def save_checkpoint(path: str | Path, **state: Any) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load without unpickling arbitrary objects (safe for checkpoints from strangers)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def member_dir(models_dir: str | Path, fold: int, seed: int) -> Path:
+    """Where one trained model lives: <models>/fold_<k>/seed_<s>/ (stage train@<k>-<s>)."""
+    return Path(models_dir) / f"fold_{fold}" / f"seed_{seed}"
+
+
+def member_name(fold: int, seed: int) -> str:
+    """The file stem of a model's metrics and history: fold_<k>_seed_<s>."""
+    return f"fold_{fold}_seed_{seed}"

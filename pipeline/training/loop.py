@@ -38,13 +38,16 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="
             cutmix(x, y, rng, cutmix_p)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x)
-        loss = loss_fn(logits, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at batch {i}; the last good checkpoint is kept")
-        scaler.scale(loss / accumulate).backward()
-        if (i + 1) % accumulate == 0 or i + 1 == len(loader):
+        step = (i + 1) % accumulate == 0 or i + 1 == len(loader)
+        # Under DDP, gradients are all-reduced only on the micro-batch that steps.
+        with contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp):
+                logits = model(x)
+            loss = loss_fn(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at batch {i}; the last good checkpoint is kept")
+            scaler.scale(loss / accumulate).backward()
+        if step:
             if clip_grad:
                 scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
