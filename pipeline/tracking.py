@@ -8,8 +8,13 @@ parent FINISHED (or FAILED) when it ends, so the parent's status is that of the 
 A stage run by hand (`python -m stages.eda`) gets a parent of its own. Set PIPELINE_SESSION to
 group runs yourself.
 
-Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db. Experiment:
+Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db — the user's repo even
+when DVC runs the stage in a temporary workspace (`dvc exp run --temp/--queue`). A tracking server
+that does not answer is reported before the stage does any work. Experiment:
 $MLFLOW_EXPERIMENT_NAME, else "segmentation". MLflow is imported lazily, telemetry off.
+
+A pipeline killed with SIGKILL cannot mark its runs; the next pipeline execution on the same host
+marks parents (and their stage runs) whose dvc process is gone as KILLED.
 """
 from __future__ import annotations
 
@@ -20,11 +25,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from pipeline.config import PARAMS_FILE, ParamsView, flatten, load_params
+from pipeline.config import PARAMS_FILE, ConfigError, ParamsView, flatten, load_params
 from pipeline.io import write_json
 
 DEFAULT_EXPERIMENT = "segmentation"
@@ -44,7 +50,31 @@ def repo_root() -> Path:
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = repo_root().resolve()
+    for parent in root.parents:  # DVC's temporary experiment workspaces live in <repo>/.dvc/tmp/exps/...
+        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
+            root = parent.parent.parent.parent
+            break
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+class TrackingUnreachable(ConfigError):
+    pass
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the server, when an HTTP tracking server does not answer (MLflow's own
+    client would retry for minutes, after the stage had done its work)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            r.read()
+    except (OSError, ValueError) as e:
+        raise TrackingUnreachable(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {e}. "
+                                  "Start it, or unset MLFLOW_TRACKING_URI to log to mlflow.db in the repo") from None
 
 
 def _proc(pid: int) -> tuple[int, list[str], str]:
@@ -100,6 +130,7 @@ def _parent_run(client, experiment_id: str, key: str) -> str:
     name = exp_name or f"repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
     tags = {SESSION_TAG: key, "pipeline.role": "parent", "git.sha": _clean(git_sha()),
             "dvc.exp_name": _clean(exp_name), "mlflow.runName": name}
+    _mark_killed(client, experiment_id)
     run = client.create_run(experiment_id, tags=tags, run_name=name)
     params_file = repo_root() / PARAMS_FILE
     if params_file.exists():
@@ -108,6 +139,31 @@ def _parent_run(client, experiment_id: str, key: str) -> str:
 
         client.log_batch(run.info.run_id, params=[Param(k, _clean(v)[:6000]) for k, v in sorted(flat.items())])
     return run.info.run_id
+
+
+def _alive(key: str) -> bool:
+    """Is the pipeline execution with this session key still running? (Unknown = yes.)"""
+    host, kind, *rest = key.split(":") + ["", ""]
+    if host != socket.gethostname() or kind not in ("dvc", "standalone"):
+        return True
+    try:
+        start = _proc(int(rest[0]))[2]
+        return kind == "standalone" or start == rest[1]
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _mark_killed(client, experiment_id: str) -> None:
+    """Runs left RUNNING by a pipeline that was SIGKILLed (nothing could mark them) become KILLED."""
+    stale = client.search_runs([experiment_id], "tags.`pipeline.role` = 'parent' and attributes.status = 'RUNNING'",
+                               max_results=200)
+    for parent in stale:
+        if _alive(parent.data.tags.get(SESSION_TAG, "")):
+            continue
+        kids = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                  "attributes.status = 'RUNNING'", max_results=1000)
+        for run in [*kids, parent]:
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 class StageRun:
@@ -144,7 +200,9 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
               seed: Optional[int] = None) -> Iterator[StageRun]:
     """Open this stage's child run under the pipeline execution's parent run."""
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
     client = mlflow.tracking.MlflowClient()
     exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     exp = client.get_experiment_by_name(exp_name)

@@ -82,3 +82,47 @@ def test_sigterm_marks_the_runs_failed(tmp_path):
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     statuses = {r.data.tags.get("pipeline.role"): r.info.status for r in runs()}
     assert statuses == {"parent": "FAILED", "stage": "FAILED"}
+
+
+def test_temporary_dvc_workspaces_log_to_the_users_repo(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo/.dvc/tmp/exps/tmpab12cd"))
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'repo/mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'repo/mlflow.db'}"
+
+
+def test_an_unreachable_server_stops_the_stage_before_any_work(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    with socket.socket() as s:               # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "PYTHONPATH": str(REPO)}
+    (tmp_path / "params.yaml").write_text("demo:\n  n_train: 4\n  n_test: 1\n")
+    out = subprocess.run([sys.executable, "-m", "stages.demo_data"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"the MLflow tracking server http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not answer" in out.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_runs_left_running_by_a_killed_pipeline_are_marked_killed(monkeypatch):
+    import socket
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.tracking.MlflowClient()
+    exp = client.create_experiment("segmentation")
+    dead = f"{socket.gethostname()}:dvc:999999999:1"          # no such process
+    parent = client.create_run(exp, tags={"pipeline.session": dead, "pipeline.role": "parent"})
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "pipeline.role": "stage"})
+    elsewhere = client.create_run(exp, tags={"pipeline.session": "otherhost:dvc:1:1", "pipeline.role": "parent"})
+    with stage_run("eda"):
+        pass
+    status = {r.info.run_id: r.info.status for r in runs()}
+    assert status[parent.info.run_id] == status[child.info.run_id] == "KILLED"
+    assert status[elsewhere.info.run_id] == "RUNNING"             # another host's: cannot know, left alone

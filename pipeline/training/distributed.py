@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from pipeline.training import gpus
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -57,11 +59,14 @@ def from_env() -> Dist:
     return Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def relaunch(devices: int, module: str) -> None:
+def relaunch(devices: int, module: str, device: str = "auto") -> None:
     """With devices > 1 and not yet under torchrun: run `python -m module <same args>` under torchrun
-    with `devices` processes on this machine, and exit with its status."""
+    with `devices` processes on this machine, and exit with its status. With $PIPELINE_GPU_POOL set,
+    the GPUs are claimed here, for all the processes (see pipeline/training/gpus.py)."""
     if devices <= 1 or "LOCAL_RANK" in os.environ:
         return
+    if device != "cpu":
+        gpus.pin(devices)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
            "-m", module, *sys.argv[1:]]
     print("running under torchrun:", " ".join(cmd[1:]), flush=True)

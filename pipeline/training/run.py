@@ -32,7 +32,7 @@ from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_galler
 from pipeline.io import write_json
 from pipeline.models.factory import build_model, check_input_size, encoder_of
 from pipeline.models.losses import build_loss, class_weights_from_pixels
-from pipeline.training import distributed
+from pipeline.training import distributed, gpus
 from pipeline.training.checkpoint import load_checkpoint, member_dir, member_name, save_checkpoint
 from pipeline.training.loop import train_one_epoch, validate
 from pipeline.training.optim import build_optimizer, build_schedule
@@ -41,6 +41,9 @@ PARAMS = ("model", "encoder", "encoder_weights", "train", "paths")
 
 
 def pick_device(name: str) -> torch.device:
+    """cpu / cuda / auto (cuda when there is one). With $PIPELINE_GPU_POOL set, claims a free GPU first."""
+    if name != "cpu":
+        gpus.pin(1)
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
@@ -88,7 +91,6 @@ def train_fold(fold: int, seed: int, p: ParamsView, run=None, round2: bool = Fal
     out = member_dir(p.paths.models_round2 if round2 else p.paths.models, fold, seed)
     round1_best = member_dir(p.paths.models, fold, seed) / "best.pt"
     classes = read_classes(p.paths.masks)["classes"]
-    n_cls = len(classes)
     train_tab, val_tab = fold_tables(p.paths.masks, p.paths.split, fold)
     epochs, inputs = t.epochs, [Path(p.paths.masks) / "index.csv", Path(p.paths.split) / "folds.csv"]
     if round2:
