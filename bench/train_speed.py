@@ -1,13 +1,17 @@
-"""Training and loader throughput, images/s, for one model / size / batch.
+"""Training, loader and inference throughput, images/s: the fast path vs a plain fp32 loop, in one run.
 
-  loader: the training DataLoader over a mask cache (demo scenes generated at --size), with the
-          default augmentations, `--workers` processes; no model.
-  train:  forward + backward + optimizer step on batches already in memory (device-resident on GPU),
-          so it measures what the model consumes, not what the loader delivers.
-The ratio loader/train says whether data loading can keep up (issue target on a GPU: >= 3x for
-Unet-ResNet34 at 512 px).
+  loader:      the training DataLoader alone over a mask cache (demo scenes generated at --size),
+               default augmentations, --workers processes.
+  plain loop:  the real training loop (pipeline.training.loop.train_one_epoch) as a notebook would run
+               it: fp32, NCHW, pageable memory, workers respawned every epoch.
+  fast loop:   the same loop as the train stage runs it on a GPU: bf16 autocast, channels_last, pinned
+               memory, persistent workers, non-blocking copies (+ torch.compile with --compile).
+  Each loop is timed end to end (loader included) and model-only (batches already on the device):
+  when the two agree, data loading is not the bottleneck.
+  inference:   one view vs TTA (8 d4 views, batched), bf16 on a GPU.
+Issue 5 targets on a GPU: fast >= 2.5x plain (end to end), loader never the bottleneck.
 
-    python -m bench.train_speed [--model unet --encoder resnet34 --size 512 --batch 16 --workers 8]
+    python -m bench.train_speed [--model unet --encoder resnet34 --size 512 --batch 16 --workers 8 --compile]
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ from pipeline.data.demo import make_demo
 from pipeline.data.masks import build_mask_cache
 from pipeline.models.factory import build_model, encoder_of
 from pipeline.models.losses import build_loss
-from pipeline.training.loop import autocast
-from pipeline.training.optim import build_optimizer
+from pipeline.inference.ensemble import Ensemble
+from pipeline.training.loop import autocast, train_one_epoch
+from pipeline.training.optim import build_optimizer, build_schedule
 
 AUGMENT = ["hflip", "vflip", "scale_rotate", "color"]
 
@@ -50,47 +55,85 @@ def loader_rate(table, size: int, batch: int, workers: int, batches: int) -> flo
     return n / (time.perf_counter() - start)
 
 
-def train_rate(model_name: str, encoder: str, size: int, batch: int, steps: int, device: torch.device,
-               amp: str, channels_last: bool) -> float:
+def make_loop(model_name: str, encoder: str, device: torch.device, fast: bool, compile_: bool):
     model = build_model(model_name, encoder, None, 12).to(device)
-    if channels_last:
+    if fast:
         model = model.to(memory_format=torch.channels_last)
+    trained = torch.compile(model) if compile_ else model
     opt = build_optimizer(model, encoder_of(model), "adamw", 1e-3, None, 1e-4)
-    loss_fn = build_loss({"ce": 1.0, "dice": 0.5}).to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 12, (batch, size, size), device=device)
-    if channels_last:
+    return model, trained, opt, build_loss({"ce": 1.0, "dice": 0.5}).to(device)
+
+
+def loop_rates(table, args, device: torch.device, fast: bool) -> tuple[float, float]:
+    """(end-to-end images/s through the real loader and loop, model-only images/s)."""
+    cuda = device.type == "cuda"
+    amp = "bf16" if fast and cuda else "off"
+    model, trained, opt, loss_fn = make_loop(args.model, args.encoder, device, fast, fast and args.compile)
+    ds = SegDataset(table, build_transform(AUGMENT, args.size))
+    dl = DataLoader(ds, args.batch, shuffle=True, drop_last=True, num_workers=args.workers, worker_init_fn=worker_init,
+                    pin_memory=fast and cuda, persistent_workers=fast and args.workers > 0)
+    schedule = build_schedule(opt, "cosine", len(dl) * (args.epochs + 1), 0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+    def epoch():
+        train_one_epoch(trained, dl, loss_fn, opt, schedule, scaler, device, amp, channels_last=fast, desc="bench")
+
+    epoch()  # warm-up: cuDNN autotuning, allocator, compilation, first worker start
+    seconds = timed(lambda: [epoch() for _ in range(args.epochs)], cuda)
+    end_to_end = args.epochs * len(dl) * args.batch / seconds
+
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    y = torch.randint(0, 12, (args.batch, args.size, args.size), device=device)
+    if fast:
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
         with autocast(device, amp):
-            out = model(x)
+            out = trained(x)
         loss_fn(out, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up: cuDNN autotuning, allocator
-        step()
-    if device.type == "cuda":
+    step()
+    model_only = args.steps * args.batch / timed(lambda: [step() for _ in range(args.steps)], cuda)
+    return end_to_end, model_only
+
+
+def inference_rates(args, device: torch.device) -> tuple[float, float]:
+    model = build_model(args.model, args.encoder, None, 12).to(device).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    amp = "bf16" if device.type == "cuda" else "off"
+    rates = []
+    for views in (["identity"], ["d4"]):
+        ens = Ensemble([(model, 1.0)], views, [1.0], device, amp)
+        ens.proba(x)
+        rates.append(args.steps * args.batch / timed(lambda: [ens.proba(x) for _ in range(args.steps)],
+                                                      device.type == "cuda"))
+    return rates[0], rates[1]
+
+
+def timed(fn, cuda: bool) -> float:
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
+    fn()
+    if cuda:
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="unet")
     ap.add_argument("--encoder", default="resnet34")
     cuda = torch.cuda.is_available()
     ap.add_argument("--size", type=int, default=512 if cuda else 128)
     ap.add_argument("--batch", type=int, default=16 if cuda else 8)
-    ap.add_argument("--steps", type=int, default=30 if cuda else 5)
+    ap.add_argument("--steps", type=int, default=20 if cuda else 3, help="model-only and inference steps")
+    ap.add_argument("--epochs", type=int, default=2 if cuda else 1, help="timed epochs per loop")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) if cuda else 0)
-    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--images", type=int, default=160 if cuda else 32)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the fast loop's model")
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cudnn.benchmark = True
@@ -99,14 +142,18 @@ def main() -> None:
         ds = load_dataset(Path(tmp) / "data", ["train.json"])
         table = build_mask_cache(ds, Path(tmp) / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=0)
         load = loader_rate(table, args.size, args.batch, args.workers, batches=max(4, args.steps))
-    amp, cl = ("bf16", True) if cuda else ("off", False)
-    train = train_rate(args.model, args.encoder, args.size, args.batch, args.steps, device, amp, cl)
+        plain = loop_rates(table, args, device, fast=False)
+        fast = loop_rates(table, args, device, fast=True)
+    infer, tta = inference_rates(args, device)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.model}-{args.encoder} @ {args.size}px, batch {args.batch}, on {name}"
-          f"{' (bf16 autocast, channels_last)' if cuda else ' (fp32)'}")
-    print(f"  loader ({args.workers} workers, default augmentations): {load:8.1f} images/s")
-    print(f"  training step (fwd + bwd + AdamW):              {train:8.1f} images/s")
-    print(f"  loader / training: {load / train:.1f}x (GPU target >= 3x for unet-resnet34 @ 512)")
+    print(f"{args.model}-{args.encoder} @ {args.size}px, batch {args.batch}, {args.workers} loader workers, on {name}")
+    print(f"  loader alone (default augmentations):   {load:8.1f} images/s")
+    print(f"  plain fp32 loop:  end to end {plain[0]:8.1f}   model only {plain[1]:8.1f} images/s")
+    print(f"  fast loop{' + compile' if args.compile else ''}:       end to end {fast[0]:8.1f}   model only {fast[1]:8.1f} images/s"
+          f"{'' if cuda else '  (CPU: fp32 either way; bf16 is CUDA-only)'}")
+    print(f"  fast / plain (end to end): {fast[0] / plain[0]:.2f}x   (GPU target >= 2.5x)")
+    print(f"  data loading bound: {'yes' if fast[0] < 0.9 * fast[1] else 'no'} (end to end vs model only)")
+    print(f"  inference: 1 view {infer:8.1f} images/s   TTA d4 (8 views) {tta:8.1f} images/s")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class Train(_Section):
     clip_grad: Optional[float] = Field(1.0, gt=0)
     amp: Literal["off", "bf16", "fp16"] = "bf16"
     channels_last: bool = False
+    compile: bool = False
     loss: dict[LossName, float] = Field(default_factory=lambda: {"ce": 1.0, "dice": 0.5})
     class_weights: Literal["none", "inverse", "sqrt_inverse"] = "none"
     boundary_width: int = Field(3, ge=1)

@@ -60,6 +60,22 @@ def tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+@contextmanager
+def _sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """Parallel experiments (`dvc queue start -j N`) share one sqlite file: the first to touch it
+    creates its tables, and two doing that at once collide. A file lock makes set-up one at a time."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 class TrackingUnreachable(ConfigError):
     pass
 
@@ -205,9 +221,10 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
     mlflow.set_tracking_uri(uri)
     client = mlflow.tracking.MlflowClient()
     exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
-    parent_id = _parent_run(client, exp_id, session_key())
+    with _sqlite_setup_lock(uri):
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
+        parent_id = _parent_run(client, exp_id, session_key())
     client.update_run(parent_id, status="RUNNING")
     name = stage if fold is None else f"{stage}@{fold}" if seed is None else f"{stage}@{fold}-{seed}"  # = DVC's
     tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha()),

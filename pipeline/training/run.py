@@ -122,6 +122,8 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     trained = distributed.wrap(model, d, device)  # DDP when distributed; `model` stays the plain module
+    if t.compile:
+        trained = torch.compile(trained)
     pixels = train_tab[[f"px_{c}" for c in range(n_cls)]].sum().to_numpy()
     cw = class_weights_from_pixels(torch.tensor(pixels.astype(np.int64)), t.class_weights)
     loss_fn = build_loss(t.loss, cw.to(device) if cw is not None else None, t.boundary_width, t.boundary_weight).to(device)
