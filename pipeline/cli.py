@@ -13,7 +13,7 @@ from pipeline.data.coco import DataError
 def run(main: Callable[[], object]) -> None:
     try:
         main()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FloatingPointError) as e:  # FloatingPointError: NaN/inf loss, see loop.py
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

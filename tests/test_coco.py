@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.data.masks import build_mask_cache
 from pipeline.data.coco import DataError, load_dataset
 from tests.conftest import image, square, write_coco
 
@@ -52,6 +53,8 @@ ANNOTATION_CASES = [
      "bad_segmentation", 2, 12),
     ("rle_bad_counts", lambda c, r: _ann(c, 2).update(segmentation={"size": [8, 10], "counts": [3, 3]}),
      "bad_segmentation", 2, 12),
+    ("rle_malformed_string", lambda c, r: _ann(c, 2).update(segmentation={"size": [8, 10], "counts": "0"}),
+     "bad_segmentation", 2, 12),                                # pycocotools would read past the string
     ("segmentation_wrong_type", lambda c, r: _ann(c, 2).update(segmentation="oops"), "bad_segmentation", 2, 12),
 ]
 IMAGE_CASES = [
@@ -136,7 +139,16 @@ def test_loading_never_modifies_the_dataset(tmp_path):
     coco["annotations"][0]["category_id"] = 99
     rewrite(tmp_path, coco)
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
-    load_dataset(tmp_path, ["train.json"], strict=False)
+    modes = {p: p.stat().st_mode for p in [tmp_path, *tmp_path.rglob("*")]}
+    for p in modes:                                   # the user's data, read-only: we never need to write it
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        ds = load_dataset(tmp_path, ["train.json"], strict=False)
+        build_mask_cache(ds, tmp_path.parent / f"{tmp_path.name}-cache", "smaller_on_top", "keep", "UNKNOWN", None,
+                         workers=1)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
     assert before == after
 

@@ -170,3 +170,13 @@ def test_parallel_cache_equals_serial(tmp_path):
     one = build_mask_cache(ds, tmp_path / "a", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
     two = build_mask_cache(ds, tmp_path / "b", "smaller_on_top", "keep", "UNKNOWN", None, workers=2)
     assert one.filter(like="px_").equals(two.filter(like="px_"))
+
+
+def test_a_stray_far_vertex_is_clipped_not_rasterised_for_ever(tmp_path):
+    """Real data has vertices at 1e9; pycocotools would walk every pixel of that edge (or crash)."""
+    far = [[2.0, 2.0, 1e9, 4.0, 3.0, 7.0]]
+    near = [[2.0, 2.0, 300.0, 4.0, 3.0, 7.0]]     # same edges inside the image, still cheap to rasterise
+    label_far, _ = label_of(tmp_path / "far", [{"category_id": 7, "segmentation": far}])
+    label_near, _ = label_of(tmp_path / "near", [{"category_id": 7, "segmentation": near}])
+    assert np.count_nonzero(label_far == PLASTIC) > 0
+    assert np.count_nonzero(label_far != label_near) <= 2   # inside, the two edges' slopes differ by < 0.01

@@ -120,6 +120,27 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     assert resumed["mIoU"] == pytest.approx(straight["mIoU"], rel=1e-5)
 
 
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, monkeypatch):
+    p = params_for(prepared, epochs=3)
+    real, calls = run_module.train_one_epoch, {"n": 0}
+
+    def poisoned(model, loader, loss_fn, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:                                    # epoch 2: the loss blows up
+            real_loss = loss_fn
+            loss_fn = lambda logits, y: real_loss(logits, y) * float("nan")   # noqa: E731
+            loss_fn.last = {}
+        return real(model, loader, loss_fn, *a, **k)
+
+    monkeypatch.setattr(run_module, "train_one_epoch", poisoned)
+    with pytest.raises(FloatingPointError, match=r"fold 3 seed 0 epoch 2: loss is nan at batch 0; the last good"):
+        train_fold(3, 0, p)
+    out = prepared / "models/fold_3/seed_0"
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert last["epoch"] == best["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("swa_epochs", [1, 2])
 def test_swa_averages_the_last_epochs(prepared, swa_epochs):
     p = params_for(prepared, epochs=3, swa_epochs=swa_epochs)

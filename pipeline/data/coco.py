@@ -138,6 +138,31 @@ def safe_relpath(file_name: Any) -> Optional[str]:
     return str(p)
 
 
+def compressed_rle_counts(counts: str | bytes) -> Optional[list[int]]:
+    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString, in Python);
+    None when the string is malformed (a character out of range, or a run cut short)."""
+    text = counts.decode("latin-1") if isinstance(counts, bytes) else counts
+    runs: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                return None
+            c = ord(text[p]) - 48
+            if not 0 <= c <= 63:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
 def check_segmentation(seg: Any, h: int, w: int) -> tuple[Optional[str], list[str]]:
     """Validate one annotation's segmentation against its image size.
 
@@ -185,6 +210,12 @@ def check_segmentation(seg: Any, h: int, w: int) -> tuple[Optional[str], list[st
                 return f"RLE counts sum to {sum(counts)}, expected height*width = {h * w}", notes
         elif not isinstance(counts, (str, bytes)) or not counts:
             return "RLE 'counts' must be a list of ints or a compressed string", notes
+        else:  # pycocotools trusts a compressed string: a malformed one reads past its buffer (segfault)
+            runs = compressed_rle_counts(counts)
+            if runs is None or min(runs) < 0:
+                return "RLE compressed 'counts' string is malformed", notes
+            if sum(runs) != h * w:
+                return f"RLE counts sum to {sum(runs)}, expected height*width = {h * w}", notes
         return None, notes
     return f"segmentation must be a polygon list or an RLE dict, got {type(seg).__name__}", notes
 

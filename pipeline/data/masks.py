@@ -35,6 +35,40 @@ def target_size(height: int, width: int, max_side: Optional[int]) -> tuple[int, 
     return max(1, round(height * s)), max(1, round(width * s))
 
 
+def clip_polygon(flat: list[float], width: int, height: int, margin: float = 1.0) -> list[float]:
+    """Clip a polygon [x0, y0, x1, y1, ...] to the image (plus a margin), Sutherland-Hodgman.
+
+    Only polygons reaching outside the margin are touched; inside the image the filled area is
+    unchanged. pycocotools rasterises every edge pixel by pixel at 5x, so a stray vertex at 1e9
+    (real data has them) would cost gigabytes or overflow its int arithmetic and crash."""
+    lo_x, lo_y, hi_x, hi_y = -margin, -margin, width + margin, height + margin
+    xs, ys = flat[0::2], flat[1::2]
+    if min(xs) >= lo_x and min(ys) >= lo_y and max(xs) <= hi_x and max(ys) <= hi_y:
+        return flat
+    pts = list(zip(xs, ys))
+    for axis, bound, keep_above in ((0, lo_x, True), (0, hi_x, False), (1, lo_y, True), (1, hi_y, False)):
+        def inside(p):
+            return p[axis] >= bound if keep_above else p[axis] <= bound
+
+        def cross(p, q):
+            t = (bound - p[axis]) / (q[axis] - p[axis])
+            return (bound, p[1] + t * (q[1] - p[1])) if axis == 0 else (p[0] + t * (q[0] - p[0]), bound)
+
+        out = []
+        for i, q in enumerate(pts):
+            p = pts[i - 1]
+            if inside(q):
+                if not inside(p):
+                    out.append(cross(p, q))
+                out.append(q)
+            elif inside(p):
+                out.append(cross(p, q))
+        pts = out
+        if not pts:
+            return []
+    return [v for pt in pts for v in pt]
+
+
 def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
     """One validated COCO segmentation -> compressed RLE at (out_h, out_w).
 
@@ -46,6 +80,9 @@ def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
         parts = [seg] if seg and not isinstance(seg[0], list) else seg
         sx, sy = out_w / width, out_h / height
         parts = [[v * (sx if i % 2 == 0 else sy) for i, v in enumerate(p)] for p in parts if len(p) >= 6]
+        parts = [q for q in (clip_polygon(p, out_w, out_h) for p in parts) if len(q) >= 6]
+        if not parts:
+            return mask_utils.encode(np.zeros((out_h, out_w), np.uint8, order="F"))
         return mask_utils.merge(mask_utils.frPyObjects(parts, out_h, out_w))
     rle = seg
     if isinstance(seg["counts"], list):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.coco import IGNORE_INDEX
+from pipeline.io import atomic_file
 
 
 def _plt():
@@ -46,7 +47,8 @@ def plot_confusion(mat: np.ndarray, names: list[str], path: Path, title: str = "
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title or "confusion (share of each true class)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return path
 
@@ -64,7 +66,8 @@ def plot_iou(iou: dict[str, float | None], path: Path, title: str = "") -> Path:
     ax.invert_yaxis()
     ax.set_title(title or "IoU per class")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return path
 
@@ -85,7 +88,8 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     for ax in (a, b):
         ax.set_xlabel("epoch")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
     return path
 
@@ -116,7 +120,8 @@ def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list
             ax.axis("off")
     fig.suptitle("validation: green = correct, red = false positive, blue = missed", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path
 
@@ -138,6 +143,7 @@ def plot_predictions(images: list[np.ndarray], preds: list[np.ndarray], names: l
     if handles:
         fig.legend(handles, [names[c] for c in present], loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=80)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
     return path

@@ -29,7 +29,7 @@ from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.metrics import flat_scores, scores
 from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou
-from pipeline.io import write_json
+from pipeline.io import atomic_file, write_json
 from pipeline.models.factory import build_model, check_input_size, encoder_of
 from pipeline.models.losses import build_loss, class_weights_from_pixels
 from pipeline.training import distributed, gpus
@@ -224,7 +224,8 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
         if d.main:
             save_checkpoint(out / "swa.pt", model=swa.module.state_dict(), epoch=epochs, classes=classes,
                             params=params, swa_epochs=t.swa_epochs)
-            np.save(out / "val_confusion_swa.npy", swa_cm.numpy())
+            with atomic_file(out / "val_confusion_swa.npy") as tmp:
+                np.save(tmp, swa_cm.numpy())
             print(f"{name} SWA over the last {t.swa_epochs} epochs: val mIoU {swa_scores['mIoU']:.4f}")
         if run:
             run.log_metrics({f"swa/{k}": v for k, v in flat_scores(swa_scores, "val").items()})
@@ -248,7 +249,8 @@ def finish_fold(fold, seed, model, out, val_tab, val_dl, loss_fn, classes, histo
     shown = n_present.sort_values(ascending=False, kind="stable").index[: t.gallery].tolist()
     _, cm, preds = validate(model, val_dl, val_tab, loss_fn, len(classes), device, t.amp, t.channels_last, keep=set(shown))
     s = scores(cm.numpy(), classes)
-    np.save(out / "val_confusion.npy", cm.numpy())
+    with atomic_file(out / "val_confusion.npy") as tmp:
+        np.save(tmp, cm.numpy())
     reports = out / "reports"
     reports.mkdir(exist_ok=True)
     plot_confusion(cm.numpy(), classes, reports / "confusion.png", f"fold {fold} seed {seed}, best epoch {best['epoch']}")
@@ -260,7 +262,8 @@ def finish_fold(fold, seed, model, out, val_tab, val_dl, loss_fn, classes, histo
                      [preds[i] for i in shown], classes, reports / "gallery.png")
     plots = Path(p.paths.plots) / tag
     plots.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(history).to_csv(plots / f"{member_name(fold, seed)}.csv", index=False)
+    with atomic_file(plots / f"{member_name(fold, seed)}.csv") as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {"fold": fold, "seed": seed, "best_epoch": best["epoch"], "val_images": len(val_tab),
                **{k: v for k, v in s.items() if k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")},
                "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}

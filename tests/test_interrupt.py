@@ -1,0 +1,75 @@
+"""Nothing lost: a train stage killed with SIGKILL (no cleanup code runs) resumes from its last
+checkpoint when rerun, and ends exactly where an uninterrupted run ends."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from pipeline.config import Params
+from pipeline.data.coco import load_dataset
+from pipeline.data.folds import make_folds
+from pipeline.data.masks import build_mask_cache
+from pipeline.training.checkpoint import load_checkpoint
+from tests.conftest import REPO
+from tests.test_training import easy_dataset
+
+EPOCHS = 4
+
+
+def workdir(tmp, name):
+    raw = Params().model_dump()
+    raw["paths"].update({k: str(tmp / name / k) for k in ("models", "metrics", "plots")},
+                        masks=str(tmp / "masks"), split=str(tmp / "split"))
+    raw["train"].update(folds=[0], epochs=EPOCHS, batch_size=6, image_size=64, augment=["hflip", "color"], cutmix=0.5,
+                        gallery=1)
+    (tmp / name).mkdir()
+    (tmp / name / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(), sort_keys=False))
+    return tmp / name
+
+
+def stage(work, **kw):
+    return subprocess.Popen([sys.executable, "-m", "stages.train", "--fold", "0", "--seed", "0"], cwd=work,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.timeout(400)
+def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
+    easy_dataset(tmp_path / "data", n=24)
+    ds = load_dataset(tmp_path / "data", ["train.json"])
+    build_mask_cache(ds, tmp_path / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    (tmp_path / "split").mkdir()
+    make_folds(ds, "random", 4, None, 0.0, seed=0).to_csv(tmp_path / "split/folds.csv", index=False)
+
+    straight = workdir(tmp_path, "straight")
+    out, _ = stage(straight).communicate(timeout=300)
+    assert f"epoch {EPOCHS}/{EPOCHS}" in out, out
+
+    killed = workdir(tmp_path, "killed")
+    last = killed / "models/fold_0/seed_0/last.pt"
+    proc = stage(killed)
+    deadline = time.monotonic() + 200
+    while not (last.exists() and load_checkpoint(last)["epoch"] >= 1):   # atomic writes: never half a file
+        assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    ck = load_checkpoint(last)
+    assert 1 <= ck["epoch"] < EPOCHS and "optimizer" in ck          # mid-run: resumable state
+
+    out, _ = stage(killed).communicate(timeout=300)
+    assert f"resuming after epoch {ck['epoch']}" in out, out
+    a = json.loads((straight / "metrics/train/fold_0_seed_0.json").read_text())["val"]
+    b = json.loads((killed / "metrics/train/fold_0_seed_0.json").read_text())["val"]
+    assert b["mIoU"] == pytest.approx(a["mIoU"], rel=1e-5) and b["best_epoch"] == a["best_epoch"]
+    ha = load_checkpoint(straight / "models/fold_0/seed_0/last.pt")["history"]
+    hb = load_checkpoint(last)["history"]
+    assert [r["train/loss"] for r in hb] == pytest.approx([r["train/loss"] for r in ha], rel=1e-5)
