@@ -219,9 +219,9 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
     uri = tracking_uri()
     check_server(uri)
     mlflow.set_tracking_uri(uri)
-    client = mlflow.tracking.MlflowClient()
     exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     with _sqlite_setup_lock(uri):
+        client = mlflow.tracking.MlflowClient()  # creates (or migrates) the store's tables
         exp = client.get_experiment_by_name(exp_name)
         exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
         parent_id = _parent_run(client, exp_id, session_key())
