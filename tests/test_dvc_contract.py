@@ -42,7 +42,7 @@ def pipeline_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
 
 @pytest.mark.parametrize("name", sorted(DVC))
 def test_stage_declares_exactly_its_params_and_code(name):
-    stage = DVC[name].get("do", DVC[name])  # foreach stages (train@k) keep their body under `do`
+    stage = DVC[name].get("do", DVC[name])  # a foreach stage keeps its body under `do` (matrix stages do not)
     assert stage["cmd"].split(" --")[0] == f"python -m stages.{name}"
     module = importlib.import_module(f"stages.{name}")
     assert set(stage["params"]) == set(module.PARAMS)
