@@ -12,11 +12,8 @@ import pytest
 import yaml
 
 from pipeline.config import Params
-from pipeline.data.coco import load_dataset
-from pipeline.data.folds import make_folds
-from pipeline.data.masks import build_mask_cache
 from tests.conftest import REPO
-from tests.test_training import easy_dataset
+from tests.test_training import easy_workspace
 
 
 def run_stage(tmp, name: str, devices: int) -> dict:
@@ -43,11 +40,7 @@ def run_stage(tmp, name: str, devices: int) -> dict:
 
 @pytest.mark.timeout(600)
 def test_two_gloo_processes_match_one(tmp_path):
-    easy_dataset(tmp_path / "data", n=24)
-    ds = load_dataset(tmp_path / "data", ["train.json"])
-    build_mask_cache(ds, tmp_path / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
-    (tmp_path / "split").mkdir()
-    make_folds(ds, "random", 4, None, 0.0, seed=0).to_csv(tmp_path / "split/folds.csv", index=False)
+    easy_workspace(tmp_path, n=24)
 
     one, two = run_stage(tmp_path, "one", 1), run_stage(tmp_path, "two", 2)
     assert "torchrun" in two["log"] and two["log"].count("epoch 2/2") == 1   # rank 0 alone reports

@@ -13,12 +13,9 @@ import pytest
 import yaml
 
 from pipeline.config import Params
-from pipeline.data.coco import load_dataset
-from pipeline.data.folds import make_folds
-from pipeline.data.masks import build_mask_cache
 from pipeline.training.checkpoint import load_checkpoint
 from tests.conftest import REPO
-from tests.test_training import easy_dataset
+from tests.test_training import easy_workspace
 
 EPOCHS = 4
 
@@ -42,11 +39,7 @@ def stage(work, **kw):
 
 @pytest.mark.timeout(400)
 def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
-    easy_dataset(tmp_path / "data", n=24)
-    ds = load_dataset(tmp_path / "data", ["train.json"])
-    build_mask_cache(ds, tmp_path / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
-    (tmp_path / "split").mkdir()
-    make_folds(ds, "random", 4, None, 0.0, seed=0).to_csv(tmp_path / "split/folds.csv", index=False)
+    easy_workspace(tmp_path, n=24)
 
     straight = workdir(tmp_path, "straight")
     out, _ = stage(straight).communicate(timeout=300)

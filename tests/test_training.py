@@ -53,15 +53,19 @@ def params_for(tmp, **train):
     return Params.model_validate(raw).only(*PARAMS)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("easy")
-    easy_dataset(tmp / "data")
+def easy_workspace(tmp, n=48):
+    """The easy dataset under tmp/data, its mask cache (tmp/masks) and 4 random folds (tmp/split)."""
+    easy_dataset(tmp / "data", n=n)
     ds = load_dataset(tmp / "data", ["train.json"])
     build_mask_cache(ds, tmp / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
     (tmp / "split").mkdir()
     make_folds(ds, "random", 4, None, 0.0, seed=0).to_csv(tmp / "split/folds.csv", index=False)
     return tmp
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return easy_workspace(tmp_path_factory.mktemp("easy"))
 
 
 def test_a_small_model_learns_easy_data(prepared):
