@@ -8,7 +8,7 @@ With PIPELINE_GPU_POOL set and CUDA_VISIBLE_DEVICES not, a GPU stage takes an ex
 <pool>/gpu<i>.lock for each GPU it uses, waiting while all are taken, and sets CUDA_VISIBLE_DEVICES
 to them before CUDA starts. The kernel drops the locks when the process ends — however it ends,
 SIGKILL included — so a crashed experiment never strands a GPU. Without PIPELINE_GPU_POOL nothing
-changes. An explicit CUDA_VISIBLE_DEVICES always wins.
+changes. An explicit CUDA_VISIBLE_DEVICES always wins; torchrun workers leave the claim to their launcher.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def claim(n: int, pool: str | Path, total: Optional[int] = None, poll_s: float =
 def pin(n: int = 1) -> Optional[list[int]]:
     """Claim GPUs from $PIPELINE_GPU_POOL and make them this process's (and its children's) only ones."""
     pool = os.environ.get("PIPELINE_GPU_POOL")
-    if not pool or "CUDA_VISIBLE_DEVICES" in os.environ or gpu_count() == 0:
+    # torchrun workers: their launcher claimed for all of them (or the user chose the GPUs)
+    if not pool or "CUDA_VISIBLE_DEVICES" in os.environ or "LOCAL_RANK" in os.environ or gpu_count() == 0:
         return None
     ids = claim(n, pool)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
