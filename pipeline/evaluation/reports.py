@@ -18,6 +18,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path, dpi: int) -> None:
+    """Write the figure atomically (a killed stage never leaves half a PNG) and free it."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    _plt().close(fig)
+
+
 def palette(n: int) -> np.ndarray:
     """(256, 3) uint8 colours: background black, classes from tab20, ignore white."""
     import matplotlib
@@ -47,9 +54,7 @@ def plot_confusion(mat: np.ndarray, names: list[str], path: Path, title: str = "
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title or "confusion (share of each true class)")
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    _save(fig, path, 90)
     return path
 
 
@@ -66,9 +71,7 @@ def plot_iou(iou: dict[str, float | None], path: Path, title: str = "") -> Path:
     ax.invert_yaxis()
     ax.set_title(title or "IoU per class")
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    _save(fig, path, 90)
     return path
 
 
@@ -88,9 +91,7 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     for ax in (a, b):
         ax.set_xlabel("epoch")
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    _save(fig, path, 90)
     return path
 
 
@@ -120,9 +121,7 @@ def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list
             ax.axis("off")
     fig.suptitle("validation: green = correct, red = false positive, blue = missed", fontsize=9)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    _save(fig, path, 80)
     return path
 
 
@@ -143,7 +142,5 @@ def plot_predictions(images: list[np.ndarray], preds: list[np.ndarray], names: l
     if handles:
         fig.legend(handles, [names[c] for c in present], loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    _save(fig, path, 80)
     return path
