@@ -11,9 +11,12 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import image, square, write_coco
+
 from pipeline.config import TtaView
-from pipeline.data.coco import DataError
-from pipeline.inference.ensemble import Ensemble
+from pipeline.data.coco import DataError, load_dataset
+from pipeline.data.masks import build_mask_cache
+from pipeline.inference.ensemble import Ensemble, score
 from pipeline.inference.submission import check_output_dir, load_test_images, predict_folder, write_submission
 from pipeline.inference.tta import D4, TTA, expand, predict_proba
 
@@ -80,6 +83,36 @@ def test_ensemble_of_identical_models_is_the_model():
     a = Ensemble([(PixelModel(seed=1).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu")).proba(x)
     b = Ensemble([(PixelModel(seed=2).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu")).proba(x)
     assert torch.allclose(mixed, 0.25 * a + 0.75 * b, atol=1e-6)
+
+
+class ConstantModel(nn.Module):
+    """Predicts class `c` at every pixel, whatever the input."""
+
+    def __init__(self, c, classes=3):
+        super().__init__()
+        self.c, self.classes = c, classes
+
+    def forward(self, x):
+        out = torch.zeros(x.shape[0], self.classes, *x.shape[-2:])
+        out[:, self.c] = 10.0
+        return out
+
+
+def test_score_counts_every_pixel_of_every_size_once(tmp_path):
+    """Images of three sizes; a model that always says class 2: the confusion's column 2 holds each
+    mask's own pixels (at the cached size), row by row equal to the index's per-class pixel counts."""
+    images = [image(0, w=10, h=8), image(1, w=20, h=12), image(2, w=7, h=15)]
+    anns = [{"image_id": 0, "category_id": 0, "segmentation": square(1, 1, 5, 4)},
+            {"image_id": 1, "category_id": 1, "segmentation": square(2, 2, 12, 10)},
+            {"image_id": 2, "category_id": 0, "segmentation": square(0, 0, 7, 3)}]
+    write_coco(tmp_path / "data", images, anns, ["a", "b"])
+    table = build_mask_cache(load_dataset(tmp_path / "data", ["train.json"]), tmp_path / "masks", "smaller_on_top",
+                             "keep", "UNKNOWN", None, workers=1)
+    cm, rate = score(Ensemble([(ConstantModel(2), 1.0)], ["identity"], [1.0], torch.device("cpu")), table, 3, 32, 2)
+    mat = cm.numpy()
+    assert mat.sum() == 80 + 240 + 105 and rate > 0
+    assert mat[:, [0, 1]].sum() == 0 and mat[:, 2].tolist() == [table[f"px_{c}"].sum() for c in range(3)]
+    assert mat[:, 2].tolist() == [80 + 240 + 105 - 12 - 80 - 21, 12 + 21, 80]
 
 
 @pytest.fixture

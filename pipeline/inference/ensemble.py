@@ -74,18 +74,19 @@ class Ensemble:
 
 def score(ensemble: Ensemble, table: pd.DataFrame, num_classes: int, image_size: int,
           batch_size: int = 8) -> tuple[ConfusionMatrix, float]:
-    """Confusion matrix of the ensemble on the mask-cache rows of `table`, and images/s."""
+    """Confusion matrix of the ensemble on the mask-cache rows of `table`, and images/s.
+    Masks are read as their predictions arrive (sizes come from the index): memory stays one batch."""
     import cv2
 
     from pipeline.data.masks import read_image
 
-    masks = [cv2.imread(m, cv2.IMREAD_UNCHANGED) for m in table["mask"]]
-    images = table["image"].tolist()
+    images, masks = table["image"].tolist(), table["mask"].tolist()
+    sizes = list(zip(table["height"].astype(int), table["width"].astype(int)))
     data = ImageFiles(lambda i: read_image(images[i]), len(images), image_size)
     cm = ConfusionMatrix(num_classes)
     start = time.perf_counter()
-    for i, pred in ensemble.predict(data, [m.shape for m in masks], batch_size):
-        cm.update(torch.from_numpy(pred), torch.from_numpy(masks[i]))
+    for i, pred in ensemble.predict(data, sizes, batch_size):
+        cm.update(torch.from_numpy(pred), torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
     return cm, len(images) / max(time.perf_counter() - start, 1e-9)
 
 
