@@ -169,7 +169,28 @@ def test_parallel_cache_equals_serial(tmp_path):
     ds = load_dataset(root, ["train.json"])
     one = build_mask_cache(ds, tmp_path / "a", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
     two = build_mask_cache(ds, tmp_path / "b", "smaller_on_top", "keep", "UNKNOWN", None, workers=2)
-    assert one.filter(like="px_").equals(two.filter(like="px_"))
+    assert one.filter(like="px_").equals(two.filter(like="px_")) and one.digest.equals(two.digest)
+
+
+@pytest.mark.parametrize("cache_images", [True, False])
+def test_digest_changes_with_the_image_content_and_nothing_else_does(tmp_path, cache_images):
+    """An image repainted under the same name and size (same annotations, same pixel counts) changes
+    only its row's digest: training fingerprints the index, so no model of the old image is reused."""
+    root = tmp_path / "ds"
+    write_coco(root, [image(0), image(1)], [{"image_id": i, "category_id": 3, "segmentation": square(0, 0, 4, 4)}
+                                            for i in range(2)], CATS)
+    ds = load_dataset(root, ["train.json"])
+
+    def build(out):
+        table = build_mask_cache(ds, tmp_path / out, "smaller_on_top", "keep", "UNKNOWN", None, workers=1,
+                                 cache_images=cache_images)
+        return table.drop(columns=["image", "mask", "digest"]), table.digest.tolist()
+
+    (before, d0), (_, d1) = build("a"), build("b")
+    cv2.imwrite(str(root / "imgs/001.png"), np.full((8, 10, 3), 30, np.uint8))
+    after, d2 = build("c")
+    assert d0 == d1 and len(set(d0)) == 1                          # deterministic, content only
+    assert after.equals(before) and d2[0] == d0[0] and d2[1] != d0[1]
 
 
 def test_a_stray_far_vertex_is_clipped_not_rasterised_for_ever(tmp_path):

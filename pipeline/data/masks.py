@@ -10,6 +10,7 @@ cover falls back to whatever else is there, else 0); ignore = paint 255 in the s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,15 @@ from pipeline.data.coco import IGNORE_INDEX, DataError, Dataset
 from pipeline.io import atomic_dir
 
 cv2.setNumThreads(1)  # the pool provides the parallelism
+
+
+def content_digest(*parts: bytes | np.ndarray) -> str:
+    """md5 of what a training item is made of (mask and image bytes): the index records it per image,
+    so a checkpoint is never resumed or reused after an image changed under the same name and size."""
+    h = hashlib.md5()
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else part)
+    return h.hexdigest()
 
 
 def target_size(height: int, width: int, max_side: Optional[int]) -> tuple[int, int]:
@@ -178,8 +188,10 @@ def _cache_one(task: dict) -> dict:
             img = cv2.resize(img, (task["out_w"], task["out_h"]), interpolation=cv2.INTER_AREA)
         Path(task["image_file"]).parent.mkdir(parents=True, exist_ok=True)
         np.save(task["image_file"], np.ascontiguousarray(img))
+    else:
+        img = Path(task["src"]).read_bytes()   # training reads the user's file itself
     counts = np.bincount(label.ravel(), minlength=256)
-    return {"key": task["key"], "counts": counts}
+    return {"key": task["key"], "counts": counts, "digest": content_digest(label, img)}
 
 
 def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: str, unknown_name: str,
@@ -189,7 +201,7 @@ def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: st
     Layout: out_dir/masks/<file_name stem>.png (uint8 class map), out_dir/images/<stem>.npy (decoded
     (H, W, 3) uint8 RGB at the mask's size: no JPEG decoding per epoch; H*W*3 bytes each; with
     cache_images=False only images shrunk by max_side are stored), out_dir/index.csv (`image` and
-    `mask` paths, sizes, painted pixels per class), out_dir/classes.json.
+    `mask` paths, sizes, `digest` of mask + image content, painted pixels per class), out_dir/classes.json.
     Paths in the index are as given (relative to the working directory when the inputs are).
     The whole folder is written under a temporary name and renamed at the end, so a crash never
     leaves a half cache behind.
@@ -229,6 +241,7 @@ def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, un
             results = list(pool.map(_cache_one, tasks, chunksize=max(1, len(tasks) // (workers * 8))))
     counts = {r["key"]: r["counts"] for r in results}
     index = pd.DataFrame(rows)
+    index["digest"] = index.key.map({r["key"]: r["digest"] for r in results})
     px = np.stack([counts[k] for k in index.key])
     for c in range(ds.num_classes):
         index[f"px_{c}"] = px[:, c]

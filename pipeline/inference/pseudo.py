@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.data.coco import IGNORE_INDEX
-from pipeline.data.masks import decode_oriented
+from pipeline.data.masks import content_digest, decode_oriented
 from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member, member_paths
 
 
@@ -56,15 +56,16 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_s
             mask_file.parent.mkdir(parents=True, exist_ok=True)
             image_file.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mask_file), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            np.save(image_file, decode_oriented(images.path[i], h, w))
+            img = decode_oriented(images.path[i], h, w)
+            np.save(image_file, img)
             counts = np.bincount(label.ravel(), minlength=256)
             rows.append({"key": f"pseudo/{images.image_id[i]}", "image": str(final_dir / image_file.relative_to(out_dir)),
                          "mask": str(final_dir / mask_file.relative_to(out_dir)),
-                         "height": h, "width": w, "kept_fraction": frac,
+                         "height": h, "width": w, "kept_fraction": frac, "digest": content_digest(label, img),
                          **{f"px_{c}": int(counts[c]) for c in range(n_classes)}, f"px_{IGNORE_INDEX}": int(counts[255])})
     report = pd.DataFrame({"class_idx": range(n_classes), "predicted_pixels": predicted, "kept_pixels": kept,
                            "kept_fraction": np.where(predicted > 0, kept / np.maximum(predicted, 1), np.nan)})
-    cols = ["key", "image", "mask", "height", "width", "kept_fraction"] + [f"px_{c}" for c in range(n_classes)] + \
+    cols = ["key", "image", "mask", "height", "width", "kept_fraction", "digest"] + [f"px_{c}" for c in range(n_classes)] + \
         [f"px_{IGNORE_INDEX}"]
     index = pd.DataFrame(rows, columns=cols)
     out_dir.mkdir(parents=True, exist_ok=True)

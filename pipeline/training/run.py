@@ -71,7 +71,8 @@ def paste_class_ids(names: Optional[list[str]], classes: list[str], pixels: np.n
 
 def fingerprint(*files: Path) -> str:
     """What the run was trained on, and with which code: a checkpoint from other data or other
-    training code is never resumed or reused."""
+    training code is never resumed or reused. The index files name every image and mask with a
+    digest of their content, so hashing them covers the pixels without rereading them."""
     h = hashlib.md5()
     for f in [*files, *sorted(Path(__file__).parents[1].rglob("*.py"))]:
         h.update(Path(f).read_bytes())
