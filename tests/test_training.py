@@ -94,14 +94,20 @@ def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):
     again = train_fold(0, 0, params_for(prepared, folds=[0, 2], seeds=[0, 5]))   # other members: same run
     after = load_checkpoint(prepared / "models/fold_0/seed_0/best.pt")
     assert again["mIoU"] == before["scores"]["mIoU"] and after["epoch"] == before["epoch"]
-    index_csv = prepared / "masks/index.csv"
-    original = index_csv.read_bytes()
-    try:   # an image changed under the same name and size: only the index's digest tells
-        index_csv.write_text(original.decode().replace(pd.read_csv(index_csv).digest[0], "0" * 32))
-        with pytest.raises(RuntimeError, match="retrained"):
-            train_fold(0, 0, params_for(prepared))
-    finally:
-        index_csv.write_bytes(original)
+    # An image changed under the same name and size (only the index's digest tells), a renamed class.
+    for file, old, new in (("index.csv", pd.read_csv(prepared / "masks/index.csv").digest[0], "0" * 32),
+                           ("classes.json", '"disc"', '"disk"')):
+        original, member = (prepared / "masks" / file).read_bytes(), prepared / "models/fold_0/seed_0"
+        shutil.copytree(member, prepared / "kept")   # a run that is not reused starts afresh: it is deleted
+        try:
+            (prepared / "masks" / file).write_text(original.decode().replace(old, new))
+            with pytest.raises(RuntimeError, match="retrained"):
+                train_fold(0, 0, params_for(prepared))
+        finally:
+            (prepared / "masks" / file).write_bytes(original)
+            shutil.rmtree(member)
+            (prepared / "kept").rename(member)
+        assert train_fold(0, 0, params_for(prepared))["mIoU"] == before["scores"]["mIoU"]   # reused again
     with pytest.raises(RuntimeError, match="retrained"):     # a different recipe is a different run
         train_fold(0, 0, params_for(prepared, lr=1e-3))
 

@@ -93,7 +93,8 @@ def train_fold(fold: int, seed: int, p: ParamsView, run=None, round2: bool = Fal
     round1_best = member_dir(p.paths.models, fold, seed) / "best.pt"
     classes = read_classes(p.paths.masks)["classes"]
     train_tab, val_tab = fold_tables(p.paths.masks, p.paths.split, fold)
-    epochs, inputs = t.epochs, [Path(p.paths.masks) / "index.csv", Path(p.paths.split) / "folds.csv"]
+    masks = Path(p.paths.masks)   # class names and every image's content (digests), then the folds
+    epochs, inputs = t.epochs, [masks / "index.csv", masks / "classes.json", Path(p.paths.split) / "folds.csv"]
     if round2:
         folds = pd.read_csv(Path(p.paths.split) / "folds.csv")
         pseudo_index = Path(p.paths.pseudo) / f"fold_{fold}" / "index.csv"
