@@ -1,12 +1,14 @@
-"""Atomic writes: every stage output appears whole or not at all (temp name, then rename)."""
+"""Atomic writes: every stage output appears whole or not at all (temp name, then rename); and
+byte-identical file detection."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 @contextmanager
@@ -44,3 +46,29 @@ def write_json(path: str | Path, obj: Any) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return Path(path)
+
+
+def identical_files(paths: Iterable[str | Path]) -> list[list[int]]:
+    """Sets (2 or more) of positions in `paths` whose files are byte-identical, each in position order.
+
+    Only files sharing a size are read and hashed, so a folder of distinct photos costs one stat
+    each. Missing files are ignored.
+    """
+    paths = list(paths)
+    by_size: dict[int, list[int]] = {}
+    for i, p in enumerate(paths):
+        try:
+            by_size.setdefault(os.stat(p).st_size, []).append(i)
+        except OSError:
+            continue
+    sets: list[list[int]] = []
+    for same_size in (v for v in by_size.values() if len(v) > 1):
+        by_hash: dict[str, list[int]] = {}
+        for i in same_size:
+            h = hashlib.md5()
+            with open(paths[i], "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            by_hash.setdefault(h.hexdigest(), []).append(i)
+        sets += [v for v in by_hash.values() if len(v) > 1]
+    return sorted(sets)

@@ -19,7 +19,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("pseudo", p) as run:
         test, left_out = unlabelled(load_test_images(p.data.root, p.data.image_dir, p.data.test_json),
-                                    Path(p.paths.split) / "folds.csv")
+                                    Path(p.paths.split) / "folds.csv", Path(p.data.root) / p.data.image_dir)
         with atomic_dir(p.paths.pseudo) as out:
             report, summary = pseudo_label_folds(
                 test, p.train.folds, p.train.seeds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,

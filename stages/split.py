@@ -4,8 +4,8 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.data.folds import balance_report, make_folds, plot_balance
-from pipeline.io import atomic_dir
+from pipeline.data.folds import balance_report, duplicates_apart, make_folds, plot_balance
+from pipeline.io import atomic_dir, identical_files
 from pipeline.tracking import stage_run
 
 PARAMS = ("data", "split", "paths")
@@ -16,7 +16,8 @@ def main() -> None:
     s = p.split
     with stage_run("split", p) as run:
         ds = dataset_from_params(p.data)
-        folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json)
+        copies = identical_files(ds.images.path)   # the same photo under two names: kept together
+        folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json, copies)
         table, balance = balance_report(ds, folds, s.strategy, s.n_folds, s.group, s.seed)
         with atomic_dir(p.paths.split) as out:
             folds.to_csv(out / "folds.csv", index=False)
@@ -26,7 +27,8 @@ def main() -> None:
         counts = folds[~folds.holdout].fold.value_counts()
         run.write_metrics(Path(p.paths.metrics) / "split.json", {"split": {
             "images": len(folds), "holdout_images": int(folds.holdout.sum()),
-            "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance}})
+            "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance,
+            "duplicate_images": sum(len(c) - 1 for c in copies), "duplicates_apart": duplicates_apart(folds)}})
 
 
 if __name__ == "__main__":

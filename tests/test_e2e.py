@@ -68,6 +68,8 @@ def test_dvc_repro_end_to_end(workspace):
     assert len(index) == 24 and all((ws / m).exists() for m in index["mask"])
     folds = pd.read_csv(ws / "data/split/folds.csv")
     assert set(folds[~folds.holdout].fold) == {0, 1, 2} and folds.holdout.sum() >= 1
+    split = json.loads((ws / "metrics/split.json").read_text())["split"]
+    assert split["duplicate_images"] == 0 and split["duplicates_apart"] == 0 and folds.duplicate_of.isna().all()
     eda = json.loads((ws / "metrics/eda.json").read_text())["eda"]
     assert eda["images"] == 24 and eda["classes"] == 11
     assert {"class_balance.png", "overlap_matrix.png", "area_hist.png", "issues.csv"} <= {

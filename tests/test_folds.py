@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from pipeline.data.coco import DataError, Dataset
-from pipeline.data.folds import balance_report, label_matrix, make_folds
+from pipeline.data.folds import balance_report, duplicates_apart, label_matrix, make_folds
+from pipeline.io import identical_files
 
 CLASSES = ["Background"] + [f"c{i}" for i in range(1, 9)]
 
@@ -90,3 +91,41 @@ def test_too_few_groups_is_a_clear_error(ds):
         make_folds(ds, "multilabel", 10, "site", 0.0)
     with pytest.raises(DataError, match="no field 'camera'"):
         make_folds(ds, "multilabel", 5, "camera", 0.0)
+
+
+def test_identical_files_are_found_by_content_not_name_or_size(tmp_path):
+    files = {"a.jpg": b"photo-1", "b/a_copy.jpg": b"photo-1", "c.jpg": b"photo-2",   # c: same size, other bytes
+             "d.jpg": b"photo-1 longer", "e.jpg": b"photo-2", "f.jpg": b"photo-1"}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    paths = [tmp_path / n for n in files] + [tmp_path / "missing.jpg"]
+    assert identical_files(paths) == [[0, 1, 5], [2, 4]]
+    assert identical_files(paths[:1] + paths[2:4]) == []
+
+
+@pytest.mark.parametrize("strategy", ["multilabel", "random"])
+@pytest.mark.parametrize("group", [None, "folder"])
+def test_byte_identical_images_share_a_fold_and_the_holdout_fate(ds, strategy, group):
+    """The same photo under two names (two folders apart): whatever the seed, never one copy in
+    training and the other in validation or the holdout."""
+    copies = [[3, 100, 201], [7, 150]]                            # positions in ds.images
+    for seed in range(6):
+        f = make_folds(ds, strategy, 5, group, 0.15, seed=seed, duplicates=copies)
+        for same in copies:
+            assert f.iloc[same].fold.nunique() == 1 and f.iloc[same].holdout.nunique() == 1, (seed, same)
+            assert f.duplicate_of.iloc[same].tolist() == ["", *[ds.images.key[same[0]]] * (len(same) - 1)]
+        assert duplicates_apart(f) == 0 and set(f[~f.holdout].fold) == set(range(5))
+        if group == "folder":                                    # folders joined by a copy stay whole
+            assert f.groupby(f.file_name.str.split("/").str[0]).fold.nunique().max() == 1
+    plain = make_folds(ds, strategy, 5, group, 0.15, seed=0)
+    assert (plain.duplicate_of == "").all()
+
+
+def test_given_split_keeps_its_folds_and_counts_copies_across_them(ds):
+    images = ds.images.copy()
+    images.loc[images.image_id % 5 == 0, "source"] = "val.json"
+    given = Dataset(images=images, annotations=ds.annotations, classes=CLASSES)
+    f = make_folds(given, "given", 1, None, 0.0, seed=0, val_source="val.json", duplicates=[[0, 1], [2, 3]])
+    assert f.fold.iloc[0] == 0 and f.fold.iloc[1] == -1          # image 0 is in val.json, image 1 is not
+    assert duplicates_apart(f) == 1                               # 2 and 3 are both training images

@@ -70,6 +70,19 @@ def test_test_images_in_the_labelled_pool_are_left_out(test_set, tmp_path):
     assert left_out == ["test/1.jpg"] and "test/1.jpg" not in set(kept.image_id)
 
 
+def test_a_renamed_copy_of_a_labelled_image_is_left_out(test_set, tmp_path):
+    """test/2.jpg is byte-identical to the labelled batch/0.jpg: pseudo-labelling it would train on
+    a validation or holdout image under another name."""
+    root = tmp_path / "data"
+    (root / "batch").mkdir()
+    (root / "batch/0.jpg").write_bytes((root / "test/2.jpg").read_bytes())
+    cv2.imwrite(str(root / "batch/1.jpg"), np.full((64, 64, 3), 200, np.uint8))
+    pd.DataFrame({"key": ["batch/0.jpg", "batch/1.jpg", "batch/gone.jpg"]}).to_csv(tmp_path / "folds.csv", index=False)
+    kept, left_out = unlabelled(test_set, tmp_path / "folds.csv", root)
+    assert left_out == ["test/2.jpg"] and kept.image_id.tolist() == ["test/0.jpg", "test/1.jpg"]
+    assert unlabelled(test_set, tmp_path / "folds.csv")[1] == []      # by name alone it passes
+
+
 def test_round2_never_trains_on_validation_or_holdout(tmp_path):
     train = pd.DataFrame({"key": ["a", "b"], "image": ["a", "b"], "mask": ["a", "b"]})
     pd.DataFrame({"key": ["pseudo/t1.jpg"], "image": ["t1"], "mask": ["m1"], "kept_fraction": [0.9]}).to_csv(

@@ -8,15 +8,19 @@ Strategies:
   random: plain shuffled KFold (the baseline the report compares against).
   given: the val json's images are fold 0, the train json's images are never validated (fold -1).
 With a group key, stratification runs on groups (labels pooled per group), so a group never
-straddles folds. The holdout is drawn first, stratified the same way, and belongs to no fold.
+straddles folds. Byte-identical image files (the same photo under two names) join one group too,
+so a copy is never validated by a model that trained on the other (except with 'given', where the
+split is the user's: the split report counts such copies). The holdout is drawn first, stratified
+the same way, and belongs to no fold.
 
-folds.csv: key, image_id, source, file_name, group, fold (-1 = never a validation image), holdout.
+folds.csv: key, image_id, source, file_name, group, fold (-1 = never a validation image), holdout,
+duplicate_of (key of the first byte-identical image, else empty).
 A training run for fold k trains on `fold != k and not holdout` and validates on `fold == k`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,23 @@ def group_keys(images: pd.DataFrame, group: Optional[str]) -> pd.Series:
         fields = sorted(c for c in images.columns if c not in ("key", "path", "source"))
         raise DataError(f"split.group: images have no field {group!r}; use 'folder' or one of {fields}")
     return images[group].astype(str).rename("group")
+
+
+def merge_groups(groups: pd.Series, together: Sequence[Sequence[int]]) -> pd.Series:
+    """Groups joined so that the images at each position set in `together` share one: every group
+    touched by a set becomes the smallest of them (union-find over group values)."""
+    parent = {g: g for g in groups.unique()}
+
+    def root(g):
+        while parent[g] != g:
+            parent[g] = g = parent[parent[g]]
+        return g
+
+    for positions in together:
+        roots = sorted({root(groups.iloc[i]) for i in positions})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    return groups.map(root)
 
 
 def label_matrix(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -96,9 +117,14 @@ def _holdout(strategy: str, frac: float, seed: int, labels: np.ndarray, eligible
 
 
 def make_folds(ds: Dataset, strategy: str, n_folds: int, group: Optional[str] = None, holdout: float = 0.0,
-               seed: int = 42, val_source: Optional[str] = None) -> pd.DataFrame:
-    """Assign every labelled image a fold (see the module docstring for the columns)."""
+               seed: int = 42, val_source: Optional[str] = None,
+               duplicates: Sequence[Sequence[int]] = ()) -> pd.DataFrame:
+    """Assign every labelled image a fold (see the module docstring for the columns).
+    duplicates: sets of positions in ds.images whose files are identical (`pipeline.io.identical_files`)."""
     groups = group_keys(ds.images, group)
+    if strategy != "given":
+        groups = merge_groups(groups, duplicates)
+    first = {i: ds.images.key.iloc[d[0]] for d in duplicates for i in d[1:]}
     presence, counts = label_matrix(ds)
     codes, n_groups, g_presence, g_counts = _by_group(groups, presence, counts)
     labels = _strat_labels(g_presence, g_counts)
@@ -122,7 +148,16 @@ def make_folds(ds: Dataset, strategy: str, n_folds: int, group: Optional[str] = 
         g_fold[rest] = _kfold(strategy, n_folds, seed, labels[rest])
     return pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id, "source": ds.images.source,
                          "file_name": ds.images.file_name, "group": groups.to_numpy(),
-                         "fold": g_fold[codes], "holdout": g_hold[codes]})
+                         "fold": g_fold[codes], "holdout": g_hold[codes],
+                         "duplicate_of": [first.get(i, "") for i in range(len(ds.images))]})
+
+
+def duplicates_apart(folds: pd.DataFrame) -> int:
+    """Images whose byte-identical first copy has another fold or holdout status: validation leaks
+    (0 unless the split was 'given')."""
+    dup = folds[folds.duplicate_of.fillna("") != ""]
+    first = folds.set_index("key").loc[dup.duplicate_of, ["fold", "holdout"]].to_numpy()
+    return int((first != dup[["fold", "holdout"]].to_numpy()).any(axis=1).sum())
 
 
 def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:

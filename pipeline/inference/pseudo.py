@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from pipeline.data.coco import IGNORE_INDEX
 from pipeline.data.masks import content_digest, decode_oriented
 from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member, member_paths
+from pipeline.io import identical_files
 
 
 def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: int, n_classes: int,
@@ -73,10 +74,17 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_s
     return index, report
 
 
-def unlabelled(test: pd.DataFrame, folds_csv: Path) -> tuple[pd.DataFrame, list[str]]:
-    """Test images not in the labelled pool (by file_name); and the names of those left out."""
-    pool = set(pd.read_csv(folds_csv)["key"])
-    clash = test.image_id.isin(pool)
+def unlabelled(test: pd.DataFrame, folds_csv: Path, image_root: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Test images not in the labelled pool — by file_name, and, with `image_root` (where the labelled
+    file_names live), by content: a byte-identical copy under another name is left out too.
+    Returns (kept test rows, the names of those left out)."""
+    pool = pd.read_csv(folds_csv)["key"]
+    clash = test.image_id.isin(set(pool))
+    if image_root is not None:
+        n = len(test)
+        for same in identical_files([*test.path, *(Path(image_root) / k for k in pool)]):
+            if max(same) >= n:   # a test image identical to a labelled one
+                clash |= test.index.isin([i for i in same if i < n])
     return test[~clash].reset_index(drop=True), sorted(test.image_id[clash])
 
 
