@@ -61,7 +61,9 @@ def build(root: Path, n_images: int, n_polygons: int, seed: int = 0) -> None:
         w, h = sizes[i % len(sizes)]
         name = f"batch_{i // 100:02d}/{i:04d}.jpg"
         (root / name).parent.mkdir(exist_ok=True)
-        os.link(src / f"{w}x{h}.jpg", root / name)
+        # Distinct files, as real photos are (the split keeps byte-identical copies together): the
+        # size's photo plus i bytes after the JPEG end marker, which decoders ignore.
+        (root / name).write_bytes((src / f"{w}x{h}.jpg").read_bytes() + bytes(i))
         images.append({"id": i, "file_name": name, "width": w, "height": h})
         bag = None
         for k in range(per_image[i]):
