@@ -71,7 +71,6 @@ def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: int
             seconds += len(val) / rate
         add(name, "out-of-fold", cm, n, n / seconds)
 
-
     index = pd.read_csv(Path(masks_dir) / "index.csv")
     held = index.merge(pd.read_csv(Path(split_dir) / "folds.csv")[["key", "holdout"]], on="key")
     held = held[held.holdout].reset_index(drop=True)

@@ -4,10 +4,11 @@ Fold k's pseudo-labels come from fold k's own round-1 models (all its seeds, + T
 ensemble of all folds, which has seen fold k's validation images — so fold k's round-2 validation
 score stays out-of-fold. Pixels whose top probability is below the threshold become 255 (ignored by every
 loss); images keeping too few pixels are dropped. Test images are never validation or holdout
-images: any test image whose file_name is also in the labelled pool is left out and reported.
+images: any test image whose file_name is also in the labelled pool, or whose file is a byte-identical
+copy of a labelled image, is left out and reported.
 
 Per fold: <out>/fold_<k>/masks/*.png, images/*.npy and index.csv (the mask-cache columns: image,
-mask, height, width, px_<c>), so round-2 training reads them exactly like the mask cache.
+mask, height, width, digest, px_<c>), so round-2 training reads them exactly like the mask cache.
 """
 from __future__ import annotations
 
