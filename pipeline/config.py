@@ -54,11 +54,17 @@ class Demo(_Section):
 
 class Data(_Section):
     root: str = "data/demo"
-    image_dir: str = ""
+    # One folder for every json's images, or one per json (COCO: {train: images/train2017, val: ...};
+    # Roboflow: {train: train, val: valid, test: test}); roles left out of the mapping use root itself.
+    image_dir: str | dict[Literal["train", "val", "test"], str] = ""
     train_json: str = "train.json"
     val_json: Optional[str] = None
     test_json: Optional[str] = "test.json"
     strict: bool = True
+
+    def images_of(self, role: Literal["train", "val", "test"]) -> str:
+        """The folder (under root) holding the images of the train, val or test json."""
+        return self.image_dir if isinstance(self.image_dir, str) else self.image_dir.get(role, "")
 
 
 class Masks(_Section):

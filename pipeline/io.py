@@ -1,14 +1,18 @@
-"""Atomic writes: every stage output appears whole or not at all (temp name, then rename); and
-byte-identical file detection."""
+"""Atomic writes: every stage output appears whole or not at all (temp name, then rename);
+byte-identical file detection; progress lines for long loops."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 @contextmanager
@@ -72,3 +76,26 @@ def identical_files(paths: Iterable[str | Path]) -> list[list[int]]:
             by_hash.setdefault(h.hexdigest(), []).append(i)
         sets += [v for v in by_hash.values() if len(v) > 1]
     return sorted(sets)
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress(items: Iterable[T], total: int, label: str, every_s: float = 10.0,
+             log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> Iterator[T]:
+    """Yield `items`, logging a plain line (not a TTY bar: DVC and CI logs keep it) at most every
+    `every_s` seconds and at the end: done/total, rate, elapsed and ETA."""
+    start = last = time.monotonic()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.monotonic()
+        if now - last >= every_s or (done == total and now - start >= every_s):
+            rate = done / max(now - start, 1e-9)
+            eta = f", ETA {_duration((total - done) / rate)}" if done < total else ""
+            log(f"{label}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {rate:.1f}/s, "
+                f"elapsed {_duration(now - start)}{eta}")
+            last = now

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
-from pipeline.data.coco import dataset_from_params
+from pipeline.data.coco import dataset_from_params, load_test_set
 from pipeline.data.masks import build_mask_cache
 from pipeline.tracking import stage_run
 
@@ -16,11 +16,12 @@ def main() -> None:
     with stage_run("masks", p) as run:
         start = time.perf_counter()
         ds = dataset_from_params(p.data)
+        test = load_test_set(p.data) if p.data.test_json else []   # a broken test set fails now, not after training
         index = build_mask_cache(ds, p.paths.masks, **p.masks.model_dump())
         run.log_metrics({"masks/images_per_s": len(index) / (time.perf_counter() - start)})  # MLflow only: not reproducible
         run.write_metrics(Path(p.paths.metrics) / "masks.json", {"masks": {
             "images": len(index), "resized": int((index.height != index.orig_height).sum()),
-            "skipped": int((ds.issues.severity == "error").sum())}})
+            "skipped": int((ds.issues.severity == "error").sum()), "test_images": len(test)}})
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ import pandas as pd
 
 from pipeline import cli
 from pipeline.config import load_params
+from pipeline.data.coco import load_test_set
 from pipeline.data.masks import read_classes
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
-from pipeline.inference.submission import load_test_images
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
 from pipeline.training.run import pick_device
@@ -18,8 +18,8 @@ PARAMS = ("data", "infer", "train", "pseudo", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("pseudo", p) as run:
-        test, left_out = unlabelled(load_test_images(p.data.root, p.data.image_dir, p.data.test_json),
-                                    Path(p.paths.split) / "folds.csv", Path(p.data.root) / p.data.image_dir)
+        test, left_out = unlabelled(load_test_set(p.data),
+                                    Path(p.paths.split) / "folds.csv", Path(p.data.root))
         with atomic_dir(p.paths.pseudo) as out:
             report, summary = pseudo_label_folds(
                 test, p.train.folds, p.train.seeds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,

@@ -6,7 +6,8 @@ from pipeline.config import load_params
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.reports import plot_predictions
 from pipeline.evaluation.variants import final_ensemble, models_for_round
-from pipeline.inference.submission import load_test_images, write_submission
+from pipeline.data.coco import load_test_set
+from pipeline.inference.submission import write_submission
 from pipeline.tracking import stage_run
 from pipeline.training.run import pick_device
 
@@ -17,7 +18,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("submit", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
-        images = load_test_images(p.data.root, p.data.image_dir, p.data.test_json)
+        images = load_test_set(p.data)
         ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)

@@ -101,9 +101,12 @@ def test_bad_record_lenient_skips_and_reports(tmp_path, case, mutate, kind, imag
     (b"[1, 2]", "expected a JSON object"),
     (b'{"images": []}', "missing top-level key 'categories'"),
     (b'{"images": {}, "categories": []}', "'images' must be a list"),
-    (b'{"images": [], "categories": [{"id": "a", "name": 1}]}', "categories[0] needs an integer 'id'"),
-    (b'{"images": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
+    (b'{"images": [], "annotations": [], "categories": [{"id": "a", "name": 1}]}', "categories[0] needs an integer 'id'"),
+    (b'{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
      "category id 1 is used for both"),
+    # without annotations every mask would be background: a labelled file must have the key
+    (b'{"images": [{"id": 1, "file_name": "a.png", "width": 4, "height": 4}], "categories": [{"id": 1, "name": "a"}]}',
+     "missing top-level key 'annotations'"),
     (b'{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}', "no usable images"),
 ])
 def test_unusable_files_fail_with_the_file_named(tmp_path, content, expected):

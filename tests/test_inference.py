@@ -17,7 +17,9 @@ from pipeline.config import TtaView
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.masks import build_mask_cache
 from pipeline.inference.ensemble import Ensemble, score
-from pipeline.inference.submission import check_output_dir, load_test_images, predict_folder, write_submission
+from pipeline.config import Data
+from pipeline.data.coco import load_test_set
+from pipeline.inference.submission import check_output_dir, predict_folder, write_submission
 from pipeline.inference.tta import D4, TTA, expand, predict_proba
 
 
@@ -128,7 +130,7 @@ def test_set(tmp_path):
 
 
 def test_submission_format(test_set, tmp_path):
-    images = load_test_images(test_set, "", "test.json")
+    images = load_test_set(Data(root=str(test_set)))
     ens = Ensemble([(PixelModel(classes=12).eval(), 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
     kept = write_submission(ens, images, 64, tmp_path / "submission.csv", size=256, keep=2)
     csv.field_size_limit(10**7)   # a row holds 65,536 numbers: more than csv's default field limit
@@ -143,8 +145,8 @@ def test_submission_format(test_set, tmp_path):
 
 def test_missing_test_image_is_an_error(test_set):
     (test_set / "test/1.jpg").unlink()
-    with pytest.raises(DataError, match=r"(?s)1 unusable test image.*id=1: file .*test/1.jpg not found"):
-        load_test_images(test_set, "", "test.json")
+    with pytest.raises(DataError, match=r"(?s)1 unusable test image.*missing_image: image_id=1 .*test/1.jpg not found"):
+        load_test_set(Data(root=str(test_set)))
 
 
 def test_predict_refuses_to_write_into_its_inputs(test_set, tmp_path):

@@ -14,7 +14,8 @@ from pipeline.data.coco import DataError
 from pipeline.inference.ensemble import Ensemble
 from pipeline.data.dataset import round2_table
 from pipeline.inference.pseudo import pseudo_label, unlabelled
-from pipeline.inference.submission import load_test_images
+from pipeline.config import Data
+from pipeline.data.coco import load_test_set
 
 
 class FixedLogits(nn.Module):
@@ -38,7 +39,7 @@ def test_set(tmp_path):
         cv2.imwrite(str(root / f"test/{i}.jpg"), np.full((64, 64, 3), 30 * i, np.uint8))
         images.append({"id": i, "file_name": f"test/{i}.jpg", "width": 64, "height": 64})
     (root / "test.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
-    return load_test_images(root, "", "test.json")
+    return load_test_set(Data(root=str(root)))
 
 
 @pytest.mark.parametrize("min_kept, kept_images", [(0.0, 3), (0.4, 0)])

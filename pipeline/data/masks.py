@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,7 +24,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import IGNORE_INDEX, DataError, Dataset
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, progress
 
 cv2.setNumThreads(1)  # the pool provides the parallelism
 
@@ -79,6 +80,23 @@ def clip_polygon(flat: list[float], width: int, height: int, margin: float = 1.0
     return [v for pt in pts for v in pt]
 
 
+PYCOCO_CHUNK = 255   # pycocotools 2.0.11 under numpy 2 overflows (uint8) on 256+ shapes in one call
+
+
+def union(rles: Sequence[dict]) -> dict:
+    """The union of RLEs, merged at most PYCOCO_CHUNK at a time (see PYCOCO_CHUNK)."""
+    rles = list(rles)
+    while len(rles) > 1:
+        rles = [mask_utils.merge(rles[i:i + PYCOCO_CHUNK]) if len(rles[i:i + PYCOCO_CHUNK]) > 1 else rles[i]
+                for i in range(0, len(rles), PYCOCO_CHUNK)]
+    return rles[0]
+
+
+def from_polygons(parts: list[list[float]], h: int, w: int) -> list[dict]:
+    """pycocotools' frPyObjects, PYCOCO_CHUNK polygons at a time."""
+    return [r for i in range(0, len(parts), PYCOCO_CHUNK) for r in mask_utils.frPyObjects(parts[i:i + PYCOCO_CHUNK], h, w)]
+
+
 def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
     """One validated COCO segmentation -> compressed RLE at (out_h, out_w).
 
@@ -93,7 +111,7 @@ def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
         parts = [q for q in (clip_polygon(p, out_w, out_h) for p in parts) if len(q) >= 6]
         if not parts:
             return mask_utils.encode(np.zeros((out_h, out_w), np.uint8, order="F"))
-        return mask_utils.merge(mask_utils.frPyObjects(parts, out_h, out_w))
+        return union(from_polygons(parts, out_h, out_w))
     rle = seg
     if isinstance(seg["counts"], list):
         rle = mask_utils.frPyObjects(seg, height, width)
@@ -103,6 +121,26 @@ def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
         return rle
     m = cv2.resize(mask_utils.decode(rle), (out_w, out_h), interpolation=cv2.INTER_NEAREST)
     return mask_utils.encode(np.asfortranarray(m))
+
+
+def rle_runs(rle: dict) -> np.ndarray:
+    """A compressed COCO RLE's run lengths as int64 (pycocotools' rleFrString, vectorised): runs
+    alternate 0s and 1s, starting with 0s, over the pixels in column-major order."""
+    c = np.frombuffer(rle["counts"], np.uint8).astype(np.int64) - 48
+    if not len(c):
+        return np.zeros(0, np.int64)
+    last = np.flatnonzero((c & 0x20) == 0)              # the last character of each number
+    first = np.r_[0, last[:-1] + 1]
+    width = last - first + 1
+    shift = 5 * (np.arange(len(c)) - np.repeat(first, width))
+    x = np.add.reduceat((c & 0x1F) << shift, first)
+    neg = (c[last] & 0x10) != 0                         # sign bit of the number's last character
+    x[neg] -= np.left_shift(1, 5 * width[neg])
+    runs = x.copy()                                     # numbers after the third are deltas to the one two back
+    runs[1::2] = np.cumsum(x[1::2])
+    if len(x) > 2:
+        runs[2::2] = np.cumsum(x[2::2])
+    return runs
 
 
 def paint_order(areas: Sequence[int], classes: Sequence[int], rule: str) -> list[int]:
@@ -117,16 +155,33 @@ def paint_order(areas: Sequence[int], classes: Sequence[int], rule: str) -> list
 
 def paint(rles: Sequence[dict], classes: Sequence[int], rule: str, out_hw: tuple[int, int],
           unknown_class: Optional[int] = None, unknown: str = "keep") -> np.ndarray:
-    """Paint RLEs into a (H, W) uint8 class map: 0 background, 1..K classes, 255 ignore."""
-    label = np.zeros(out_hw, dtype=np.uint8)
-    areas = [int(a) for a in mask_utils.area(list(rles))] if len(rles) else []  # uint32: negating overflows
+    """Paint RLEs into a (H, W) uint8 class map: 0 background, 1..K classes, 255 ignore.
+
+    The runs are painted straight into a column-major buffer, touching only the columns an
+    annotation spans: a full-size decode per annotation (what `mask_utils.decode` does) costs
+    tens of ms each on a 12-MP photo."""
+    h, w = out_hw
+    label_t = np.zeros((w, h), dtype=np.uint8)          # label_t.ravel()[x * h + y] = label[y, x], as in an RLE
+    flat = label_t.reshape(-1)
+    runs = [rle_runs(r) for r in rles]
+    areas = [int(r[1::2].sum()) for r in runs]
     for i in paint_order(areas, classes, rule):
         c = classes[i]
-        if c == unknown_class and unknown == "background":
+        if c == unknown_class and unknown == "background" or not areas[i]:
             continue
         value = IGNORE_INDEX if (c == unknown_class and unknown == "ignore") else c
-        label[mask_utils.decode(rles[i]).astype(bool)] = value
-    return label
+        ends = np.cumsum(runs[i])
+        on_start, on_end = ends[0::2][: len(runs[i]) // 2], ends[1::2]
+        lo, hi = int(on_start[0]), int(on_end[-1])
+        if 32 * len(on_start) < hi - lo:                # few long runs (most shapes): a slice each
+            for a, b in zip(on_start.tolist(), on_end.tolist()):
+                flat[a:b] = value
+            continue
+        edges = np.zeros(hi - lo + 1, np.int8)          # many short runs: +1 where a run of 1s starts, -1 where
+        np.add.at(edges, on_start - lo, 1)              # it ends, and one pass over the span
+        np.add.at(edges, on_end - lo, -1)
+        np.copyto(flat[lo:hi], np.uint8(value), where=np.cumsum(edges[:-1], dtype=np.int8).view(bool))
+    return np.ascontiguousarray(label_t.T)
 
 
 def unknown_class_index(classes: list[str], name: str) -> Optional[int]:
@@ -154,51 +209,101 @@ def read_image(path: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def decode_oriented(path: str, height: int, width: int) -> np.ndarray:
-    """Decode a photo to (height, width, 3) uint8 RGB, as the json's size says it is seen.
+JPEG_SCALES = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def decode_oriented(path: str, height: int, width: int, out_hw: Optional[tuple[int, int]] = None,
+                    data: Optional[bytes] = None) -> np.ndarray:
+    """Decode a photo to (height, width, 3) uint8 RGB, as the json's size says it is seen, or shrunk
+    to out_hw = (h, w) with INTER_AREA (the one way every consumer prepares a capped image).
 
     Annotation tools disagree about EXIF orientation: if the stored pixels already have the json
     size they are used as stored; if only the EXIF-rotated view has it, that view is used.
+    A JPEG shrunk by 2x or more is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain first
+    (libjpeg's own scaled decoding: several times faster on 12-MP photos, and itself an area
+    average), then resized to the exact size. `data`: the file's bytes, when already read.
     """
-    img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is not None and img.shape[:2] != (height, width):
-        img = cv2.imread(path, cv2.IMREAD_COLOR)
+    out_h, out_w = out_hw or (height, width)
+    if data is None:
+        data = Path(path).read_bytes()
+    buf = np.frombuffer(data, np.uint8)
+    scale, flag = 1, cv2.IMREAD_COLOR
+    if data[:2] == b"\xff\xd8":
+        scale, flag = next(((r, f) for r, f in JPEG_SCALES if -(-height // r) >= out_h and -(-width // r) >= out_w),
+                           (1, cv2.IMREAD_COLOR))
+    want = (-(-height // scale), -(-width // scale))
+    img = cv2.imdecode(buf, flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if img is not None and img.shape[:2] != want:
+        img = cv2.imdecode(buf, flag)
     if img is None:
         raise DataError(f"{path}: cannot decode the image (truncated or corrupt)")
-    if img.shape[:2] != (height, width):
-        raise DataError(f"{path}: decoded size {img.shape[1]}x{img.shape[0]} differs from the json's {width}x{height}")
+    if img.shape[:2] != want:
+        raise DataError(f"{path}: decoded size {img.shape[1] * scale}x{img.shape[0] * scale} differs from the "
+                        f"json's {width}x{height}")
+    if img.shape[:2] != (out_h, out_w):
+        img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _cache_one(task: dict) -> dict:
-    """Worker: rasterise one image's mask and, if asked, cache the decoded image; write files."""
+    """Worker: rasterise one image's mask and, if asked, cache the decoded image; write files.
+
+    The digest covers the mask's PNG bytes and the source image file's bytes (read once, for
+    decoding too): what a training item is made of, without hashing decoded pixels."""
     out_hw = (task["out_h"], task["out_w"])
     label = image_label(task["anns"], task["height"], task["width"], out_hw, task["rule"],
                         task["unknown_class"], task["unknown"])
-    Path(task["mask_file"]).parent.mkdir(parents=True, exist_ok=True)
     # Level 1: decodes ~3x faster than OpenCV's default level, for a few % more bytes.
-    if not cv2.imwrite(task["mask_file"], label, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
-        raise OSError(f"could not write {task['mask_file']}")
+    ok, png = cv2.imencode(".png", label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError(f"could not encode the mask of {task['key']}")
+    Path(task["mask_file"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(task["mask_file"]).write_bytes(png.tobytes())
+    src = Path(task["src"]).read_bytes()
     if task["image_file"]:
         try:
-            img = decode_oriented(task["src"], task["height"], task["width"])
+            img = decode_oriented(task["src"], task["height"], task["width"], out_hw, data=src)
         except DataError as e:
             raise DataError(f"{e} (image_id {task['image_id']})") from None
-        if (img.shape[0], img.shape[1]) != out_hw:
-            img = cv2.resize(img, (task["out_w"], task["out_h"]), interpolation=cv2.INTER_AREA)
         Path(task["image_file"]).parent.mkdir(parents=True, exist_ok=True)
         np.save(task["image_file"], np.ascontiguousarray(img))
-    else:
-        img = Path(task["src"]).read_bytes()   # training reads the user's file itself
-    counts = np.bincount(label.ravel(), minlength=256)
-    return {"key": task["key"], "counts": counts, "digest": content_digest(label, img)}
+    counts = cv2.calcHist([label], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+    return {"key": task["key"], "counts": counts, "digest": content_digest(png, src, str(out_hw).encode())}
+
+
+MASK_BYTES_PER_PX = 0.05   # class maps at PNG level 1: ~0.01 B/px seen on real photos; 5x headroom
+
+
+def cache_bytes(index: pd.DataFrame) -> tuple[int, int]:
+    """(decoded-image bytes, estimated mask bytes) the cache described by `index` will take."""
+    px = index.height.to_numpy(np.int64) * index.width.to_numpy(np.int64)
+    cached = index.image.str.endswith(".npy").to_numpy()
+    return int((px[cached] * 3 + 128).sum()), int(px.sum() * MASK_BYTES_PER_PX)
+
+
+def check_disk(index: pd.DataFrame, out_dir: Path, log=print) -> None:
+    """Pre-flight: say what the cache will take, and stop before writing when the disk cannot hold it."""
+    images, masks = cache_bytes(index)
+    parent = next(p for p in [out_dir, *out_dir.parents] if p.exists())
+    free = shutil.disk_usage(parent).free
+    gb = lambda n: f"{n / 1e9:.1f} GB"   # noqa: E731
+    log(f"masks: {len(index)} images -> about {gb(images + masks)} ({gb(images)} of decoded images, "
+        f"~{gb(masks)} of masks); {gb(free)} free under {parent}")
+    if images + masks > 0.95 * free:
+        cached = index.image.str.endswith(".npy")
+        capped = (index.height[cached] * index.width[cached]).clip(upper=1024 * 768).sum() * 3
+        raise DataError(
+            f"masks: the cache needs about {gb(images + masks)} but only {gb(free)} are free under {parent}. "
+            f"Set masks.max_side (e.g. 1024: about {gb(capped + masks)} of images), or masks.cache_images: false "
+            "(training then decodes the dataset's own files every epoch), or free some space")
 
 
 def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: str, unknown_name: str,
                      max_side: Optional[int], workers: int = 0, cache_images: bool = True) -> pd.DataFrame:
     """Rasterise every labelled image once into `out_dir` and return the index table.
 
-    Layout: out_dir/masks/<file_name stem>.png (uint8 class map), out_dir/images/<stem>.npy (decoded
+    Layout: out_dir/masks/<key>.png (uint8 class map; key = the image's path under data.root,
+    extension included), out_dir/images/<key>.npy (decoded
     (H, W, 3) uint8 RGB at the mask's size: no JPEG decoding per epoch; H*W*3 bytes each; with
     cache_images=False only images shrunk by max_side are stored), out_dir/index.csv (`image` and
     `mask` paths, sizes, `digest` of mask + image content, painted pixels per class), out_dir/classes.json.
@@ -219,7 +324,7 @@ def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, un
     for r in ds.images.itertuples(index=False):
         out_h, out_w = target_size(r.height, r.width, max_side)
         cached = cache_images or (out_h, out_w) != (r.height, r.width)
-        stem = str(Path(r.key).with_suffix(""))
+        stem = r.key   # the whole name: 0001.jpg and 0001.png are two images with two masks
         rows.append(dict(key=r.key, image_id=r.image_id, source=r.source, file_name=r.file_name,
                          image=str(out_dir / "images" / f"{stem}.npy") if cached else r.path,
                          mask=str(out_dir / "masks" / f"{stem}.png"), height=out_h, width=out_w,
@@ -229,18 +334,16 @@ def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, un
                           out_h=out_h, out_w=out_w, rule=overlap, unknown_class=unknown_class, unknown=unknown,
                           mask_file=str(tmp / "masks" / f"{stem}.png"), src=r.path,
                           image_file=str(tmp / "images" / f"{stem}.npy") if cached else ""))
-    masks_seen = pd.Series([row["mask"] for row in rows])
-    if masks_seen.duplicated().any():
-        clash = sorted(set(masks_seen[masks_seen.duplicated()]))[:5]
-        raise ValueError(f"file names differ only by extension, their masks would collide: {clash}")
+    index = pd.DataFrame(rows)
+    check_disk(index, out_dir)
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(tasks) < 16:
-        results = [_cache_one(t) for t in tasks]
+        results = list(progress(map(_cache_one, tasks), len(tasks), "masks"))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_cache_one, tasks, chunksize=max(1, len(tasks) // (workers * 8))))
+            results = list(progress(pool.map(_cache_one, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8)))),
+                                    len(tasks), "masks"))
     counts = {r["key"]: r["counts"] for r in results}
-    index = pd.DataFrame(rows)
     index["digest"] = index.key.map({r["key"]: r["digest"] for r in results})
     px = np.stack([counts[k] for k in index.key])
     for c in range(ds.num_classes):

@@ -53,8 +53,8 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_s
             if frac < min_kept:
                 continue
             label[~confident] = IGNORE_INDEX
-            stem = str(Path(images.image_id[i]).with_suffix(""))
-            mask_file, image_file = out_dir / "masks" / f"{stem}.png", out_dir / "images" / f"{stem}.npy"
+            name = images.image_id[i]   # the whole file name: 0001.jpg and 0001.png must not share a mask
+            mask_file, image_file = out_dir / "masks" / f"{name}.png", out_dir / "images" / f"{name}.npy"
             mask_file.parent.mkdir(parents=True, exist_ok=True)
             image_file.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mask_file), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
@@ -76,11 +76,11 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_s
 
 
 def unlabelled(test: pd.DataFrame, folds_csv: Path, image_root: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Test images not in the labelled pool — by file_name, and, with `image_root` (where the labelled
-    file_names live), by content: a byte-identical copy under another name is left out too.
+    """Test images not in the labelled pool — the same file (key: path under data.root), and, with
+    `image_root` (data.root), by content: a byte-identical copy under another name is left out too.
     Returns (kept test rows, the names of those left out)."""
     pool = pd.read_csv(folds_csv)["key"]
-    clash = test.image_id.isin(set(pool))
+    clash = test.key.isin(set(pool))
     if image_root is not None:
         n = len(test)
         for same in identical_files([*test.path, *(Path(image_root) / k for k in pool)]):

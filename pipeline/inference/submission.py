@@ -14,36 +14,11 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.config import ConfigError
-from pipeline.data.coco import DataError, read_json, safe_relpath
+from pipeline.data.coco import DataError
 from pipeline.data.masks import decode_oriented
 from pipeline.inference.ensemble import Ensemble, ImageFiles
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def load_test_images(root: str | Path, image_dir: str, test_json: str | None) -> pd.DataFrame:
-    """The test json's images: file_name, path, width, height (json order). Bad records are errors."""
-    if not test_json:
-        raise ConfigError("data.test_json is null: there are no test images")
-    file = Path(root) / test_json
-    raw = read_json(file)
-    rows, problems = [], []
-    for pos, im in enumerate(raw["images"]):
-        rel = safe_relpath(im.get("file_name")) if isinstance(im, dict) else None
-        ok = rel and isinstance(im.get("width"), int) and isinstance(im.get("height"), int)
-        path = Path(root) / image_dir / rel if rel else None
-        if not ok or not path.exists():
-            problems.append(f"images[{pos}] id={im.get('id') if isinstance(im, dict) else None}: "
-                            f"{'file ' + str(path) + ' not found' if ok else 'bad file_name/width/height'}")
-            continue
-        rows.append({"image_id": im["file_name"], "path": str(path), "width": im["width"], "height": im["height"]})
-    if problems:
-        raise DataError(f"{file}: {len(problems)} unusable test image(s) (a submission needs every one):\n  "
-                        + "\n  ".join(problems[:20]))
-    if not rows:
-        raise DataError(f"{file}: no test images")
-    return pd.DataFrame(rows)
 
 
 def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: int, batch_size: int):
@@ -93,6 +68,11 @@ def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, i
     files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    targets = pd.Series([str(f.relative_to(images_dir).with_suffix("")) for f in files])
+    if targets.duplicated().any():
+        clash = [str(f.relative_to(images_dir)) for f, t in zip(files, targets) if (targets == t).sum() > 1]
+        raise DataError(f"{images_dir}: {', '.join(clash[:6])} differ only by extension; their predictions would "
+                        "overwrite each other (<name>.png): rename or move one of each pair")
     sizes = []
     for p in files:
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
