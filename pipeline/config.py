@@ -77,7 +77,7 @@ class Masks(_Section):
 
 
 class Eda(_Section):
-    max_side: int = Field(512, ge=32)
+    pass
 
 
 class Split(_Section):

@@ -15,7 +15,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("eda", p) as run:
         ds = dataset_from_params(p.data)
-        result = analyse(ds, p.eda.max_side, p.masks.overlap, p.masks.unknown, p.masks.unknown_name,
+        result = analyse(ds, p.masks.overlap, p.masks.unknown, p.masks.unknown_name,
                          workers=p.masks.workers)
         with atomic_dir(p.paths.eda) as out:
             write_report(result, out)

@@ -36,7 +36,7 @@ def pair(result, a, b):
 
 
 def test_overlap_counts_smaller_on_top(ds):
-    r = analyse(ds, max_side=512, overlap="smaller_on_top")
+    r = analyse(ds, overlap="smaller_on_top")
     bag = pair(r, "Metal", "Plastic bag")
     assert (bag.images, bag.pixels, bag.a_lost_to_b, bag.b_lost_to_a) == (1, 9, 0, 9)
     pm = pair(r, "Paper", "Metal")
@@ -47,7 +47,7 @@ def test_overlap_counts_smaller_on_top(ds):
 
 
 def test_overlap_counts_higher_class_wins(ds):
-    r = analyse(ds, max_side=512, overlap="higher_class_wins")
+    r = analyse(ds, overlap="higher_class_wins")
     bag = pair(r, "Metal", "Plastic bag")
     assert (bag.a_lost_to_b, bag.b_lost_to_a) == (9, 0)      # the bag (class 3) covers the can
     pm = pair(r, "Paper", "Metal")
@@ -55,7 +55,7 @@ def test_overlap_counts_higher_class_wins(ds):
 
 
 def test_class_stats_and_summary(ds, tmp_path):
-    r = analyse(ds, max_side=512, overlap="smaller_on_top")
+    r = analyse(ds, overlap="smaller_on_top")
     cs = r.tables["class_stats"].set_index("class")
     assert cs.loc[["Paper", "Metal", "Plastic bag"], "instances"].tolist() == [2, 2, 1]
     assert cs.loc[["Paper", "Metal", "Plastic bag"], "images"].tolist() == [2, 2, 1]
@@ -72,13 +72,32 @@ def test_class_stats_and_summary(ds, tmp_path):
     assert m[2, 3] == m[3, 2] == 9 and m[1, 2] == 8
 
 
-def test_capped_resolution_scales_counts(tmp_path):
-    write_coco(tmp_path, [image(0, w=400, h=200)],
-               [{"image_id": 0, "category_id": 2, "segmentation": square(0, 0, 200, 200)},
-                {"image_id": 0, "category_id": 1, "segmentation": square(100, 100, 180, 180)}], CATS)
-    ds = load_dataset(tmp_path, ["train.json"])
-    r = analyse(ds, max_side=100, overlap="smaller_on_top")   # scale 1/4: 20x20 = 400 px of overlap
-    assert pair(r, "Metal", "Plastic bag").pixels == 400
-    assert r.summary["resolution_max_side"] == 100
+def test_overlaps_are_exact_on_a_12mp_photo(tmp_path):
+    """At full resolution: a 1-px-wide overlap that a 512-px raster would lose is counted."""
+    write_coco(tmp_path, [image(0, w=4000, h=3000)],
+               [{"image_id": 0, "category_id": 2, "segmentation": square(0, 0, 2000, 2000)},
+                {"image_id": 0, "category_id": 1, "segmentation": square(1999, 100, 2500, 180)},   # 1 x 80 px inside
+                {"image_id": 0, "category_id": 0, "segmentation": square(3000, 0, 3100, 100)}], CATS, write_images=False)
+    ds = load_dataset(tmp_path, ["train.json"], check_files=False)
+    r = analyse(ds, overlap="smaller_on_top")
+    row = pair(r, "Metal", "Plastic bag")
+    assert (row.pixels, row.a_lost_to_b, row.b_lost_to_a) == (80, 0, 80)
     a = r.tables["annotations"].set_index("class")
-    assert a.loc["Metal", "area_px"] == 6400                    # full-resolution estimate
+    assert a.loc["Metal", "area_px"] == 501 * 80 and a.loc["Plastic bag", "area_px"] == 2000 * 2000
+    cs = r.tables["class_stats"].set_index("class")
+    assert cs.loc[["Paper", "Metal", "Plastic bag"], "pixels"].tolist() == [10000, 501 * 80, 2000 * 2000 - 80]
+
+
+def test_json_area_mismatch_flags_box_areas_not_rounding(tmp_path):
+    """A 3x3 object whose json area is 16 (rasterised elsewhere) is fine; a box area for a
+    triangle is not. A box starting at -1 (rounding) is inside the image."""
+    tri = [[0, 0, 400, 0, 0, 400]]
+    write_coco(tmp_path, [image(0, w=500, h=500)],
+               [{"image_id": 0, "category_id": 1, "segmentation": square(10, 10, 13, 13), "area": 16, "bbox": [-1, 9, 5, 5]},
+                {"image_id": 0, "category_id": 2, "segmentation": tri, "area": 400 * 400, "bbox": [0, 0, 400, 400]},
+                {"image_id": 0, "category_id": 2, "segmentation": tri, "area": 80000, "bbox": [0, 0, 401.5, 400]}],
+               CATS, write_images=False)
+    ds = load_dataset(tmp_path, ["train.json"], check_files=False)
+    ann = analyse(ds, overlap="smaller_on_top").tables["annotations"]
+    assert ann.json_area_mismatch.tolist() == [False, True, False]
+    assert "bbox_outside_image" not in set(ds.issues.kind)

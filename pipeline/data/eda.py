@@ -1,12 +1,14 @@
 """Exploratory analysis from the annotations alone (image pixels are never decoded).
 
-Everything pixel-based is rasterised with the image's longest side capped at `max_side` (the
-report says which), through the same `paint` the mask cache uses, so the overlap figures describe
-exactly what the masks will contain.
+Every figure is exact at the images' full resolution, and none needs a bitmap: each annotation is
+rasterised to a COCO RLE (what the masks stage paints), and areas, intersections and what the
+overlap rule paints come from run-length operations. Only annotations whose boxes touch another's
+(a box prefilter, then connected groups) are intersected, so a 12-MP photo costs about what its
+polygons' outlines cost.
 
 Overlap: for classes a != b, `pixels` counts pixels covered by annotations of both, `images` the
 images where that happens; `a_lost_to_b` counts pixels annotated as a that the overlap rule paints
-as b (and the reverse), i.e. what the rule reassigns.
+as b (and the reverse), i.e. what the rule reassigns. Class `pixels` are what the masks will hold.
 """
 from __future__ import annotations
 
@@ -15,13 +17,21 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from pipeline.data.coco import IGNORE_INDEX, Dataset
-from pipeline.data.masks import paint, target_size, to_rle, unknown_class_index
+from pipeline.data.masks import paint_order, rle_runs, to_rle, union, unknown_class_index
+from pipeline.io import progress
+
+# A json `area` is "wrong" when it is off by half the true area *and* by more than the box's
+# perimeter (rasterised and polygon areas of one shape differ by up to about half the perimeter).
+AREA_MISMATCH_FRAC = 0.5
 
 
 @dataclass
@@ -30,35 +40,78 @@ class EdaResult:
     summary: dict                    # small, flat-ish dict: DVC metrics and MLflow metrics
 
 
+def _intersect(a: dict, b: dict) -> dict:
+    return mask_utils.merge([a, b], intersect=True)
+
+
+def _minus(a: dict, b: dict, h: int, w: int) -> dict:
+    """a and not b (the complement of an RLE is its runs behind one empty run)."""
+    return _intersect(a, mask_utils.frPyObjects({"size": [h, w], "counts": [0, *rle_runs(b).tolist()]}, h, w))
+
+
+def _area(rle: dict) -> int:
+    return int(rle_runs(rle)[1::2].sum())
+
+
+def _touching_groups(boxes: np.ndarray) -> tuple[int, np.ndarray]:
+    """Connected groups of annotations whose pixel boxes (x, y, w, h) intersect."""
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    touch = (x0[:, None] < x1[None]) & (x0[None] < x1[:, None]) & (y0[:, None] < y1[None]) & (y0[None] < y1[:, None])
+    return connected_components(coo_matrix(touch), directed=False)
+
+
 def _image_stats(task: tuple) -> dict:
-    """One image: per-annotation areas, per-class painted pixels, pair overlaps, reassignments."""
-    key, h, w, segs, classes, max_side, rule, unknown_class, unknown = task
-    out_hw = target_size(h, w, max_side)
-    n_px = out_hw[0] * out_hw[1]
+    """One image at full resolution: per-annotation areas and box perimeters, per-class painted
+    pixels, class-pair overlaps and reassigned pixels."""
+    key, h, w, segs, classes, rule, unknown_class, unknown = task
+    n_px = h * w
+    painted: dict[int, int] = defaultdict(int)
+    pairs: dict[tuple[int, int], int] = defaultdict(int)
+    lost: dict[tuple[int, int], int] = defaultdict(int)
     if not segs:
-        return dict(key=key, n_px=n_px, areas=[], painted=np.bincount([0], [n_px], minlength=256), pairs={}, lost={})
-    rles = [to_rle(s, h, w, *out_hw) for s in segs]
-    label = paint(rles, classes, rule, out_hw, unknown_class, unknown)
-    areas = [int(a) for a in mask_utils.area(rles)]
-    planes: dict[int, np.ndarray] = {}
-    for rle, c in zip(rles, classes):
-        m = mask_utils.decode(rle).astype(bool)
-        planes[c] = planes[c] | m if c in planes else m
-    present = sorted(planes)
-    pairs, lost = {}, {}
-    for i, a in enumerate(present):
-        painted_as = np.bincount(label[planes[a]], minlength=256)
-        for b in np.nonzero(painted_as)[0]:
-            if b != a:
-                lost[(a, int(b))] = int(painted_as[b])
-        for b in present[i + 1:]:
-            both = int(np.count_nonzero(planes[a] & planes[b]))
-            if both:
-                pairs[(a, b)] = both
-    return dict(key=key, n_px=n_px, areas=areas, painted=np.bincount(label.ravel(), minlength=256), pairs=pairs, lost=lost)
+        return dict(key=key, n_px=n_px, areas=[], perimeters=[], painted={0: n_px}, pairs={}, lost={})
+    rles = [to_rle(s, h, w, h, w) for s in segs]
+    areas = [_area(r) for r in rles]
+    boxes = np.array([mask_utils.toBbox(r) for r in rles]).reshape(-1, 4)
+    value: list[Optional[int]] = [None if c == unknown_class and unknown == "background" else
+                                  IGNORE_INDEX if c == unknown_class and unknown == "ignore" else c for c in classes]
+    _, group = _touching_groups(boxes)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g).tolist()
+        if len(members) == 1:
+            if value[members[0]] is not None:
+                painted[value[members[0]]] += areas[members[0]]
+            continue
+        order = [members[i] for i in paint_order([areas[i] for i in members], [classes[i] for i in members], rule)]
+        shown: dict[int, dict] = {}                     # painted value -> pixels showing it
+        covered = None
+        for j in reversed(order):                       # from the top: what is not yet covered shows j
+            if value[j] is None:
+                continue
+            vis = rles[j] if covered is None else _minus(rles[j], covered, h, w)
+            shown[value[j]] = union([shown[value[j]], vis]) if value[j] in shown else vis
+            covered = rles[j] if covered is None else union([covered, rles[j]])
+        for v, r in shown.items():
+            painted[v] += _area(r)
+        planes = {c: union([rles[i] for i in members if classes[i] == c]) for c in sorted({classes[i] for i in members})}
+        present = sorted(planes)
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                both = _area(_intersect(planes[a], planes[b]))
+                if both:
+                    pairs[(a, b)] += both
+            own = IGNORE_INDEX if a == unknown_class and unknown == "ignore" else a
+            for v, r in shown.items():
+                n = _area(_intersect(planes[a], r)) if v != own else 0
+                if n:
+                    lost[(a, v)] += n
+    painted[0] = n_px - sum(painted.values())
+    return dict(key=key, n_px=n_px, areas=areas, perimeters=(2 * boxes[:, 2:].sum(axis=1)).tolist(),
+                painted=dict(painted), pairs=dict(pairs), lost=dict(lost))
 
 
-def analyse(ds: Dataset, max_side: int, overlap: str, unknown: str = "keep", unknown_name: str = "UNKNOWN",
+def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str = "UNKNOWN",
             workers: int = 1) -> EdaResult:
     """Compute every EDA table for the labelled pool (see the module docstring). workers=0: all cores."""
     workers = workers or os.cpu_count() or 1
@@ -68,32 +121,38 @@ def analyse(ds: Dataset, max_side: int, overlap: str, unknown: str = "keep", unk
     for r in ds.images.itertuples(index=False):
         a = by_key.get(r.key)
         segs, cls = (list(a.segmentation), [int(c) for c in a.class_idx]) if a is not None else ([], [])
-        tasks.append((r.key, r.height, r.width, segs, cls, max_side, overlap, unknown_class, unknown))
+        tasks.append((r.key, r.height, r.width, segs, cls, overlap, unknown_class, unknown))
     if workers > 1 and len(tasks) >= 64:
         with ProcessPoolExecutor(workers) as pool:
-            stats = list(pool.map(_image_stats, tasks, chunksize=max(1, len(tasks) // (workers * 8))))
+            stats = list(progress(pool.map(_image_stats, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8)))),
+                                  len(tasks), "eda"))
     else:
-        stats = [_image_stats(t) for t in tasks]
+        stats = list(progress(map(_image_stats, tasks), len(tasks), "eda"))
     names = ds.classes
     K = len(names)
     anns = ds.annotations
 
-    # Per annotation: area as a fraction of its image, and how the json `area` compares.
+    # Per annotation: exact area (pixels the mask paints for it alone), and how the json `area` compares.
     img = ds.images.set_index("key")
-    frac = np.concatenate([np.asarray(s["areas"], float) / s["n_px"] for s in stats]) if len(anns) else np.array([])
-    order = pd.Index([s["key"] for s in stats])
-    ann_tab = pd.concat([by_key[k] for k in order if k in by_key]) if len(anns) else anns
+    area_px = np.concatenate([np.asarray(s["areas"], float) for s in stats]) if len(anns) else np.array([])
+    perimeter = np.concatenate([np.asarray(s["perimeters"], float) for s in stats]) if len(anns) else np.array([])
+    ann_tab = pd.concat([by_key[s["key"]] for s in stats if s["key"] in by_key]) if len(anns) else anns
     full_px = img.loc[ann_tab.key, "width"].to_numpy() * img.loc[ann_tab.key, "height"].to_numpy()
     ann_table = pd.DataFrame({
         "ann_id": ann_tab.ann_id.to_numpy(), "key": ann_tab.key.to_numpy(),
         "class": [names[c] for c in ann_tab.class_idx], "iscrowd": ann_tab.iscrowd.to_numpy(),
-        "area_frac": frac, "area_px": np.round(frac * full_px),
+        "area_frac": area_px / full_px, "area_px": area_px,
         "json_area": pd.to_numeric(ann_tab.json_area, errors="coerce").to_numpy(),
     })
     ann_table["json_area_ratio"] = ann_table.json_area / ann_table.area_px.where(ann_table.area_px > 0)
+    off = (ann_table.json_area - ann_table.area_px).abs()
+    ann_table["json_area_mismatch"] = (off > AREA_MISMATCH_FRAC * ann_table.area_px) & (off > perimeter)
 
-    # Per class: instances, images, painted pixel share.
-    painted = np.sum([s["painted"] for s in stats], axis=0)
+    # Per class: instances, images, painted pixels (exact: what the full-size masks will hold).
+    painted = np.zeros(256, np.int64)
+    for s in stats:
+        for v, n in s["painted"].items():
+            painted[v] += n
     total_px = painted.sum()
     fg_px = total_px - painted[0] - painted[IGNORE_INDEX]
     inst = anns.groupby("class_idx").size().reindex(range(K), fill_value=0)
@@ -151,9 +210,8 @@ def analyse(ds: Dataset, max_side: int, overlap: str, unknown: str = "keep", unk
         "overlap": {"images": int(len(overlap_images)), "class_pairs": int(len(pair_table)),
                     "pixel_frac": float(sum(pair_px.values()) / total_px) if total_px else 0.0,
                     "reassigned_pixels": int(sum(lost.values()))},
-        "json_area_mismatch": int((ann_table.json_area_ratio.sub(1).abs() > 0.5).sum()),
+        "json_area_mismatch": int(ann_table.json_area_mismatch.sum()),
         "issues": {"skipped": int(len(errors)), "notes": int((issues.severity == "info").sum())},
-        "resolution_max_side": int(max_side),
     }
     tables = {"class_stats": class_table, "annotations": ann_table, "per_image": per_image,
               "overlap_pairs": pair_table, "overlap_images": overlap_images, "issues": issues,
@@ -203,7 +261,7 @@ def plot_report(result: EdaResult, out_dir: Path) -> list[Path]:
         for y, x in ((i, j), (j, i)):
             ax.text(x, y, str(int(row.images)), ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(im, ax=ax, label="log10(1 + overlapping pixels)")
-    ax.set_title(f"Overlapping labels (numbers: images; longest side {result.summary['resolution_max_side']} px)")
+    ax.set_title("Overlapping labels (numbers: images; exact, at full resolution)")
     fig.tight_layout()
     paths.append(out_dir / "overlap_matrix.png")
     fig.savefig(paths[-1], dpi=90)
