@@ -211,7 +211,7 @@ def test_the_cache_stops_before_writing_when_the_disk_is_too_small(tmp_path, mon
     _two_images(tmp_path)
     ds = load_dataset(tmp_path, ["train.json"])
     monkeypatch.setattr(masks.shutil, "disk_usage", lambda p: type("u", (), {"free": 5000})())
-    with pytest.raises(DataError, match=r"the cache needs about 0.0 GB but only 0.0 GB are free.*masks.max_side"):
+    with pytest.raises(DataError, match=r"the cache needs about 0 MB but only 0 MB are free.*masks.max_side"):
         build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("cache.tmp-*"))
     assert masks.cache_bytes(pd.DataFrame({"height": [40, 40], "width": [48, 48], "image": ["a.npy", "b.jpg"]})) == \

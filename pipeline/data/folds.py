@@ -29,7 +29,8 @@ from sklearn.model_selection import KFold, ShuffleSplit
 
 from pipeline.data.coco import DataError, Dataset
 
-COUNT_BINS = 4
+IMAGE_QUANTILES = (0.25, 0.5, 0.75)   # count bins that split the images evenly...
+MASS_BINS = 5                          # ...plus bins holding equal shares of the objects (the long tail)
 
 
 def group_keys(images: pd.DataFrame, group: Optional[str]) -> pd.Series:
@@ -73,10 +74,22 @@ def label_matrix(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return presence, counts
 
 
+def count_edges(counts: np.ndarray) -> np.ndarray:
+    """Upper edges of the object-count bins: image quartiles, plus edges that give each bin an equal
+    share of all objects. Real counts are long-tailed (most photos hold 1-3 objects, a few hold 90):
+    quartiles alone put 4..90 in one bin, and the folds' object totals then drift apart."""
+    if not len(counts):
+        return np.zeros(0)
+    c = np.sort(counts)
+    mass = np.cumsum(c) / max(c.sum(), 1)
+    by_mass = c[np.minimum(np.searchsorted(mass, np.arange(1, MASS_BINS) / MASS_BINS), len(c) - 1)]
+    return np.unique(np.r_[np.quantile(counts, IMAGE_QUANTILES), by_mass])
+
+
 def _strat_labels(presence: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Class presence + one-hot quantile bin of the object count (balances objects per fold too)."""
-    edges = np.unique(np.quantile(counts, np.linspace(0, 1, COUNT_BINS + 1)[1:-1])) if len(counts) else []
-    bins = np.digitize(counts, edges)
+    """Class presence + one-hot bin of the object count (balances objects per fold too)."""
+    edges = count_edges(counts)
+    bins = np.digitize(counts, edges, right=True)
     return np.hstack([presence, np.eye(len(edges) + 1, dtype=np.uint8)[bins]])
 
 

@@ -286,7 +286,7 @@ def check_disk(index: pd.DataFrame, out_dir: Path, log=print) -> None:
     images, masks = cache_bytes(index)
     parent = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     free = shutil.disk_usage(parent).free
-    gb = lambda n: f"{n / 1e9:.1f} GB"   # noqa: E731
+    gb = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"   # noqa: E731
     log(f"masks: {len(index)} images -> about {gb(images + masks)} ({gb(images)} of decoded images, "
         f"~{gb(masks)} of masks); {gb(free)} free under {parent}")
     if images + masks > 0.95 * free:
