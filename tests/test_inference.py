@@ -158,3 +158,12 @@ def test_predict_refuses_to_write_into_its_inputs(test_set, tmp_path):
     assert n == 3
     pred = cv2.imread(str(tmp_path / "out/1.png"), cv2.IMREAD_UNCHANGED)
     assert pred.shape == (64, 96) and pred.max() < 3 and (tmp_path / "out/1_overlay.jpg").exists()
+
+
+def test_predict_refuses_names_that_would_overwrite_each_other(test_set, tmp_path):
+    """0.jpg and 0.png would both become 0.png: a clear error before any prediction is written."""
+    cv2.imwrite(str(test_set / "test/0.png"), np.zeros((8, 8, 3), np.uint8))
+    ens = Ensemble([(PixelModel(classes=3).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
+    with pytest.raises(DataError, match=r"0\.jpg, 0\.png differ only by extension"):
+        predict_folder(ens, test_set / "test", tmp_path / "out", 64, ["bg", "a", "b"])
+    assert not (tmp_path / "out").exists()
