@@ -49,7 +49,7 @@ def test_annotation_mix_imbalance_and_overlap(demo):
              else "rle_compressed" if isinstance(s["counts"], str) else "rle_uncompressed" for s in segs}
     assert kinds == {"polygon", "multipolygon", "rle_compressed", "rle_uncompressed"}
     assert ds.annotations.iscrowd.sum() >= 1
-    r = analyse(ds, max_side=512, overlap="smaller_on_top")
+    r = analyse(ds, overlap="smaller_on_top")
     inst = r.tables["class_stats"].set_index("class").instances
     assert inst["Battery"] == inst[1:].min() and inst["Battery"] < inst[1:].max() / 4   # rare on purpose
     assert r.summary["images_without_annotations"] >= 1
