@@ -74,7 +74,7 @@ class _Issues:
 
     def frame(self) -> pd.DataFrame:
         """Ids stay as the json wrote them (object dtype): 1, not 1.0; missing ones are empty, not NaN."""
-        frame = pd.DataFrame(self.rows, columns=ISSUE_COLUMNS).astype({"image_id": object, "ann_id": object})
+        frame = pd.DataFrame(self.rows, columns=ISSUE_COLUMNS)
         for col in ("image_id", "ann_id"):
             frame[col] = pd.Series([r[col] for r in self.rows], dtype=object, index=frame.index)
         return frame
