@@ -18,7 +18,7 @@ def runs(experiment="segmentation"):
 def test_stages_of_one_session_share_a_parent(tmp_path):
     with stage_run("masks", Params().only("masks")) as run:
         run.log_metrics({"masks/images": 3})
-    with stage_run("eda", Params().only("eda")) as run:
+    with stage_run("eda", Params().only("eda", "split")) as run:
         run.write_metrics(tmp_path / "m.json", {"eda": {"images": 3, "overlap": {"images": 1}, "name": "x"}})
     all_runs = runs()
     parents = [r for r in all_runs if r.data.tags.get("pipeline.role") == "parent"]
@@ -29,7 +29,7 @@ def test_stages_of_one_session_share_a_parent(tmp_path):
     assert parent.info.status == "FINISHED"
     eda = next(c for c in children if c.info.run_name == "eda")
     assert eda.data.metrics == {"eda/images": 3.0, "eda/overlap/images": 1.0}
-    assert eda.data.params == {"eda.max_side": "512"}
+    assert eda.data.params["split.strategy"] == "multilabel" and eda.data.params["split.n_folds"] == "3"
     assert json.loads((tmp_path / "m.json").read_text())["eda"]["overlap"]["images"] == 1
     masks = next(c for c in children if c.info.run_name == "masks")
     assert masks.data.params["masks.overlap"] == "smaller_on_top" and masks.data.params["masks.max_side"] == "null"
