@@ -15,7 +15,7 @@ export DO_NOT_TRACK := 1
 $(VENV)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --progress-bar off -r requirements.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-	$(BIN)/python -c "import torch, segmentation_models_pytorch, albumentations, pycocotools, dvc, mlflow, iterstrat"
+	$(BIN)/python -c "import torch, segmentation_models_pytorch, albumentations, pycocotools, dvc, mlflow, iterstrat, imagehash"
 	touch $@
 
 install: $(VENV)/.installed

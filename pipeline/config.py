@@ -35,6 +35,7 @@ class Paths(_Section):
     demo: str = "data/demo"
     masks: str = "data/masks"
     eda: str = "reports/eda"
+    near_dups: str = "reports/near_dups"
     split: str = "data/split"
     metrics: str = "metrics"
     models: str = "models"
@@ -80,10 +81,21 @@ class Eda(_Section):
     pass
 
 
+class NearDups(_Section):
+    enabled: bool = True
+    hash_distance: int = Field(8, ge=0, le=64)   # pHash bits that may differ (resizes, re-encodes, brightness)
+    min_inliers: int = Field(20, ge=4)           # ORB matches agreeing on one affine map (crops)
+    side: int = Field(512, ge=64)                # long side the images are looked at
+    n_features: int = Field(1000, ge=50)          # ORB keypoints per image
+    include_test: bool = True                    # also find test images that repeat labelled ones
+    workers: int = Field(0, ge=0)
+
+
 class Split(_Section):
     strategy: Literal["multilabel", "random", "given"] = "multilabel"
     n_folds: int = Field(3, ge=1)
     group: Optional[str] = None
+    join_near_dups: Optional[bool] = None   # null: when group is null; true/false: always/never
     holdout: float = Field(0.1, ge=0.0, lt=0.9)
     seed: int = 42
 
@@ -201,6 +213,7 @@ class Params(_Section):
     data: Data = Data()
     masks: Masks = Masks()
     eda: Eda = Eda()
+    near_dups: NearDups = NearDups()
     split: Split = Split()
     train: Train = Train()
     infer: Infer = Infer()

@@ -4,7 +4,9 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.data.folds import balance_report, duplicates_apart, make_folds, plot_balance
+from pipeline.data.folds import (balance_report, duplicates_apart, make_folds, near_dups_apart, near_pairs,
+                                 plot_balance)
+from pipeline.data.near_dups import read_pairs
 from pipeline.io import atomic_dir, identical_files
 from pipeline.tracking import stage_run
 
@@ -17,7 +19,10 @@ def main() -> None:
     with stage_run("split", p) as run:
         ds = dataset_from_params(p.data)
         copies = identical_files(ds.images.path)   # the same photo under two names: kept together
-        folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json, copies)
+        pairs = read_pairs(p.paths.near_dups)      # crops, resizes, re-encodes (stage near_dups)
+        join = s.group is None if s.join_near_dups is None else s.join_near_dups
+        near = near_pairs(ds.images.key, pairs) if join else []
+        folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json, copies, near)
         table, balance = balance_report(ds, folds, s.strategy, s.n_folds, s.group, s.seed)
         with atomic_dir(p.paths.split) as out:
             folds.to_csv(out / "folds.csv", index=False)
@@ -28,7 +33,8 @@ def main() -> None:
         run.write_metrics(Path(p.paths.metrics) / "split.json", {"split": {
             "images": len(folds), "holdout_images": int(folds.holdout.sum()),
             "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance,
-            "duplicate_images": sum(len(c) - 1 for c in copies), "duplicates_apart": duplicates_apart(folds)}})
+            "duplicate_images": sum(len(c) - 1 for c in copies), "duplicates_apart": duplicates_apart(folds),
+            "near_dups": {"joined": join, **near_dups_apart(folds, pairs)}}})
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_dvc_repro_end_to_end(workspace):
     ws, env = workspace
     first = sh(["dvc", "repro"], ws, env)
     members = [f"{k}-{s}" for k in (0, 1) for s in (0, 1)]   # the folds x seeds matrix
-    for stage in ("demo_data", "masks", "eda", "split", *(f"train@{m}" for m in members), "cv", "pseudo",
+    for stage in ("demo_data", "masks", "near_dups", "eda", "split", *(f"train@{m}" for m in members), "cv", "pseudo",
                   *(f"train_round2@{m}" for m in members), "ensemble", "submit"):
         assert f"Running stage '{stage}'" in first
 
@@ -70,6 +70,9 @@ def test_dvc_repro_end_to_end(workspace):
     assert set(folds[~folds.holdout].fold) == {0, 1, 2} and folds.holdout.sum() >= 1
     split = json.loads((ws / "metrics/split.json").read_text())["split"]
     assert split["duplicate_images"] == 0 and split["duplicates_apart"] == 0 and folds.duplicate_of.isna().all()
+    near = json.loads((ws / "metrics/near_dups.json").read_text())["near_dups"]
+    assert near["images"] == 28 and near["pairs"] == 0     # distinct demo scenes: no false near-duplicates
+    assert (ws / "reports/near_dups/clusters.png").exists() and split["near_dups"]["joined"] is True
     eda = json.loads((ws / "metrics/eda.json").read_text())["eda"]
     assert eda["images"] == 24 and eda["classes"] == 11
     assert {"class_balance.png", "overlap_matrix.png", "area_hist.png", "issues.csv"} <= {
@@ -115,7 +118,7 @@ def test_dvc_repro_end_to_end(workspace):
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
-    assert kids[parents[0].info.run_id] == sorted(["cv", "demo_data", "eda", "ensemble", "masks", "pseudo", "split", "submit",
+    assert kids[parents[0].info.run_id] == sorted(["cv", "demo_data", "eda", "ensemble", "masks", "near_dups", "pseudo", "split", "submit",
                                                    *(f"train@{m}" for m in members), *(f"train_round2@{m}" for m in members)])
     assert kids[parents[1].info.run_id] == ["train@1-1"]
     assert "ensemble/holdout/k_fold_ensemble/mIoU" in parents[0].data.metrics

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from pipeline.data.coco import DataError, Dataset
-from pipeline.data.folds import balance_report, duplicates_apart, label_matrix, make_folds
+from pipeline.data.folds import (balance_report, duplicates_apart, label_matrix, make_folds, near_dups_apart,
+                                 near_pairs)
 from pipeline.io import identical_files
 
 CLASSES = ["Background"] + [f"c{i}" for i in range(1, 9)]
@@ -155,3 +156,31 @@ def test_object_counts_balance_on_a_long_tail():
         return np.mean(out)
 
     assert spread(_strat_labels(presence, counts)) < 0.6 * spread(old)
+
+
+def test_near_duplicate_pairs_share_a_fold_and_leaks_are_counted(ds):
+    """Chains of near-duplicate pairs join one group; without joining, the leak count says how many
+    validation/holdout images have a near-duplicate among the images their model trained on."""
+    keys = ds.images.key
+    pairs = pd.DataFrame({"key_a": [keys[3], keys[40], keys[41], "not-labelled.jpg"],
+                          "key_b": [keys[90], keys[41], keys[200], keys[5]]})
+    near = near_pairs(keys, pairs)
+    assert near == [[3, 90], [40, 41], [41, 200]]                     # the test image's pair is dropped
+    for seed in range(4):
+        f = make_folds(ds, "multilabel", 5, None, 0.15, seed=seed, near=near)
+        for same in ([3, 90], [40, 41, 200]):
+            assert f.iloc[same].fold.nunique() == 1 and f.iloc[same].holdout.nunique() == 1
+        assert near_dups_apart(f, pairs) == {"pairs": 3, "pairs_apart": 0, "leaky_images": 0}
+    f = make_folds(ds, "multilabel", 5, None, 0.0, seed=0)
+    side = f.set_index("key").fold
+    apart = [(a, b) for a, b in zip(pairs.key_a[:3], pairs.key_b[:3]) if side[a] != side[b]]
+    got = near_dups_apart(f, pairs)
+    assert got["pairs_apart"] == len(apart) and got["leaky_images"] == len({k for p in apart for k in p})
+
+
+def test_near_dup_leaks_known_answer():
+    folds = pd.DataFrame({"key": list("abcdef"), "fold": [0, 1, 0, -1, -1, 2],
+                          "holdout": [False, False, False, True, True, False]})
+    pairs = pd.DataFrame({"key_a": ["a", "a", "d", "e"], "key_b": ["b", "c", "e", "f"]})
+    # a-b: folds 0/1, both leak; a-c: same fold; d-e: both holdout; e-f: e (holdout) sees f trained on
+    assert near_dups_apart(folds, pairs) == {"pairs": 4, "pairs_apart": 2, "leaky_images": 3}

@@ -131,12 +131,13 @@ def _holdout(strategy: str, frac: float, seed: int, labels: np.ndarray, eligible
 
 def make_folds(ds: Dataset, strategy: str, n_folds: int, group: Optional[str] = None, holdout: float = 0.0,
                seed: int = 42, val_source: Optional[str] = None,
-               duplicates: Sequence[Sequence[int]] = ()) -> pd.DataFrame:
+               duplicates: Sequence[Sequence[int]] = (), near: Sequence[Sequence[int]] = ()) -> pd.DataFrame:
     """Assign every labelled image a fold (see the module docstring for the columns).
-    duplicates: sets of positions in ds.images whose files are identical (`pipeline.io.identical_files`)."""
+    duplicates: sets of positions in ds.images whose files are identical (`pipeline.io.identical_files`).
+    near: sets of positions to keep together too (near-duplicate pairs, `pipeline.data.near_dups`)."""
     groups = group_keys(ds.images, group)
     if strategy != "given":
-        groups = merge_groups(groups, duplicates)
+        groups = merge_groups(groups, [*duplicates, *near])
     first = {i: ds.images.key.iloc[d[0]] for d in duplicates for i in d[1:]}
     presence, counts = label_matrix(ds)
     codes, n_groups, g_presence, g_counts = _by_group(groups, presence, counts)
@@ -171,6 +172,29 @@ def duplicates_apart(folds: pd.DataFrame) -> int:
     dup = folds[folds.duplicate_of.fillna("") != ""]
     first = folds.set_index("key").loc[dup.duplicate_of, ["fold", "holdout"]].to_numpy()
     return int((first != dup[["fold", "holdout"]].to_numpy()).any(axis=1).sum())
+
+
+def near_pairs(keys: pd.Series, pairs: pd.DataFrame) -> list[list[int]]:
+    """Positions in `keys` of each near-duplicate pair (columns key_a, key_b) whose images are both there."""
+    pos = {k: i for i, k in enumerate(keys)}
+    return [[pos[a], pos[b]] for a, b in zip(pairs.key_a, pairs.key_b) if a in pos and b in pos]
+
+
+def near_dups_apart(folds: pd.DataFrame, pairs: pd.DataFrame) -> dict:
+    """How the split treats near-duplicate pairs: pairs whose two images sit on different sides
+    (other fold, or one in the holdout), and validation/holdout images that have a near-duplicate
+    among the images trained on when they are judged: the leaks a split should not have."""
+    side = folds.set_index("key")[["fold", "holdout"]]
+    pairs = pairs[pairs.key_a.isin(side.index) & pairs.key_b.isin(side.index)]
+    a, b = side.loc[pairs.key_a].to_numpy(), side.loc[pairs.key_b].to_numpy()
+    apart = (a != b).any(axis=1)
+    leaky: set[str] = set()
+    for (ka, kb), (fa, ha), (fb, hb) in zip(zip(pairs.key_a, pairs.key_b), a, b):
+        for k, f, h, f2, h2 in ((ka, fa, ha, fb, hb), (kb, fb, hb, fa, ha)):
+            judged_without_it = (h and not h2) or (f >= 0 and not h and not h2 and f2 != f)
+            if judged_without_it:   # the other image is trained on when this one is scored
+                leaky.add(k)
+    return {"pairs": int(len(pairs)), "pairs_apart": int(apart.sum()), "leaky_images": len(leaky)}
 
 
 def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
