@@ -26,7 +26,7 @@ def main() -> None:
                                 p.infer.batch_size, keep=p.submit.gallery)
         if kept:
             shown = sorted(kept)
-            plot_predictions([read_image(images.path[i]) for i in shown], [kept[i] for i in shown], classes,
+            plot_predictions([read_image(images.path[i], (images.height[i], images.width[i])) for i in shown], [kept[i] for i in shown], classes,
                              out / "gallery.png")
             run.log_artifact(out / "gallery.png", "submission")
         run.log_metrics({"submit/images": len(images)})

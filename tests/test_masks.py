@@ -6,6 +6,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import IGNORE_INDEX, load_dataset
@@ -201,3 +202,32 @@ def test_a_stray_far_vertex_is_clipped_not_rasterised_for_ever(tmp_path):
     label_near, _ = label_of(tmp_path / "near", [{"category_id": 7, "segmentation": near}])
     assert np.count_nonzero(label_far == PLASTIC) > 0
     assert np.count_nonzero(label_far != label_near) <= 2   # inside, the two edges' slopes differ by < 0.01
+
+
+@pytest.mark.parametrize("json_sees", ["stored", "rotated"])
+def test_exif_photo_read_in_place_matches_its_mask(tmp_path, json_sees):
+    """masks.cache_images: false reads the photo itself at training time: it is oriented by the same
+    rule as the cache (the json's size decides), so image and mask agree whichever way the
+    annotation tool saw the photo."""
+    from PIL import Image
+
+    from pipeline.data.dataset import SegDataset
+
+    root = tmp_path / "ds"
+    w, h = (12, 8) if json_sees == "stored" else (8, 12)
+    write_coco(root, [{"id": 0, "file_name": "p.jpg", "width": w, "height": h}],
+               [{"image_id": 0, "category_id": 3, "segmentation": square(0, 0, 4, 4)}], CATS, write_images=False)
+    stored = np.zeros((8, 12, 3), np.uint8)
+    stored[:, :4] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(root / "p.jpg", exif=exif, quality=100)
+    ds = load_dataset(root, ["train.json"])
+    in_place = build_mask_cache(ds, tmp_path / "a", "smaller_on_top", "keep", "UNKNOWN", None, workers=1,
+                                cache_images=False)
+    cached = build_mask_cache(ds, tmp_path / "b", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    assert in_place["image"][0].endswith("p.jpg")
+    identity = lambda image, mask: {"image": image, "mask": torch.from_numpy(mask)}
+    img, mask = SegDataset(in_place, identity).load(0)
+    assert img.shape[:2] == mask.shape == (h, w)
+    assert np.array_equal(img, np.load(cached["image"][0]))

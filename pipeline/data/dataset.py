@@ -62,7 +62,8 @@ class SegDataset(Dataset):
         return len(self.images)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.transform(image=read_image(self.images[i]), mask=cv2.imread(self.masks[i], cv2.IMREAD_UNCHANGED))
+        mask = cv2.imread(self.masks[i], cv2.IMREAD_UNCHANGED)
+        out = self.transform(image=read_image(self.images[i], mask.shape), mask=mask)
         return out["image"], out["mask"].long()
 
     def __getitem__(self, i: int):

@@ -199,10 +199,15 @@ def image_label(anns: pd.DataFrame | None, height: int, width: int, out_hw: tupl
     return paint(rles, list(anns.class_idx), rule, out_hw, unknown_class, unknown)
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image as (H, W, 3) uint8 RGB, from the cache (.npy) or an image file."""
+def read_image(path: str, hw: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """An image as (H, W, 3) uint8 RGB, from the cache (.npy) or an image file. hw: the (height,
+    width) its json (and mask) says it has; a file is then oriented by decode_oriented's rule, the
+    same one the cache was written with, so a photo read in place (masks.cache_images: false) and
+    its mask never disagree about EXIF rotation."""
     if path.endswith(".npy"):
         return np.load(path)
+    if hw is not None:
+        return decode_oriented(path, int(hw[0]), int(hw[1]))
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise OSError(f"cannot decode image {path}")

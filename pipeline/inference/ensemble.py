@@ -82,7 +82,7 @@ def score(ensemble: Ensemble, table: pd.DataFrame, num_classes: int, image_size:
 
     images, masks = table["image"].tolist(), table["mask"].tolist()
     sizes = list(zip(table["height"].astype(int), table["width"].astype(int)))
-    data = ImageFiles(lambda i: read_image(images[i]), len(images), image_size)
+    data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), image_size)
     cm = ConfusionMatrix(num_classes)
     start = time.perf_counter()
     for i, pred in ensemble.predict(data, sizes, batch_size):

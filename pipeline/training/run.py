@@ -259,7 +259,7 @@ def finish_fold(fold, seed, model, out, val_tab, val_dl, loss_fn, classes, histo
     plot_iou(s["IoU"], reports / "iou.png", f"fold {fold} seed {seed}: mIoU {s['mIoU']:.3f}")
     plot_curves(history, reports / "curves.png")
     if shown:
-        plot_gallery([read_image(val_tab["image"][i]) for i in shown],
+        plot_gallery([read_image(val_tab["image"][i], (val_tab["height"][i], val_tab["width"][i])) for i in shown],
                      [cv2.imread(val_tab["mask"][i], cv2.IMREAD_UNCHANGED) for i in shown],
                      [preds[i] for i in shown], classes, reports / "gallery.png")
     plots = Path(p.paths.plots) / tag
