@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.data.coco import load_dataset
@@ -101,3 +102,31 @@ def test_json_area_mismatch_flags_box_areas_not_rounding(tmp_path):
     ann = analyse(ds, overlap="smaller_on_top").tables["annotations"]
     assert ann.json_area_mismatch.tolist() == [False, True, False]
     assert "bbox_outside_image" not in set(ds.issues.kind)
+
+
+def test_canonical_runs_known_answers():
+    from pipeline.data.eda import canonical_runs
+
+    assert canonical_runs([0, 2, 3, 2, 18]).tolist() == [0, 2, 3, 2, 18]     # a leading empty run is the form
+    assert canonical_runs([0, 0, 2, 3, 2, 18]).tolist() == [2, 3, 2, 18]
+    assert canonical_runs([3, 0, 2, 4]).tolist() == [5, 4]
+    assert canonical_runs([2, 0, 0, 3]).tolist() == [2, 3]
+    assert canonical_runs([0, 0, 5]).tolist() == [5]
+
+
+@pytest.mark.timeout(60, method="thread")   # pycocotools looping in C ignores the default signal timeout
+def test_zero_length_runs_and_corner_masks_do_not_hang_the_overlap_arithmetic():
+    """A crowd RLE written with empty runs inside, overlapping masks that start on the first pixel:
+    pycocotools' merge loops forever on such runs unless they are made canonical first."""
+    from pipeline.data.eda import _image_stats
+    from pipeline.data.masks import image_label
+
+    h = w = 6
+    crowd = {"size": [h, w], "counts": [0, 0, 4, 0, 0, 2, 30]}
+    segs = [square(0, 0, 3, 3), square(0, 0, 6, 6), crowd, square(1, 0, 4, 2)]
+    classes = [1, 2, 1, 3]
+    for rule in ("smaller_on_top", "higher_class_wins"):
+        s = _image_stats(("k", h, w, segs, classes, rule, None, "keep"))
+        label = image_label(pd.DataFrame({"segmentation": segs, "class_idx": classes}), h, w, (h, w), rule, None, "keep")
+        assert {v: c for v, c in s["painted"].items() if c} == {int(v): int(c) for v, c in
+                                                                zip(*np.unique(label, return_counts=True))}

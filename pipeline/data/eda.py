@@ -40,13 +40,41 @@ class EdaResult:
     summary: dict                    # small, flat-ish dict: DVC metrics and MLflow metrics
 
 
+def canonical_runs(runs: np.ndarray) -> np.ndarray:
+    """The same pixels as run lengths with no zero-length run after the first. pycocotools' merge
+    assumes that form: a zero-length run inside (a crowd RLE written that way, or a complement
+    of a mask that starts on its first pixel) can make it loop forever."""
+    runs = np.asarray(runs, np.int64)
+    if len(runs) < 2 or (runs[1:] > 0).all():
+        return runs
+    edges, n = np.unique(np.cumsum(runs)[:-1], return_counts=True)   # every edge toggles the value
+    kept = edges[n % 2 == 1]                                         # two toggles at one pixel cancel
+    return np.diff(np.concatenate([[0], kept, [runs.sum()]]))
+
+
+def _rle(runs: np.ndarray, h: int, w: int) -> dict:
+    return mask_utils.frPyObjects({"size": [h, w], "counts": canonical_runs(runs).tolist()}, h, w)
+
+
+def _canonical(rle: dict) -> dict:
+    runs = rle_runs(rle)
+    if len(runs) < 2 or (runs[1:] > 0).all():
+        return rle
+    h, w = rle["size"]
+    return _rle(runs, h, w)
+
+
+def _union(rles: list[dict]) -> dict:
+    return _canonical(union(rles))
+
+
 def _intersect(a: dict, b: dict) -> dict:
-    return mask_utils.merge([a, b], intersect=True)
+    return _canonical(mask_utils.merge([a, b], intersect=True))
 
 
 def _minus(a: dict, b: dict, h: int, w: int) -> dict:
     """a and not b (the complement of an RLE is its runs behind one empty run)."""
-    return _intersect(a, mask_utils.frPyObjects({"size": [h, w], "counts": [0, *rle_runs(b).tolist()]}, h, w))
+    return _intersect(a, _rle(np.concatenate([[0], rle_runs(b)]), h, w))
 
 
 def _area(rle: dict) -> int:
@@ -71,7 +99,7 @@ def _image_stats(task: tuple) -> dict:
     lost: dict[tuple[int, int], int] = defaultdict(int)
     if not segs:
         return dict(key=key, n_px=n_px, areas=[], perimeters=[], painted={0: n_px}, pairs={}, lost={})
-    rles = [to_rle(s, h, w, h, w) for s in segs]
+    rles = [_canonical(to_rle(s, h, w, h, w)) for s in segs]
     areas = [_area(r) for r in rles]
     boxes = np.array([mask_utils.toBbox(r) for r in rles]).reshape(-1, 4)
     value: list[Optional[int]] = [None if c == unknown_class and unknown == "background" else
@@ -90,11 +118,11 @@ def _image_stats(task: tuple) -> dict:
             if value[j] is None:
                 continue
             vis = rles[j] if covered is None else _minus(rles[j], covered, h, w)
-            shown[value[j]] = union([shown[value[j]], vis]) if value[j] in shown else vis
-            covered = rles[j] if covered is None else union([covered, rles[j]])
+            shown[value[j]] = _union([shown[value[j]], vis]) if value[j] in shown else vis
+            covered = rles[j] if covered is None else _union([covered, rles[j]])
         for v, r in shown.items():
             painted[v] += _area(r)
-        planes = {c: union([rles[i] for i in members if classes[i] == c]) for c in sorted({classes[i] for i in members})}
+        planes = {c: _union([rles[i] for i in members if classes[i] == c]) for c in sorted({classes[i] for i in members})}
         present = sorted(planes)
         for i, a in enumerate(present):
             for b in present[i + 1:]:
