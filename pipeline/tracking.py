@@ -18,6 +18,7 @@ marks parents (and their stage runs) whose dvc process is gone as KILLED.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -125,10 +126,10 @@ def session_key() -> str:
     return f"{host}:standalone:{os.getpid()}:{time.time_ns()}"
 
 
-def git_sha() -> Optional[str]:
+def git_sha(root: Optional[str] = None) -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=repo_root())
+                             cwd=root or repo_root())
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -138,17 +139,18 @@ def _clean(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _parent_run(client, experiment_id: str, key: str) -> str:
+def _parent_run(client, experiment_id: str, spec: dict) -> str:
+    key = spec["session"]
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'", max_results=1)
     if found:
         return found[0].info.run_id
-    exp_name = os.environ.get("DVC_EXP_NAME")
+    exp_name = spec["dvc_exp_name"]
     name = exp_name or f"repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    tags = {SESSION_TAG: key, "pipeline.role": "parent", "git.sha": _clean(git_sha()),
+    tags = {SESSION_TAG: key, "pipeline.role": "parent", "git.sha": _clean(git_sha(spec["root"])),
             "dvc.exp_name": _clean(exp_name), "mlflow.runName": name}
     _mark_killed(client, experiment_id)
     run = client.create_run(experiment_id, tags=tags, run_name=name)
-    params_file = repo_root() / PARAMS_FILE
+    params_file = Path(spec["root"]) / PARAMS_FILE
     if params_file.exists():
         flat = flatten(load_params(params_file))
         from mlflow.entities import Param
@@ -182,25 +184,103 @@ def _mark_killed(client, experiment_id: str) -> None:
             client.set_terminated(run.info.run_id, status="KILLED")
 
 
-class StageRun:
-    """Handle a stage uses to log; metric keys are slash-namespaced (`eda/images`, `val/mIoU`)."""
+class TrackingFailed(ConfigError):
+    """The MLflow logger failed; the message says how."""
 
-    def __init__(self, mlflow, run_id: str, parent_id: str):
-        self.mlflow, self.run_id, self.parent_id = mlflow, run_id, parent_id
+
+# ---------------------------------------------------------------------------------------------------
+# The logger: one process per pipeline execution, shared by its stages.
+#
+# Importing MLflow and opening its store cost ~3 s per process, more than a small data stage's own
+# work. So stages do not import MLflow: the first stage of a pipeline execution starts a logger
+# process (`python -m pipeline.tracking <socket>`), which binds a unix socket at once and imports
+# MLflow while the stage works; every stage of that execution connects to it and sends JSON lines
+# (start, metrics, artifacts, end). The stage's last call waits for the logger's answer, so when a
+# stage exits its runs are written (or it fails, saying why). The logger leaves when no stage has
+# been connected for IDLE_S seconds, or at once when its pipeline execution is gone. A stage that
+# dies without ending its run (SIGKILL) closes its connection: its runs are marked KILLED at once.
+# (wandb's "service" process solves the same start-up cost the same way.)
+# ---------------------------------------------------------------------------------------------------
+IDLE_S = 20.0
+START_TIMEOUT_S = 30.0
+
+
+def _socket_path(spec: dict) -> Path:
+    import hashlib
+    import tempfile
+
+    key = hashlib.md5("\0".join([spec["session"], spec["uri"], spec["experiment"]]).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"pipeline-mlflow-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{key}.sock"
+
+
+def _connect(spec: dict) -> socket.socket:
+    """A connection to this pipeline execution's logger, started if there is none."""
+    import fcntl
+
+    path = _socket_path(spec)
+
+    def attempt() -> Optional[socket.socket]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return s
+        except OSError:
+            s.close()
+            return None
+
+    conn = attempt()
+    if conn:
+        return conn
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # two stages starting at once start one logger
+        conn = attempt()
+        if conn:
+            return conn
+        path.unlink(missing_ok=True)       # a logger that died left its socket file
+        code_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")])),
+               "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true"), "DO_NOT_TRACK": "1"}
+        with open(path.with_suffix(".log"), "a") as log:
+            subprocess.Popen([sys.executable, "-m", "pipeline.tracking", str(path), spec["session"]],
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            conn = attempt()
+            if conn:
+                return conn
+            time.sleep(0.01)
+    raise TrackingFailed(f"the MLflow logger did not start; see {path.with_suffix('.log')}")
+
+
+class StageRun:
+    """Handle a stage uses to log; metric keys are slash-namespaced (`eda/images`, `val/mIoU`).
+    Each call is one JSON line to the logger and returns at once."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.out = conn.makefile("w", encoding="utf-8")
+        self.broken = False
+
+    def _send(self, **message: Any) -> None:
+        if self.broken:
+            return
+        try:
+            self.out.write(json.dumps(message) + "\n")
+            self.out.flush()
+        except OSError:
+            self.broken = True   # close() reports it
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None, parent: bool = False) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self.mlflow.log_metrics(clean, step=step)
-        if parent:
-            client = self.mlflow.tracking.MlflowClient()
-            for k, v in clean.items():
-                client.log_metric(self.parent_id, k, v, step=step or 0)
+        self._send(op="metrics", metrics=clean, step=step, parent=parent)
 
     def log_artifacts(self, folder: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.mlflow.log_artifacts(str(folder), artifact_path)
+        self._send(op="artifacts", path=str(Path(folder).resolve()), artifact_path=artifact_path)
 
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
-        self.mlflow.log_artifact(str(path), artifact_path)
+        self._send(op="artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def write_metrics(self, path: str | Path, metrics: dict[str, Any], parent: bool = False) -> Path:
         """Write the DVC metrics JSON (nested as given) and log its numeric leaves to MLflow."""
@@ -210,47 +290,167 @@ class StageRun:
         self.log_metrics(flat, parent=parent)
         return Path(path)
 
+    def close(self, status: str) -> None:
+        """End the runs with `status`; return once the logger has written everything."""
+        self._send(op="end", status=status)
+        try:
+            answer = self.conn.makefile("r", encoding="utf-8").readline().strip()
+        except OSError as e:
+            answer = f"error: {e}"
+        finally:
+            self.conn.close()
+        if answer != "ok" and status == "FINISHED":
+            raise TrackingFailed(f"MLflow logging failed ({answer or 'the logger stopped'}); the stage's outputs "
+                                 "are written, its MLflow run is incomplete")
+
 
 @contextmanager
 def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[int] = None,
               seed: Optional[int] = None) -> Iterator[StageRun]:
-    """Open this stage's child run under the pipeline execution's parent run."""
-    mlflow = _mlflow()
+    """Open this stage's child run under the pipeline execution's parent run (see "The logger")."""
     uri = tracking_uri()
     check_server(uri)
-    mlflow.set_tracking_uri(uri)
-    exp_name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    with _sqlite_setup_lock(uri):
-        client = mlflow.tracking.MlflowClient()  # creates (or migrates) the store's tables
-        exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(exp_name)
-        parent_id = _parent_run(client, exp_id, session_key())
-    client.update_run(parent_id, status="RUNNING")
-    name = stage if fold is None else f"{stage}@{fold}" if seed is None else f"{stage}@{fold}-{seed}"  # = DVC's
-    tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha()),
-            "dvc.stage": _clean(os.environ.get("DVC_STAGE")), "dvc.exp_name": _clean(os.environ.get("DVC_EXP_NAME"))}
-    if fold is not None:
-        tags["pipeline.fold"] = str(fold)
-    if seed is not None:
-        tags["pipeline.seed"] = str(seed)
+    spec = dict(uri=uri, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT),
+                session=session_key(), stage=stage, fold=fold, seed=seed, root=str(repo_root()),
+                dvc_stage=os.environ.get("DVC_STAGE"), dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
+                params={k: _clean(v)[:6000] for k, v in params.flat().items()} if params is not None else {})
+    run = StageRun(_connect(spec))
+    run._send(op="start", **spec)
     status = "FAILED"
     # SIGTERM (kill, a cancelled CI job, a scheduler) would end the process without closing the runs;
     # as an exception it unwinds through here and both runs are marked FAILED.
     previous = (signal.signal(signal.SIGTERM, _exit_on_sigterm)
                 if threading.current_thread() is threading.main_thread() else None)
-    with mlflow.start_run(experiment_id=exp_id, run_name=name, parent_run_id=parent_id, tags=tags) as run:
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
         try:
-            if params is not None:
-                mlflow.log_params({k: _clean(v)[:6000] for k, v in params.flat().items()})
-            yield StageRun(mlflow, run.info.run_id, parent_id)
-            status = "FINISHED"
+            run.close(status)
         finally:
-            if status == "FAILED":
-                mlflow.set_tag("pipeline.failed", "true")
-            client.set_terminated(parent_id, status=status)
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)
+
+
+class _Logger:
+    """The logger process's state: MLflow imported once, one client, one thread per stage."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.client = None
+
+    def mlflow_client(self, uri: str):
+        with self.lock:
+            if self.client is None:
+                mlflow = _mlflow()
+                mlflow.set_tracking_uri(uri)
+                with _sqlite_setup_lock(uri):
+                    self.client = mlflow.tracking.MlflowClient(uri)  # creates (or migrates) the store's tables
+            return self.client
+
+    def open_runs(self, spec: dict) -> tuple[str, str]:
+        """Parent (found or created) and this stage's child run; returns (run id, parent id)."""
+        client = self.mlflow_client(spec["uri"])
+        with self.lock, _sqlite_setup_lock(spec["uri"]):
+            exp = client.get_experiment_by_name(spec["experiment"])
+            exp_id = exp.experiment_id if exp else client.create_experiment(spec["experiment"])
+            parent_id = _parent_run(client, exp_id, spec)
+        client.update_run(parent_id, status="RUNNING")
+        stage, fold, seed = spec["stage"], spec["fold"], spec["seed"]
+        name = stage if fold is None else f"{stage}@{fold}" if seed is None else f"{stage}@{fold}-{seed}"  # = DVC's
+        tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha(spec["root"])),
+                "dvc.stage": _clean(spec["dvc_stage"]), "dvc.exp_name": _clean(spec["dvc_exp_name"]),
+                "mlflow.parentRunId": parent_id}
+        if fold is not None:
+            tags["pipeline.fold"] = str(fold)
+        if seed is not None:
+            tags["pipeline.seed"] = str(seed)
+        run = client.create_run(exp_id, tags=tags, run_name=name)
+        if spec["params"]:
+            from mlflow.entities import Param
+
+            client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in spec["params"].items()])
+        return run.info.run_id, parent_id
+
+    def handle(self, conn: socket.socket) -> None:
+        """One stage's connection: its messages in order, then the answer ('ok' or 'error: ...')."""
+        client = run_id = parent_id = None
+        status, answer = "KILLED", "ok"
+        try:
+            for line in conn.makefile("r", encoding="utf-8"):
+                m = json.loads(line)
+                op = m.pop("op")
+                if op == "start":
+                    run_id, parent_id = self.open_runs(m)
+                    client = self.client
+                elif op == "metrics":
+                    from mlflow.entities import Metric
+
+                    now = int(time.time() * 1000)
+                    batch = [Metric(k, v, now, m["step"] or 0) for k, v in m["metrics"].items()]
+                    for target in [run_id, parent_id] if m["parent"] else [run_id]:
+                        for i in range(0, len(batch), 1000):
+                            client.log_batch(target, metrics=batch[i:i + 1000])
+                elif op == "artifacts":
+                    client.log_artifacts(run_id, m["path"], m["artifact_path"])
+                elif op == "artifact":
+                    client.log_artifact(run_id, m["path"], m["artifact_path"])
+                elif op == "end":
+                    status = m["status"]
+                    break
+        except Exception as e:   # reported to the stage, which fails saying so
+            status, answer = "FAILED", f"error: {type(e).__name__}: {e}"
+            print(answer, file=sys.stderr, flush=True)
+        try:
+            if run_id is not None:
+                if status != "FINISHED":
+                    client.set_tag(run_id, "pipeline.failed", "true")
+                client.set_terminated(run_id, status=status)
+                client.set_terminated(parent_id, status=status)
+        except Exception as e:
+            answer = f"error: {type(e).__name__}: {e}"
+        try:
+            conn.sendall((answer + "\n").encode())
+        except OSError:
+            pass
+        conn.close()
+
+
+def serve(path: str, session: str) -> None:
+    """The logger process's main loop (see "The logger")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the stage, which ends its run
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(16)
+    server.settimeout(0.5)
+    logger, active, served, idle_since = _Logger(), [], 0, time.monotonic()
+    standalone = ":standalone:" in session
+    try:
+        while True:
+            try:
+                conn, _ = server.accept()
+                t = threading.Thread(target=logger.handle, args=(conn,))
+                t.start()
+                active.append(t)
+                served += 1
+                continue
+            except socket.timeout:
+                pass
+            active = [t for t in active if t.is_alive()]
+            if active:
+                idle_since = time.monotonic()
+                continue
+            finished = served and (standalone or not _alive(session))   # nobody else will come
+            if finished or time.monotonic() - idle_since > IDLE_S:
+                break
+    finally:
+        server.close()
+        Path(path).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], sys.argv[2])

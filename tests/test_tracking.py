@@ -84,6 +84,33 @@ def test_sigterm_marks_the_runs_failed(tmp_path):
     assert statuses == {"parent": "FAILED", "stage": "FAILED"}
 
 
+def test_sigkill_marks_the_runs_killed_at_once(tmp_path):
+    """SIGKILL runs no cleanup code in the stage; the logger sees its connection close and ends the
+    runs as KILLED, without waiting for the next pipeline to notice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    script = "import time\nfrom pipeline.tracking import stage_run\nwith stage_run('slow') as run:\n" \
+             "    run.log_metrics({'x': 1.0})\n    print('ready', flush=True)\n    time.sleep(120)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    for _ in range(300):
+        found = {r.data.tags.get("pipeline.role"): r for r in runs()}
+        if len(found) == 2 and "RUNNING" not in {r.info.status for r in found.values()}:
+            break
+        time.sleep(0.1)
+    assert {k: r.info.status for k, r in found.items()} == {"parent": "KILLED", "stage": "KILLED"}
+    assert found["stage"].data.metrics == {"x": 1.0}
+
+
 def test_temporary_dvc_workspaces_log_to_the_users_repo(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo/.dvc/tmp/exps/tmpab12cd"))
