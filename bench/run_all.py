@@ -4,7 +4,7 @@ import platform
 import subprocess
 import sys
 
-BENCHES = ["bench.dag", "bench.eda_split", "bench.loader", "bench.train_speed", "bench.tta"]
+BENCHES = ["bench.dag", "bench.data_stages", "bench.eda_split", "bench.near_dups", "bench.loader", "bench.train_speed", "bench.tta"]
 
 if __name__ == "__main__":
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
