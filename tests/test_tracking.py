@@ -7,12 +7,15 @@ import mlflow
 import pytest
 
 from pipeline.config import Params
-from pipeline.tracking import session_key, stage_run, tracking_uri
+from pipeline.tracking import _sqlite_setup_lock, session_key, stage_run, tracking_uri
 
 
 def runs(experiment="segmentation"):
+    """The experiment's runs; the store's set-up lock is taken like the logger takes it, since a
+    logger may be creating the tables at that moment."""
     mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    with _sqlite_setup_lock(tracking_uri()):
+        return mlflow.search_runs(experiment_names=[experiment], output_format="list")
 
 
 def test_stages_of_one_session_share_a_parent(tmp_path):
@@ -65,33 +68,12 @@ def test_standalone_session_key_outside_dvc(monkeypatch):
     assert ":standalone:" in session_key()      # pytest has no dvc ancestor
 
 
-def test_sigterm_marks_the_runs_failed(tmp_path):
+def killed_stage(tmp_path, sig: int) -> int:
+    """Run a stage that logs one metric in a child process, send it `sig` once it is working, and
+    return its exit status."""
     import os
-    import signal
     import subprocess
     import sys
-
-    from tests.conftest import REPO
-
-    script = "import time\nfrom pipeline.tracking import stage_run\nwith stage_run('slow'):\n" \
-             "    print('ready', flush=True)\n    time.sleep(120)\n"
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    statuses = {r.data.tags.get("pipeline.role"): r.info.status for r in runs()}
-    assert statuses == {"parent": "FAILED", "stage": "FAILED"}
-
-
-def test_sigkill_marks_the_runs_killed_at_once(tmp_path):
-    """SIGKILL runs no cleanup code in the stage; the logger sees its connection close and ends the
-    runs as KILLED, without waiting for the next pipeline to notice."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     from tests.conftest import REPO
 
@@ -100,8 +82,25 @@ def test_sigkill_marks_the_runs_killed_at_once(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.send_signal(sig)
+    return proc.wait(timeout=60)
+
+
+def test_sigterm_marks_the_runs_failed(tmp_path):
+    import signal
+
+    assert killed_stage(tmp_path, signal.SIGTERM) == 128 + signal.SIGTERM
+    statuses = {r.data.tags.get("pipeline.role"): r.info.status for r in runs()}
+    assert statuses == {"parent": "FAILED", "stage": "FAILED"}
+
+
+def test_sigkill_marks_the_runs_killed_at_once(tmp_path):
+    """SIGKILL runs no cleanup code in the stage; the logger sees its connection close and ends the
+    runs as KILLED, without waiting for the next pipeline to notice."""
+    import signal
+    import time
+
+    assert killed_stage(tmp_path, signal.SIGKILL) == -signal.SIGKILL
     for _ in range(300):
         found = {r.data.tags.get("pipeline.role"): r for r in runs()}
         if len(found) == 2 and "RUNNING" not in {r.info.status for r in found.values()}:
