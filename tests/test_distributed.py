@@ -9,6 +9,7 @@ import sys
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from pipeline.config import Params
@@ -52,3 +53,47 @@ def test_two_gloo_processes_match_one(tmp_path):
 
     runs = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
     assert sorted(r.info.run_name for r in runs if r.data.tags.get("pipeline.role") == "stage") == ["train@0-0"] * 2
+
+
+class HalfUsed(torch.nn.Module):
+    """A model with a layer its forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def _steps_with_an_unused_parameter(rank: int, init: str) -> None:
+    import torch
+    import torch.distributed as td
+
+    from pipeline.training.distributed import Dist, wrap
+
+    td.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        ddp = wrap(HalfUsed(), Dist(rank=rank, world=2, local_rank=rank), torch.device("cpu"))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        for step in range(6):            # plain DDP fails on the 2nd step: a parameter never got its gradient
+            x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank * 100 + step))
+            if step % 2 == 0:            # gradient accumulation, as the training loop does it
+                with ddp.no_sync():
+                    ddp(x).sum().backward()
+                continue
+            ddp(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        weights = [torch.zeros(2, 4) for _ in range(2)]
+        td.all_gather(weights, ddp.module.used.weight.detach())
+        assert torch.equal(weights[0], weights[1])     # gradients were averaged: the replicas agree
+    finally:
+        td.destroy_process_group()
+
+
+def test_ddp_survives_a_parameter_without_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_steps_with_an_unused_parameter, args=(f"file://{tmp_path / 'rendezvous'}",), nprocs=2, join=True)

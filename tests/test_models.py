@@ -26,11 +26,31 @@ def test_forward_backward_full_resolution(name):
     logits = model(x)
     assert logits.shape == (2, 5, size, size + 32) and torch.isfinite(logits).all()
     logits.square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not dead, f"{name}: {len(dead)} trainable tensors never get a gradient: {dead[:5]}"
     enc = {id(p) for p in encoder_of(model).parameters()}
     grads = [(id(p) in enc, p.grad is not None and p.grad.abs().sum() > 0) for p in model.parameters()]
     assert any(g for e, g in grads if e) and any(g for e, g in grads if not e)   # both halves learn
     groups = param_groups(model, encoder_of(model), 1e-3, 1e-4, 1e-4)           # the invariant holds
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,encoder", [("unet", "efficientnet-b0"), ("pspnet", "efficientnet-b0"),
+                                          ("deeplabv3plus", "efficientnet-b0"), ("dpt", "tu-vit_tiny_patch16_224")])
+def test_encoders_keep_no_dead_parameters(name, encoder):
+    """Classifier leftovers (EfficientNet's head conv, a ViT's head) are dropped at build time, the
+    model's output unchanged by it; and PSPNet trains its whole dilated encoder."""
+    model = build_model(name, encoder, None, 3)
+    model(torch.randn(2, 3, 64, 64)).float().sum().backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_pspnet_pools_stride_8_features_of_the_whole_encoder():
+    model = build_model("pspnet", "resnet18", None, 3)
+    feats = model.encoder(torch.randn(1, 3, 64, 64))
+    assert len(feats) == 6 and feats[-1].shape[-2:] == (8, 8)        # 5 stages, output stride 8
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for p in model.parameters()) > 11_000_000   # layer3/4 included
 
 
 def test_incompatible_pair_is_a_clear_error():

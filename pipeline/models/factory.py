@@ -10,6 +10,7 @@ from functools import partial
 from typing import Callable, Optional
 
 import segmentation_models_pytorch as smp
+import torch
 from torch import nn
 
 from pipeline.config import ConfigError
@@ -20,14 +21,25 @@ def _smp(arch: str, encoder: str, weights: Optional[str], classes: int, **kw) ->
     return smp.create_model(arch, encoder_name=encoder, encoder_weights=weights, classes=classes, **kw)
 
 
+def _pspnet(encoder: str, weights: Optional[str], classes: int) -> nn.Module:
+    """PSPNet as the paper builds it: pyramid pooling over the deepest features of a dilated encoder
+    (all five stages, output stride 8), then 8x upsampling. smp's default (encoder_depth 3) pools
+    stride-8 features of a truncated encoder and leaves the deeper stages without a gradient."""
+    model = smp.create_model("pspnet", encoder_name=encoder, encoder_weights=weights, classes=classes,
+                             encoder_depth=5, upsampling=8)
+    model.encoder.make_dilated(output_stride=8)
+    return model
+
+
 def _classic(cls: Callable[..., nn.Module], encoder: str, weights: Optional[str], classes: int, **kw) -> nn.Module:
     return cls(classes, pretrained=weights == "imagenet", **kw)  # imagenet: the online option; default None
 
 
 MODELS: dict[str, Callable[[str, Optional[str], int], nn.Module]] = {
     **{arch: partial(_smp, arch) for arch in (
-        "unet", "unetplusplus", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "linknet", "manet", "pan",
+        "unet", "unetplusplus", "fpn", "deeplabv3", "deeplabv3plus", "linknet", "manet", "pan",
         "upernet", "segformer")},
+    "pspnet": _pspnet,
     "dpt": partial(_smp, "dpt", dynamic_img_size=True),  # ViT encoders at any size, not just 224
     "fcn32s": partial(_classic, classic.FCN, skips=0),
     "fcn16s": partial(_classic, classic.FCN, skips=1),
@@ -52,12 +64,50 @@ def build_model(name: str, encoder: str, encoder_weights: Optional[str], num_cla
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     try:
-        return MODELS[name](encoder, encoder_weights, num_classes)
+        model = MODELS[name](encoder, encoder_weights, num_classes)
     except ConfigError:
         raise
     except Exception as e:  # smp/timm raise KeyError, ValueError, RuntimeError... for bad pairs
         raise ConfigError(f"model {name!r} cannot be built with encoder {encoder!r} "
                           f"(weights {encoder_weights!r}): {type(e).__name__}: {e}") from None
+    drop_unused(model, MIN_SIZE.get(name, 64))
+    return model
+
+
+def drop_unused(model: nn.Module, size: int = 64) -> list[str]:
+    """Remove what the forward pass never uses, so every trainable parameter gets a gradient.
+
+    Encoders keep parts of the classifier they came from (EfficientNet's head conv, a ViT's final
+    norm and head): dead weight in memory and in the optimizer, and a crash under DDP. One dry
+    pass (eval mode, a fixed input: no running statistics or random state touched) finds them;
+    modules never called are replaced by nn.Identity, parameters called but without a gradient are
+    frozen. Returns the dropped and frozen names."""
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: called.add(id(mod))) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        model(x).float().sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    dead = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    model.zero_grad(set_to_none=True)
+    changed = []
+    for name, module in list(model.named_modules()):
+        own = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
+        if name and own and id(module) not in called and set(own) <= dead:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
+            changed.append(name)
+            dead -= set(own)
+    for n, p in model.named_parameters():
+        if n in dead:
+            p.requires_grad_(False)
+            changed.append(n)
+    return changed
 
 
 def encoder_of(model: nn.Module) -> nn.Module:

@@ -97,4 +97,8 @@ def wrap(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Modu
         return model
     if device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # build_model drops what a model never uses; a parameter that still gets no gradient (a branch a
+    # model skips) is found each step instead of stalling the reduction. (static_graph would be
+    # cheaper but fails with no_sync, which gradient accumulation uses.)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                     find_unused_parameters=True)
