@@ -276,6 +276,9 @@ class StageRun:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._send(op="metrics", metrics=clean, step=step, parent=parent)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send(op="tags", tags={k: str(v) for k, v in tags.items()})
+
     def log_artifacts(self, folder: str | Path, artifact_path: Optional[str] = None) -> None:
         self._send(op="artifacts", path=str(Path(folder).resolve()), artifact_path=artifact_path)
 
@@ -395,6 +398,9 @@ class _Logger:
                     for target in [run_id, parent_id] if m["parent"] else [run_id]:
                         for i in range(0, len(batch), 1000):
                             client.log_batch(target, metrics=batch[i:i + 1000])
+                elif op == "tags":
+                    for k, v in m["tags"].items():
+                        client.set_tag(run_id, k, v)
                 elif op == "artifacts":
                     client.log_artifacts(run_id, m["path"], m["artifact_path"])
                 elif op == "artifact":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, ModelName
-from pipeline.models.factory import MIN_SIZE, MODELS, build_model, check_input_size, encoder_of
+from pipeline.models.factory import CLASSIC, MIN_SIZE, MODELS, backbone, build_model, check_input_size, encoder_of
 from pipeline.training.optim import param_groups
 
 ENCODER = {"segformer": "mit_b0", "dpt": "tu-vit_tiny_patch16_224"}  # the rest: resnet18 (classics: VGG16)
@@ -51,6 +51,13 @@ def test_pspnet_pools_stride_8_features_of_the_whole_encoder():
     assert len(feats) == 6 and feats[-1].shape[-2:] == (8, 8)        # 5 stages, output stride 8
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == sum(p.numel() for p in model.parameters()) > 11_000_000   # layer3/4 included
+
+
+def test_backbone_says_what_a_model_is_built_on():
+    assert {n: backbone(n, "resnet18") for n in sorted(CLASSIC)} == {
+        "deconvnet": "vgg16_bn", "deeplabv1": "vgg16", "deeplabv2": "vgg16", "fcn16s": "vgg16", "fcn32s": "vgg16",
+        "fcn8s": "vgg16"}
+    assert backbone("unet", "efficientnet-b0") == "efficientnet-b0"
 
 
 def test_incompatible_pair_is_a_clear_error():

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.training.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule, check_groups, param_groups
+from pipeline.training.optim import (OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule, check_groups, param_groups,
+                                     use_slow_weights)
 
 
 class Tiny(nn.Module):
@@ -33,6 +34,25 @@ def test_optimizer_updates_every_parameter(name, lookahead):
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs["encoder"] == 0.01 and lrs["decoder"] == 0.1
     assert {g["name"]: g["weight_decay"] for g in opt.param_groups}["encoder_no_decay"] == 0.0
+
+
+def test_lookahead_model_is_the_slow_weights_after_an_epoch():
+    """Mid-cycle (7 steps, k = 6) the fast weights have run ahead; what is validated and saved must
+    be the slow weights: after use_slow_weights every parameter equals its slow buffer."""
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = build_optimizer(model, model.encoder, "adamw", lr=0.1, encoder_lr=0.1, weight_decay=0.0, lookahead=True)
+    for _ in range(7):
+        model(torch.randn(2, 3, 8, 8)).square().mean().backward()
+        opt.step()
+    slow = lambda p: opt._base_optimizer.state[p]["lookahead_slow_buff"]
+    assert not all(torch.equal(p, slow(p)) for p in model.parameters())       # fast ran ahead
+    use_slow_weights(opt)
+    assert all(torch.equal(p, slow(p)) for p in model.parameters())
+    plain = build_optimizer(model, model.encoder, "adamw", lr=0.1, encoder_lr=0.1, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    use_slow_weights(plain)                                                    # no Lookahead: nothing moves
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_forgetting_the_decoder_fails_loudly():

@@ -81,6 +81,10 @@ def test_a_small_model_learns_easy_data(prepared):
     assert np.load(out / "val_confusion.npy").sum() == 12 * 64 * 64   # every validation pixel, once
     history = (prepared / "plots/train/fold_0_seed_0.csv").read_text().splitlines()
     assert len(history) == 7 and history[0].startswith("epoch,")
+    # The reported scores are the best epoch's own validation (kept in best.pt), not a second pass.
+    rows = pd.read_csv(prepared / "plots/train/fold_0_seed_0.csv")
+    assert s["mIoU"] == rows["val/mIoU"].max() == rows["val/mIoU"][best["epoch"] - 1]
+    assert np.array_equal(best["confusion"].numpy(), np.load(out / "val_confusion.npy"))
 
 
 def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):

@@ -49,6 +49,14 @@ MODELS: dict[str, Callable[[str, Optional[str], int], nn.Module]] = {
     "deeplabv2": partial(_classic, classic.DeepLabV2),
 }
 CLASSIC = {"fcn32s", "fcn16s", "fcn8s", "deconvnet", "deeplabv1", "deeplabv2"}
+# What the classics are built on, whatever `encoder` says (they are the papers' VGG16 networks).
+CLASSIC_BACKBONE = {"fcn32s": "vgg16", "fcn16s": "vgg16", "fcn8s": "vgg16", "deconvnet": "vgg16_bn",
+                    "deeplabv1": "vgg16", "deeplabv2": "vgg16"}
+
+
+def backbone(name: str, encoder: str) -> str:
+    """The backbone `name` really uses: `encoder` for smp models, VGG16 for the classics."""
+    return CLASSIC_BACKBONE.get(name, encoder)
 # Smallest input side a model accepts (PAN's feature pyramid pools down to 1/256 of the input).
 MIN_SIZE = {"pan": 128}
 

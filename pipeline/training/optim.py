@@ -59,6 +59,13 @@ def build_optimizer(model: nn.Module, encoder: nn.Module, name: str, lr: float, 
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def use_slow_weights(opt: torch.optim.Optimizer) -> None:
+    """With Lookahead, make the model's weights the slow ones before it is validated or saved
+    (timm's own recipe, once per epoch); the fast weights are a probe, not the model. No-op otherwise."""
+    if hasattr(opt, "sync_lookahead"):
+        opt.sync_lookahead()
+
+
 @dataclass
 class Schedule:
     """A per-batch scheduler and, for plateau, a per-epoch one stepped on validation mIoU."""

@@ -30,12 +30,12 @@ from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.metrics import flat_scores, scores
 from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou
 from pipeline.io import atomic_file, write_json
-from pipeline.models.factory import build_model, check_input_size, encoder_of
+from pipeline.models.factory import backbone, build_model, check_input_size, encoder_of
 from pipeline.models.losses import build_loss, class_weights_from_pixels
 from pipeline.training import distributed, gpus
 from pipeline.training.checkpoint import load_checkpoint, member_dir, member_name, save_checkpoint
 from pipeline.training.loop import train_one_epoch, validate
-from pipeline.training.optim import build_optimizer, build_schedule
+from pipeline.training.optim import build_optimizer, build_schedule, use_slow_weights
 
 PARAMS = ("model", "encoder", "encoder_weights", "train", "paths")
 
@@ -101,6 +101,11 @@ def train_fold(fold: int, seed: int, p: ParamsView, run=None, round2: bool = Fal
         train_tab = round2_table(train_tab, pseudo_index, set(val_tab.key), set(folds.key[folds.holdout]))
         epochs, inputs = p.pseudo.epochs, inputs + [pseudo_index, round1_best]
     check_input_size(p.model, t.image_size)
+    used = backbone(p.model, p.encoder)
+    if run:
+        run.set_tags({"pipeline.backbone": used})   # what the model is built on, not just what params say
+    if used != p.encoder:
+        print(f"note: {p.model} is built on {used}; encoder {p.encoder!r} is not used")
     d, device = distributed.setup(pick_device(t.device))
     try:
         return _train(fold, seed, p, run if d.main else None, round2, d, device, out, round1_best, classes,
@@ -196,6 +201,7 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
         tr = train_one_epoch(trained, train_dl, loss_fn, opt, schedule, scaler, device, t.amp, t.accumulate,
                              t.clip_grad, t.cutmix, rng, t.channels_last, desc=f"{name} epoch {epoch + 1}")
         tr = d.mean(tr)
+        use_slow_weights(opt)   # Lookahead: validate, average and save the slow weights
         val_loss, cm = validate_all(model)
         s = scores(cm.numpy(), classes)
         schedule.step_epoch(s["mIoU"])
@@ -211,7 +217,7 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
                   f"val mIoU {s['mIoU']:.4f}", flush=True)
         if s["mIoU"] > best and d.main:
             save_checkpoint(out / "best.pt", model=model.state_dict(), epoch=epoch + 1, classes=classes,
-                            params=params, scores=s)
+                            params=params, scores=s, confusion=cm.mat.cpu().clone())
         best = max(best, s["mIoU"])
         if d.main:
             save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
@@ -243,19 +249,28 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
 
 
 def finish_fold(fold, seed, model, out, val_tab, val_dl, loss_fn, classes, history, device, p, run, tag="train") -> dict:
-    """Score the best checkpoint on the fold's validation images and write every report."""
+    """The best checkpoint's scores (its epoch's validation confusion, kept in best.pt: the fold is
+    not validated twice) and every report; only the gallery's few images are predicted again."""
     t = p.train
     best = load_checkpoint(out / "best.pt", device)
     model.load_state_dict(best["model"])
     n_present = (val_tab[[f"px_{c}" for c in range(1, len(classes))]] > 0).sum(axis=1)
     shown = n_present.sort_values(ascending=False, kind="stable").index[: t.gallery].tolist()
-    _, cm, preds = validate(model, val_dl, val_tab, loss_fn, len(classes), device, t.amp, t.channels_last, keep=set(shown))
-    s = scores(cm.numpy(), classes)
+    if "confusion" in best:
+        cm = best["confusion"].numpy()
+        gallery = DataLoader(Subset(val_dl.dataset, shown), val_dl.batch_size)
+        preds = validate(model, gallery, val_tab, loss_fn, len(classes), device, t.amp, t.channels_last,
+                         keep=set(shown))[2] if shown else {}
+    else:   # a checkpoint written before best.pt kept its confusion
+        _, matrix, preds = validate(model, val_dl, val_tab, loss_fn, len(classes), device, t.amp, t.channels_last,
+                                    keep=set(shown))
+        cm = matrix.numpy()
+    s = scores(cm, classes)
     with atomic_file(out / "val_confusion.npy") as tmp:
-        np.save(tmp, cm.numpy())
+        np.save(tmp, cm)
     reports = out / "reports"
     reports.mkdir(exist_ok=True)
-    plot_confusion(cm.numpy(), classes, reports / "confusion.png", f"fold {fold} seed {seed}, best epoch {best['epoch']}")
+    plot_confusion(cm, classes, reports / "confusion.png", f"fold {fold} seed {seed}, best epoch {best['epoch']}")
     plot_iou(s["IoU"], reports / "iou.png", f"fold {fold} seed {seed}: mIoU {s['mIoU']:.3f}")
     plot_curves(history, reports / "curves.png")
     if shown:
