@@ -10,12 +10,23 @@ from pipeline.config import ConfigError
 from pipeline.data.coco import DataError
 
 
+_KEPT = ["every output is written whole or not at all, so nothing half-done is left; `dvc repro` runs the stage again"]
+
+
+def kept(message: str) -> None:
+    """Say what an interruption would keep (a stage updates it as it saves progress)."""
+    _KEPT[0] = message
+
+
 def run(main: Callable[[], object]) -> None:
     try:
         main()
     except (ConfigError, DataError, FloatingPointError) as e:  # FloatingPointError: NaN/inf loss, see loop.py
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: {_KEPT[0]}", file=sys.stderr)
+        sys.exit(130)
 
 
 def member_arguments(description: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -76,6 +76,44 @@ def identical_files(paths: Iterable[str | Path]) -> list[list[int]]:
             by_hash.setdefault(h.hexdigest(), []).append(i)
         sets += [v for v in by_hash.values() if len(v) > 1]
     return sorted(sets)
+
+
+def ignore_sigint(*_args) -> None:
+    """Initializer for worker processes: Ctrl-C goes to the stage, which stops them; each worker
+    printing its own KeyboardInterrupt traceback would only bury the one line that matters."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_init(initializer: Optional[Callable[..., None]], *args) -> None:
+    ignore_sigint()
+    if initializer is not None:
+        initializer(*args)
+
+
+def parallel_map(fn: Callable[[Any], T], tasks: list, label: str, workers: int = 0, serial_below: int = 16,
+                 initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> list[T]:
+    """[fn(t) for t in tasks], in order, across `workers` processes (0 = all cores; in this process
+    for fewer than `serial_below` tasks), with progress lines. `initializer(*initargs)` runs once
+    per process that runs tasks. Workers ignore Ctrl-C; on Ctrl-C the tasks not started are
+    cancelled instead of run to the end, so the stage stops at once."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(tasks) < serial_below:
+        if initializer is not None:
+            initializer(*initargs)
+        return list(progress(map(fn, tasks), len(tasks), label))
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(initializer, *initargs))
+    try:
+        chunk = max(1, min(8, len(tasks) // (workers * 8)))
+        return list(progress(pool.map(fn, tasks, chunksize=chunk), len(tasks), label))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _duration(s: float) -> str:

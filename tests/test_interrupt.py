@@ -66,3 +66,27 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
     ha = load_checkpoint(straight / "models/fold_0/seed_0/last.pt")["history"]
     hb = load_checkpoint(last)["history"]
     assert [r["train/loss"] for r in hb] == pytest.approx([r["train/loss"] for r in ha], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_says_in_one_line_what_was_kept(tmp_path):
+    """Ctrl-C (SIGINT to the stage and its loader workers) ends with one line naming the checkpoint
+    kept and how to resume, exit status 130, no traceback."""
+    easy_workspace(tmp_path, n=24)
+    work = workdir(tmp_path, "ctrl_c")
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["train"]["workers"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    last = work / "models/fold_0/seed_0/last.pt"
+    proc = stage(work, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while not (last.exists() and load_checkpoint(last)["epoch"] >= 1):
+        assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)            # what a terminal's Ctrl-C does: the whole process group
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    [line] = [l for l in out.splitlines() if l.startswith("interrupted:")]
+    epoch = load_checkpoint(last)["epoch"]
+    assert f"last.pt holds epoch {epoch} of {EPOCHS}; `dvc repro` resumes from there" in line

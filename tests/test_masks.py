@@ -231,3 +231,29 @@ def test_exif_photo_read_in_place_matches_its_mask(tmp_path, json_sees):
     img, mask = SegDataset(in_place, identity).load(0)
     assert img.shape[:2] == mask.shape == (h, w)
     assert np.array_equal(img, np.load(cached["image"][0]))
+
+
+def _touch_then_sleep(task):
+    import time
+
+    folder, i = task
+    (folder / str(i)).touch()
+    if i == 5:
+        raise RuntimeError("task 5 failed")
+    time.sleep(0.05)
+    return i * i
+
+
+def test_parallel_map_keeps_order_and_stops_the_rest_on_failure(tmp_path):
+    """Results come back in task order; when the stage stops (an error, Ctrl-C) the tasks not yet
+    started are cancelled, not run to the end before the error surfaces."""
+    from pipeline.io import parallel_map
+
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    assert parallel_map(_touch_then_sleep, [(ok, i) for i in range(6, 46)], "t", workers=2) == [i * i for i in range(6, 46)]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(RuntimeError, match="task 5 failed"):
+        parallel_map(_touch_then_sleep, [(bad, i) for i in range(400)], "t", workers=2)
+    assert len(list(bad.iterdir())) < 100

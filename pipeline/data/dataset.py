@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from pipeline.data.coco import DataError
 from pipeline.data.masks import read_image
 from pipeline.data.mix import paste_classes
+from pipeline.io import ignore_sigint
 
 
 def fold_tables(masks_dir: str | Path, split_dir: str | Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -80,6 +81,7 @@ class SegDataset(Dataset):
 
 
 def worker_init(worker_id: int) -> None:
+    ignore_sigint()           # Ctrl-C: one line from the stage, not a traceback per worker
     torch.set_num_threads(1)  # the main process owns the cores for the model
     info = torch.utils.data.get_worker_info()
     info.dataset.reseed(int(info.seed % 2**32))

@@ -12,9 +12,7 @@ as b (and the reverse), i.e. what the rule reassigns. Class `pixels` are what th
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,7 +25,7 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline.data.coco import IGNORE_INDEX, Dataset
 from pipeline.data.masks import paint_order, rle_runs, to_rle, union, unknown_class_index
-from pipeline.io import progress
+from pipeline.io import parallel_map
 
 # A json `area` is "wrong" when it is off by half the true area *and* by more than the box's
 # perimeter (rasterised and polygon areas of one shape differ by up to about half the perimeter).
@@ -142,7 +140,6 @@ def _image_stats(task: tuple) -> dict:
 def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str = "UNKNOWN",
             workers: int = 1) -> EdaResult:
     """Compute every EDA table for the labelled pool (see the module docstring). workers=0: all cores."""
-    workers = workers or os.cpu_count() or 1
     unknown_class = unknown_class_index(ds.classes, unknown_name)
     by_key = ds.annotations_by_key()
     tasks = []
@@ -150,12 +147,7 @@ def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str 
         a = by_key.get(r.key)
         segs, cls = (list(a.segmentation), [int(c) for c in a.class_idx]) if a is not None else ([], [])
         tasks.append((r.key, r.height, r.width, segs, cls, overlap, unknown_class, unknown))
-    if workers > 1 and len(tasks) >= 64:
-        with ProcessPoolExecutor(workers) as pool:
-            stats = list(progress(pool.map(_image_stats, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8)))),
-                                  len(tasks), "eda"))
-    else:
-        stats = list(progress(map(_image_stats, tasks), len(tasks), "eda"))
+    stats = parallel_map(_image_stats, tasks, "eda", workers, serial_below=64)
     names = ds.classes
     K = len(names)
     anns = ds.annotations

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -24,7 +22,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import IGNORE_INDEX, DataError, Dataset
-from pipeline.io import atomic_dir, progress
+from pipeline.io import atomic_dir, parallel_map
 
 cv2.setNumThreads(1)  # the pool provides the parallelism
 
@@ -341,13 +339,7 @@ def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, un
                           image_file=str(tmp / "images" / f"{stem}.npy") if cached else ""))
     index = pd.DataFrame(rows)
     check_disk(index, out_dir)
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(tasks) < 16:
-        results = list(progress(map(_cache_one, tasks), len(tasks), "masks"))
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(progress(pool.map(_cache_one, tasks, chunksize=max(1, min(8, len(tasks) // (workers * 8)))),
-                                    len(tasks), "masks"))
+    results = parallel_map(_cache_one, tasks, "masks", workers)
     counts = {r["key"]: r["counts"] for r in results}
     index["digest"] = index.key.map({r["key"]: r["digest"] for r in results})
     px = np.stack([counts[k] for k in index.key])

@@ -22,7 +22,6 @@ Pairs are joined into clusters (connected components). Measured precision/recall
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from typing import Optional
 
 import cv2
@@ -34,7 +33,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.data.masks import decode_oriented, target_size
-from pipeline.io import progress
+from pipeline.io import parallel_map
 
 PAIR_COLUMNS = ["key_a", "key_b", "method", "hash_distance", "inliers"]
 LSH_TABLES, LSH_BITS, LSH_BUCKET = 16, 20, 8   # candidate search (see candidate_pairs)
@@ -66,11 +65,7 @@ def _features_task(args: tuple) -> dict:
 def extract(images: pd.DataFrame, side: int, n_features: int, workers: int = 0) -> list[dict]:
     """features() of every row of `images` (columns path, height, width), in row order."""
     tasks = [(r.path, r.height, r.width, side, n_features) for r in images.itertuples(index=False)]
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(tasks) < 32:
-        return list(progress(map(_features_task, tasks), len(tasks), "near_dups"))
-    with ProcessPoolExecutor(workers) as pool:
-        return list(progress(pool.map(_features_task, tasks, chunksize=8), len(tasks), "near_dups"))
+    return parallel_map(_features_task, tasks, "near_dups", workers, serial_below=32)
 
 
 def hash_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048) -> list[tuple[int, int, int]]:
@@ -154,23 +149,15 @@ def _verify_init(feats: list[dict]) -> None:
     _FEATS = feats
 
 
-def _verify(pairs: list[tuple[int, int]]) -> list[int]:
-    return [affine_inliers(_FEATS[i], _FEATS[j]) for i, j in pairs]
+def _verify(pair: tuple[int, int]) -> int:
+    return affine_inliers(_FEATS[pair[0]], _FEATS[pair[1]])
 
 
 def verify(feats: list[dict], pairs: list[tuple[int, int]], workers: int = 0) -> list[int]:
-    """affine_inliers of each pair, across `workers` processes (0 = all cores)."""
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(pairs) < 64:
-        _verify_init(feats)
-        return _verify(pairs)
-    chunks = [pairs[k::workers * 4] for k in range(workers * 4)]
-    with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(feats,)) as pool:
-        done = list(pool.map(_verify, chunks))
-    out = [0] * len(pairs)
-    for k, counts in enumerate(done):
-        out[k::workers * 4] = counts
-    return out
+    """affine_inliers of each pair, across `workers` processes (0 = all cores); the features go to
+    each worker once (initializer), not with every pair."""
+    return parallel_map(_verify, pairs, "near_dups check", workers, serial_below=64,
+                        initializer=_verify_init, initargs=(feats,))
 
 
 def find_pairs(images: pd.DataFrame, *, hash_distance: int = 8, min_inliers: int = 20, side: int = 512, n_features: int = 1000, workers: int = 0,

@@ -23,6 +23,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from pipeline import cli
 from pipeline.config import ConfigError, ParamsView
 from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_init
@@ -224,6 +225,7 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
                             scaler=scaler.state_dict(), epoch=epoch + 1, history=history, best_miou=best,
                             rng=torch.get_rng_state(), classes=classes, params=params,
                             swa=swa.state_dict() if swa is not None else None)
+            cli.kept(f"{name}: {last} holds epoch {epoch + 1} of {epochs}; `dvc repro` resumes from there")
     if swa is not None:  # BN statistics of the averaged weights, from the training images (no augmentation)
         bn_dl = DataLoader(SegDataset(train_tab, build_transform([], t.image_size)), t.batch_size)
         update_bn(bn_dl, swa, device)  # every rank alike: identical weights, identical statistics
