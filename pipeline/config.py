@@ -109,6 +109,7 @@ class Split(_Section):
 
 
 LossName = Literal["ce", "focal", "dice", "lovasz", "jaccard", "tversky", "boundary_ce"]
+NO_CLASS_WEIGHTS = {"lovasz"}   # losses that take no class weights (tests/test_losses.py checks the registry)
 AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "cutout", "gridmask"]
 
 
@@ -226,6 +227,25 @@ class Params(_Section):
         if not v.strip():
             raise ValueError("encoder must be a non-empty encoder name")
         return v
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Params":
+        """What would otherwise be found only after training, checked before any work."""
+        t, i = self.train, self.infer
+        if "swa" in i.checkpoints and t.swa_epochs == 0:
+            raise ValueError("infer.checkpoints includes swa but train.swa_epochs is 0: no swa.pt is written; "
+                             "set train.swa_epochs or drop swa")
+        if "swa" in i.checkpoints and i.round == 2:
+            raise ValueError("infer.checkpoints includes swa but infer.round is 2: round-2 models (fine-tuned on "
+                             "pseudo-labels) keep best/last only; use infer.round: 1 for SWA")
+        if i.fold_weights is not None and len(i.fold_weights) != len(t.folds):
+            raise ValueError(f"infer.fold_weights has {len(i.fold_weights)} weights for {len(t.folds)} folds "
+                             f"(train.folds {t.folds})")
+        weighted = [n for n, w in t.loss.items() if w > 0]
+        if t.class_weights != "none" and set(weighted) <= NO_CLASS_WEIGHTS:
+            raise ValueError(f"train.class_weights {t.class_weights!r} has no effect: {', '.join(weighted)} takes no "
+                             "class weights; add ce, focal, dice, jaccard, tversky or boundary_ce, or set none")
+        return self
 
     @model_validator(mode="after")
     def _given_needs_val_json(self) -> "Params":

@@ -34,11 +34,21 @@ def test_defaults_equal_the_params_file():
     ({"split": {"strategy": "given", "n_folds": 5}}, "set n_folds: 1"),
     ({"data": {"strict": "maybe"}}, "data.strict: Input should be a valid boolean"),
     ([1, 2], "expected a mapping of sections"),
+    # Sections that disagree, found before any work instead of after training:
+    ({"infer": {"checkpoints": ["best", "swa"], "round": 1}}, "train.swa_epochs is 0: no swa.pt is written"),
+    ({"infer": {"checkpoints": ["swa"]}, "train": {"swa_epochs": 2}}, "round-2 models (fine-tuned on pseudo-labels) keep best/last only"),
+    ({"infer": {"fold_weights": [1.0, 2.0]}}, "infer.fold_weights has 2 weights for 3 folds"),
+    ({"train": {"class_weights": "inverse", "loss": {"lovasz": 1.0}}}, "lovasz takes no class weights"),
 ])
 def test_bad_params_name_the_key(raw, expected):
     with pytest.raises(ConfigError) as err:
         parse_params(raw)
     assert expected in str(err.value)
+
+
+def test_agreeing_sections_pass():
+    parse_params({"infer": {"checkpoints": ["swa"], "round": 1, "fold_weights": [1, 1, 2]}, "train": {"swa_epochs": 2}})
+    parse_params({"train": {"class_weights": "inverse", "loss": {"ce": 1.0, "lovasz": 0.5}}})   # ce takes them
 
 
 def test_all_problems_reported_at_once():

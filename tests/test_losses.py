@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import NO_CLASS_WEIGHTS
 from pipeline.models.losses import LOSSES, BoundaryCE, build_loss, class_weights_from_pixels
 
 
@@ -34,6 +35,16 @@ def test_right_answer_scores_lower(name):
     perfect = F.one_hot(target.clamp(max=3), 4).permute(0, 3, 1, 2).float() * 20
     loss_fn = build_loss({name: 1.0})
     assert loss_fn(perfect, target) < loss_fn(logits, target)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_class_weights_apply_except_where_config_says_not(name):
+    """config.NO_CLASS_WEIGHTS (what the start-up check trusts) is exactly the losses class weights
+    do not change."""
+    logits, target = batch()
+    plain = build_loss({name: 1.0})(logits, target)
+    weighted = build_loss({name: 1.0}, torch.tensor([0.1, 3.0, 0.5, 2.0]))(logits, target)
+    assert torch.isclose(plain, weighted) == (name in NO_CLASS_WEIGHTS)
 
 
 def test_weighted_sum_and_terms():

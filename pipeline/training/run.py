@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from pipeline import cli
-from pipeline.config import ConfigError, ParamsView
+from pipeline.config import NO_CLASS_WEIGHTS, ConfigError, ParamsView
 from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_init
 from pipeline.data.masks import read_classes, read_image
@@ -134,6 +134,9 @@ def _train(fold, seed, p, run, round2, d, device, out, round1_best, classes, tra
         trained = torch.compile(trained)
     pixels = train_tab[[f"px_{c}" for c in range(n_cls)]].sum().to_numpy()
     cw = class_weights_from_pixels(torch.tensor(pixels.astype(np.int64)), t.class_weights)
+    unweighted = sorted(n for n, w in t.loss.items() if w > 0 and n in NO_CLASS_WEIGHTS)
+    if cw is not None and unweighted and d.main:
+        print(f"note: train.class_weights {t.class_weights!r} apply to every loss but {', '.join(unweighted)}")
     loss_fn = build_loss(t.loss, cw.to(device) if cw is not None else None, t.boundary_width, t.boundary_weight).to(device)
     opt = build_optimizer(model, encoder_of(model), t.optimizer, t.lr, t.encoder_lr, t.weight_decay, t.lookahead)
 
