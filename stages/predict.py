@@ -21,9 +21,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="output folder; must not overlap --images")
     args = ap.parse_args()
     p = load_params().only(*PARAMS)
-    classes = read_classes(p.paths.masks)["classes"]
+    cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
     ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
-    n = predict_folder(ens, args.images, args.out, p.train.image_size, classes, p.infer.batch_size)
+    n = predict_folder(ens, args.images, args.out, p.train.image_size, cache["classes"], p.infer.batch_size,
+                       cache.get("max_side"))
     print(f"wrote {n} predictions to {args.out}")
 
 

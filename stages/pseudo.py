@@ -20,10 +20,11 @@ def main() -> None:
     with stage_run("pseudo", p) as run:
         test, left_out = unlabelled(load_test_set(p.data),
                                     Path(p.paths.split) / "folds.csv", Path(p.data.root))
+        cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
         with atomic_dir(p.paths.pseudo) as out:
             report, summary = pseudo_label_folds(
                 test, p.train.folds, p.train.seeds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,
-                p.pseudo.min_kept, p.train.image_size, read_classes(p.paths.masks)["classes"], pick_device(p.infer.device))
+                p.pseudo.min_kept, p.train.image_size, cache["classes"], pick_device(p.infer.device), cache.get("max_side"))
             report.to_csv(out / "report.csv", index=False)
             pd.Series(left_out, name="file_name").to_csv(out / "left_out.csv", index=False)
         run.log_artifact(Path(p.paths.pseudo) / "report.csv", "pseudo")

@@ -17,13 +17,14 @@ PARAMS = ("data", "infer", "train", "submit", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("submit", p) as run:
-        classes = read_classes(p.paths.masks)["classes"]
+        cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
+        classes = cache["classes"]
         images = load_test_set(p.data)
         ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)
         kept = write_submission(ens, images, p.train.image_size, out / "submission.csv", p.submit.size,
-                                p.infer.batch_size, keep=p.submit.gallery)
+                                p.infer.batch_size, keep=p.submit.gallery, max_side=cache.get("max_side"))
         if kept:
             shown = sorted(kept)
             plot_predictions([read_image(images.path[i], (images.height[i], images.width[i])) for i in shown], [kept[i] for i in shown], classes,

@@ -7,6 +7,7 @@ from typing import get_args
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -167,3 +168,34 @@ def test_predict_refuses_names_that_would_overwrite_each_other(test_set, tmp_pat
     with pytest.raises(DataError, match=r"0\.jpg, 0\.png differ only by extension"):
         predict_folder(ens, test_set / "test", tmp_path / "out", 64, ["bg", "a", "b"])
     assert not (tmp_path / "out").exists()
+
+
+def test_test_time_images_are_prepared_exactly_as_validation_images(tmp_path):
+    """With masks.max_side set, submit, predict and pseudo-labelling feed the model the very tensor
+    validation fed it (cache: INTER_AREA to max_side, then the validation transform) — not a
+    full-size decode squashed straight to the model size."""
+    import cv2
+
+    from pipeline.data.augment import build_transform
+    from pipeline.data.coco import load_dataset
+    from pipeline.data.dataset import SegDataset
+    from pipeline.data.masks import build_mask_cache, decode_oriented
+    from pipeline.inference.ensemble import ImageFiles
+    from pipeline.inference.submission import image_files
+    from tests.conftest import square, write_coco
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    photo = cv2.resize(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8), (160, 96), interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(root / "p.jpg"), photo)
+    write_coco(root, [{"id": 0, "file_name": "p.jpg", "width": 160, "height": 96}],
+               [{"image_id": 0, "category_id": 1, "segmentation": square(10, 10, 60, 50)}], ["a", "b"],
+               write_images=False)
+    index = build_mask_cache(load_dataset(root, ["train.json"]), tmp_path / "cache", "smaller_on_top", "keep",
+                             "UNKNOWN", max_side=64, workers=1)
+    validation = SegDataset(index, build_transform([], 32)).load(0)[0]
+    test = pd.DataFrame({"path": [str(root / "p.jpg")], "height": [96], "width": [160]})
+    assert torch.equal(image_files(test, 32, 64)[0][0], validation)
+    before = ImageFiles(lambda i: decode_oriented(test.path[i], 96, 160), 1, 32)[0][0]   # the old test-time path
+    assert not torch.equal(before, validation)

@@ -248,6 +248,13 @@ def decode_oriented(path: str, height: int, width: int, out_hw: Optional[tuple[i
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def prepare_image(path: str, height: int, width: int, max_side: Optional[int]) -> np.ndarray:
+    """A photo as the mask cache stores it for training and validation (EXIF rule, long side capped
+    at max_side with INTER_AREA): the one preparation every consumer uses (cache, submit, predict,
+    pseudo-labels), so a model sees at test time exactly what it was validated on."""
+    return decode_oriented(path, height, width, target_size(height, width, max_side))
+
+
 def _cache_one(task: dict) -> dict:
     """Worker: rasterise one image's mask and, if asked, cache the decoded image; write files.
 

@@ -22,26 +22,26 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.data.coco import IGNORE_INDEX
-from pipeline.data.masks import content_digest, decode_oriented
-from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member, member_paths
+from pipeline.data.masks import content_digest, prepare_image, target_size
+from pipeline.inference.ensemble import Ensemble, load_member, member_paths
+from pipeline.inference.submission import image_files
 from pipeline.io import identical_files
 
 
 def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: int, n_classes: int,
                  threshold: float, min_kept: float, batch_size: int = 8,
-                 final_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 final_dir: Path | None = None, max_side: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write one fold's pseudo-labelled images into out_dir; return (index table, per-class report).
 
     The index records paths under `final_dir` (default out_dir): where the folder will live once an
     atomic write has renamed it."""
     final_dir = final_dir or out_dir
-    data = ImageFiles(lambda i: decode_oriented(images.path[i], images.height[i], images.width[i]),
-                      len(images), image_size)
+    data = image_files(images, image_size, max_side)   # as validation images are prepared
     rows, predicted, kept = [], np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
     for x, idx in DataLoader(data, batch_size):
         probs = teacher.proba(x)
         for p, i in zip(probs, idx.tolist()):
-            h, w = int(images.height[i]), int(images.width[i])
+            h, w = target_size(int(images.height[i]), int(images.width[i]), max_side)   # the mask cache's size
             if p.shape[-2:] != (h, w):
                 p = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             conf, label = p.max(0)
@@ -58,7 +58,7 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_s
             mask_file.parent.mkdir(parents=True, exist_ok=True)
             image_file.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mask_file), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-            img = decode_oriented(images.path[i], h, w)
+            img = prepare_image(images.path[i], int(images.height[i]), int(images.width[i]), max_side)
             np.save(image_file, img)
             counts = np.bincount(label.ravel(), minlength=256)
             rows.append({"key": f"pseudo/{images.image_id[i]}", "image": str(final_dir / image_file.relative_to(out_dir)),
@@ -91,7 +91,7 @@ def unlabelled(test: pd.DataFrame, folds_csv: Path, image_root: Path | None = No
 
 def pseudo_label_folds(test: pd.DataFrame, folds: list[int], seeds: list[int], models_dir: Path, out: Path,
                        final_root: Path, infer, threshold: float, min_kept: float, image_size: int,
-                       classes: list[str], device: torch.device) -> tuple[pd.DataFrame, dict]:
+                       classes: list[str], device: torch.device, max_side: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Every fold's pseudo-labels from its own round-1 best models (its seed ensemble + infer's TTA)
     into out/fold_<k>. Returns (per fold and class report, summary for the metrics file)."""
     reports, summary = [], {}
@@ -99,7 +99,7 @@ def pseudo_label_folds(test: pd.DataFrame, folds: list[int], seeds: list[int], m
         teacher = Ensemble([(load_member(path, device)[0], 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
                            infer.tta, infer.scales, device, infer.amp)
         index, report = pseudo_label(teacher, test, out / f"fold_{k}", image_size, len(classes), threshold, min_kept,
-                                     infer.batch_size, final_dir=Path(final_root) / f"fold_{k}")
+                                     infer.batch_size, final_dir=Path(final_root) / f"fold_{k}", max_side=max_side)
         reports.append(report.assign(fold=k, **{"class": classes}))
         summary[f"fold_{k}"] = {"images": len(index),
                                 "pixel_kept_fraction": float(index.kept_fraction.mean()) if len(index) else 0.0}

@@ -9,31 +9,38 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
 import pandas as pd
 
 from pipeline.data.coco import DataError
-from pipeline.data.masks import decode_oriented
+from pipeline.data.masks import prepare_image
 from pipeline.inference.ensemble import Ensemble, ImageFiles
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: int, batch_size: int):
-    """Yield (row index, (H, W) uint8 class map at the image's json size)."""
-    data = ImageFiles(lambda i: decode_oriented(images.path[i], images.height[i], images.width[i]),
+def image_files(images: pd.DataFrame, image_size: int, max_side: Optional[int]) -> ImageFiles:
+    """Model inputs for the rows of `images` (path, height, width), prepared exactly as validation
+    images are: prepare_image with the mask cache's max_side, then the validation transform."""
+    return ImageFiles(lambda i: prepare_image(images.path[i], images.height[i], images.width[i], max_side),
                       len(images), image_size)
-    yield from ens.predict(data, list(zip(images.height, images.width)), batch_size)
+
+
+def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: int, batch_size: int,
+                   max_side: Optional[int] = None):
+    """Yield (row index, (H, W) uint8 class map at the image's json size)."""
+    yield from ens.predict(image_files(images, image_size, max_side), list(zip(images.height, images.width)), batch_size)
 
 
 def write_submission(ens: Ensemble, images: pd.DataFrame, image_size: int, out_csv: str | Path, size: int = 256,
-                     batch_size: int = 8, keep: int = 0) -> dict[int, np.ndarray]:
+                     batch_size: int = 8, keep: int = 0, max_side: Optional[int] = None) -> dict[int, np.ndarray]:
     """Write submission.csv atomically (rows in the test json's order); return `keep` predictions."""
     preds: dict[int, str] = {}
     kept: dict[int, np.ndarray] = {}
-    for i, pred in predict_images(ens, images, image_size, batch_size):
+    for i, pred in predict_images(ens, images, image_size, batch_size, max_side):
         small = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST)
         preds[i] = " ".join(map(str, small.ravel().tolist()))
         if i < keep:
@@ -58,7 +65,7 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
 
 
 def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, image_size: int, classes: list[str],
-                   batch_size: int = 8) -> int:
+                   batch_size: int = 8, max_side: Optional[int] = None) -> int:
     """Every image under images_dir -> out_dir/<same path>.png (class indices, uint8) and
     <same path>_overlay.jpg (prediction blended over the photo). Returns the number written."""
     from pipeline.evaluation.reports import palette
@@ -82,7 +89,7 @@ def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, i
     table = pd.DataFrame({"path": [str(p) for p in files], "height": [s[0] for s in sizes],
                           "width": [s[1] for s in sizes]})
     pal = palette(len(classes))
-    for i, pred in predict_images(ens, table, image_size, batch_size):
+    for i, pred in predict_images(ens, table, image_size, batch_size, max_side):
         rel = files[i].relative_to(images_dir).with_suffix("")
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
