@@ -180,8 +180,7 @@ def test_test_time_images_are_prepared_exactly_as_validation_images(tmp_path):
     from pipeline.data.coco import load_dataset
     from pipeline.data.dataset import SegDataset
     from pipeline.data.masks import build_mask_cache, decode_oriented
-    from pipeline.inference.ensemble import ImageFiles
-    from pipeline.inference.submission import image_files
+    from pipeline.inference.ensemble import ImageFiles, image_files
     from tests.conftest import square, write_coco
 
     root = tmp_path / "ds"

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.augment import build_transform
 from pipeline.data.coco import DataError
+from pipeline.data.masks import prepare_image
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
@@ -44,6 +45,13 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(image=self.read(i))["image"], i
+
+
+def image_files(images: pd.DataFrame, image_size: int, max_side: Optional[int]) -> ImageFiles:
+    """Model inputs for the rows of `images` (path, height, width), prepared exactly as validation
+    images are: prepare_image with the mask cache's max_side, then the validation transform."""
+    return ImageFiles(lambda i: prepare_image(images.path[i], images.height[i], images.width[i], max_side),
+                      len(images), image_size)
 
 
 class Ensemble:

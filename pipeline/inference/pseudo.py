@@ -23,8 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.coco import IGNORE_INDEX
 from pipeline.data.masks import content_digest, prepare_image, target_size
-from pipeline.inference.ensemble import Ensemble, load_member, member_paths
-from pipeline.inference.submission import image_files
+from pipeline.inference.ensemble import Ensemble, image_files, load_member, member_paths
 from pipeline.io import identical_files
 
 

@@ -16,17 +16,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.coco import DataError
-from pipeline.data.masks import prepare_image
-from pipeline.inference.ensemble import Ensemble, ImageFiles
+from pipeline.inference.ensemble import Ensemble, image_files
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def image_files(images: pd.DataFrame, image_size: int, max_side: Optional[int]) -> ImageFiles:
-    """Model inputs for the rows of `images` (path, height, width), prepared exactly as validation
-    images are: prepare_image with the mask cache's max_side, then the validation transform."""
-    return ImageFiles(lambda i: prepare_image(images.path[i], images.height[i], images.width[i], max_side),
-                      len(images), image_size)
 
 
 def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: int, batch_size: int,
