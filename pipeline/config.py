@@ -99,6 +99,11 @@ class Split(_Section):
     holdout: float = Field(0.1, ge=0.0, lt=0.9)
     seed: int = 42
 
+    @property
+    def joins_near_dups(self) -> bool:
+        """join_near_dups, with null meaning: when no group is given."""
+        return self.group is None if self.join_near_dups is None else self.join_near_dups
+
     @model_validator(mode="after")
     def _folds_fit_strategy(self) -> "Split":
         if self.strategy == "given" and self.n_folds != 1:

@@ -78,7 +78,7 @@ def identical_files(paths: Iterable[str | Path]) -> list[list[int]]:
     return sorted(sets)
 
 
-def ignore_sigint(*_args) -> None:
+def ignore_sigint() -> None:
     """Initializer for worker processes: Ctrl-C goes to the stage, which stops them; each worker
     printing its own KeyboardInterrupt traceback would only bury the one line that matters."""
     import signal

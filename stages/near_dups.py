@@ -7,7 +7,7 @@ import pandas as pd
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params, load_test_set
-from pipeline.data.near_dups import PAIR_COLUMNS, clusters, find_pairs, montage
+from pipeline.data.near_dups import PAIR_COLUMNS, clusters, find_pairs, summary, with_test_images, write_report
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
 
@@ -18,30 +18,15 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     n = p.near_dups
     with stage_run("near_dups", p) as run:
-        images = dataset_from_params(p.data).images.assign(role="labelled")
-        if n.include_test and p.data.test_json:
-            test = load_test_set(p.data)
-            images = pd.concat([images, test[~test.key.isin(images.key)].assign(role="test")], ignore_index=True)
-        pairs = (find_pairs(images, hash_distance=n.hash_distance, min_inliers=n.min_inliers, side=n.side,
-                            n_features=n.n_features, workers=n.workers)
-                 if n.enabled else pd.DataFrame(columns=PAIR_COLUMNS))
+        test = load_test_set(p.data) if n.include_test and p.data.test_json else None
+        images = with_test_images(dataset_from_params(p.data).images, test)
+        pairs = (find_pairs(images, **n.model_dump(exclude={"enabled", "include_test"})) if n.enabled
+                 else pd.DataFrame(columns=PAIR_COLUMNS))
         cluster = clusters(images.key.tolist(), pairs)
-        table = images[["key", "role"]].assign(cluster=cluster.to_numpy())
         with atomic_dir(p.paths.near_dups) as out:
-            pairs.to_csv(out / "pairs.csv", index=False)
-            table[table.cluster >= 0].sort_values(["cluster", "key"]).to_csv(out / "clusters.csv", index=False)
-            montage(images, cluster, out / "clusters.png")
+            write_report(images, pairs, cluster, out)
         run.log_artifacts(p.paths.near_dups, "near_dups")
-        role = table.set_index("key").role
-        mixed = table[table.cluster >= 0].groupby("cluster").role.nunique() > 1
-        test_twins = table[(table.role == "test") & table.cluster.isin(mixed[mixed].index)]
-        run.write_metrics(Path(p.paths.metrics) / "near_dups.json", {"near_dups": {
-            "images": len(images), "pairs": len(pairs),
-            "pairs_by_method": {m: int((pairs.method == m).sum()) for m in ("hash", "orb", "both")},
-            "clusters": int(cluster.max() + 1), "images_in_clusters": int((cluster >= 0).sum()),
-            "largest_cluster": int(cluster[cluster >= 0].value_counts().max()) if (cluster >= 0).any() else 0,
-            "labelled_pairs": int((pairs.key_a.map(role).eq("labelled") & pairs.key_b.map(role).eq("labelled")).sum()),
-            "test_images_repeating_labelled": len(test_twins)}})
+        run.write_metrics(Path(p.paths.metrics) / "near_dups.json", {"near_dups": summary(images, pairs, cluster)})
 
 
 if __name__ == "__main__":

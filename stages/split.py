@@ -4,8 +4,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.data.folds import (balance_report, duplicates_apart, make_folds, near_dups_apart, near_pairs,
-                                 plot_balance)
+from pipeline.data.folds import balance_report, make_folds, near_pairs, plot_balance, split_summary
 from pipeline.data.near_dups import read_pairs
 from pipeline.io import atomic_dir, identical_files
 from pipeline.tracking import stage_run
@@ -20,8 +19,7 @@ def main() -> None:
         ds = dataset_from_params(p.data)
         copies = identical_files(ds.images.path)   # the same photo under two names: kept together
         pairs = read_pairs(p.paths.near_dups)      # crops, resizes, re-encodes (stage near_dups)
-        join = s.group is None if s.join_near_dups is None else s.join_near_dups
-        near = near_pairs(ds.images.key, pairs) if join else []
+        near = near_pairs(ds.images.key, pairs) if s.joins_near_dups else []
         folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json, copies, near)
         table, balance = balance_report(ds, folds, s.strategy, s.n_folds, s.group, s.seed)
         with atomic_dir(p.paths.split) as out:
@@ -29,12 +27,8 @@ def main() -> None:
             table.to_csv(out / "balance.csv", index=False)
             plot_balance(ds, folds, out / "fold_balance.png")
         run.log_artifacts(p.paths.split, "split")
-        counts = folds[~folds.holdout].fold.value_counts()
-        run.write_metrics(Path(p.paths.metrics) / "split.json", {"split": {
-            "images": len(folds), "holdout_images": int(folds.holdout.sum()),
-            "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance,
-            "duplicate_images": sum(len(c) - 1 for c in copies), "duplicates_apart": duplicates_apart(folds),
-            "near_dups": {"joined": join, **near_dups_apart(folds, pairs)}}})
+        run.write_metrics(Path(p.paths.metrics) / "split.json",
+                          {"split": split_summary(folds, balance, copies, pairs, s.joins_near_dups)})
 
 
 if __name__ == "__main__":

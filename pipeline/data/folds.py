@@ -197,6 +197,16 @@ def near_dups_apart(folds: pd.DataFrame, pairs: pd.DataFrame) -> dict:
     return {"pairs": int(len(pairs)), "pairs_apart": int(apart.sum()), "leaky_images": len(leaky)}
 
 
+def split_summary(folds: pd.DataFrame, balance: dict, copies: Sequence[Sequence[int]], pairs: pd.DataFrame,
+                  joined: bool) -> dict:
+    """The split stage's metrics: fold sizes, balance, and how copies and near-duplicates were kept."""
+    counts = folds[~folds.holdout].fold.value_counts()
+    return {"images": len(folds), "holdout_images": int(folds.holdout.sum()),
+            "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance,
+            "duplicate_images": sum(len(c) - 1 for c in copies), "duplicates_apart": duplicates_apart(folds),
+            "near_dups": {"joined": joined, **near_dups_apart(folds, pairs)}}
+
+
 def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:
     """Per validation fold: how far its class mix and object share stray from the pool's.
 

@@ -22,6 +22,7 @@ Pairs are joined into clusters (connected components). Measured precision/recall
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import cv2
@@ -166,20 +167,46 @@ def find_pairs(images: pd.DataFrame, *, hash_distance: int = 8, min_inliers: int
     method: 'hash' (pHash within hash_distance bits), 'orb' (keypoints), or 'both' (found by each)."""
     feats = feats if feats is not None else extract(images, side, n_features, workers)
     keys = images.key.tolist()
-    found: dict[tuple[int, int], dict] = {}
-    for i, j, d in hash_pairs(np.array([f["phash"] for f in feats], np.uint64), hash_distance):
-        found[(i, j)] = dict(method="hash", hash_distance=d, inliers=0)
+    hashes = np.array([f["phash"] for f in feats], np.uint64)
+    found = {(i, j): dict(method="hash", hash_distance=d, inliers=0) for i, j, d in hash_pairs(hashes, hash_distance)}
     candidates = sorted(candidate_pairs(feats))
     for (i, j), n in zip(candidates, verify(feats, candidates, workers)):
         if n >= min_inliers:
-            row = found.setdefault((i, j), dict(method="", hash_distance=-1, inliers=0))
-            row.update(method="both" if row["method"] else "orb", inliers=n)
-    hashes = np.array([f["phash"] for f in feats], np.uint64)
+            row = found.get((i, j)) or dict(method="orb", hash_distance=int(np.bitwise_count(hashes[i] ^ hashes[j])))
+            found[(i, j)] = {**row, "method": "both" if row["method"] == "hash" else "orb", "inliers": n}
     rows = [dict(key_a=keys[i], key_b=keys[j], **v) for (i, j), v in sorted(found.items())]
-    for r, (i, j) in zip(rows, sorted(found)):
-        if r["hash_distance"] < 0:
-            r["hash_distance"] = int(np.bitwise_count(hashes[i] ^ hashes[j]))
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def with_test_images(labelled: pd.DataFrame, test: Optional[pd.DataFrame]) -> pd.DataFrame:
+    """The images to compare, with a `role` column: the labelled pool, plus the test images that are
+    not also labelled (the same file under the same key is one image)."""
+    images = labelled.assign(role="labelled")
+    if test is None:
+        return images
+    return pd.concat([images, test[~test.key.isin(images.key)].assign(role="test")], ignore_index=True)
+
+
+def write_report(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series, out: Path) -> None:
+    """pairs.csv, clusters.csv (key, role, cluster; clustered images only) and clusters.png into out."""
+    table = images[["key", "role"]].assign(cluster=cluster.to_numpy())
+    pairs.to_csv(out / "pairs.csv", index=False)
+    table[table.cluster >= 0].sort_values(["cluster", "key"]).to_csv(out / "clusters.csv", index=False)
+    montage(images, cluster, out / "clusters.png")
+
+
+def summary(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series) -> dict:
+    """The stage's metrics: pairs by method, clusters, and test images that repeat a labelled one."""
+    role = pd.Series(images.role.to_numpy(), index=images.key)
+    clustered = pd.DataFrame({"role": role.to_numpy(), "cluster": cluster.to_numpy()})[cluster.to_numpy() >= 0]
+    mixed = clustered.groupby("cluster").role.nunique() > 1
+    labelled = pairs.key_a.map(role).eq("labelled") & pairs.key_b.map(role).eq("labelled")
+    return {"images": len(images), "pairs": len(pairs),
+            "pairs_by_method": {m: int((pairs.method == m).sum()) for m in ("hash", "orb", "both")},
+            "clusters": int(cluster.max() + 1), "images_in_clusters": len(clustered),
+            "largest_cluster": int(clustered.cluster.value_counts().max()) if len(clustered) else 0,
+            "labelled_pairs": int(labelled.sum()),
+            "test_images_repeating_labelled": int(((clustered.role == "test") & clustered.cluster.isin(mixed[mixed].index)).sum())}
 
 
 def read_pairs(folder: str | os.PathLike) -> pd.DataFrame:
