@@ -32,7 +32,8 @@ from pipeline.data.masks import build_mask_cache
 from pipeline.models.factory import build_model, encoder_of
 from pipeline.models.losses import build_loss
 from pipeline.inference.ensemble import Ensemble
-from pipeline.training.loop import autocast, train_one_epoch
+from pipeline.devices import autocast
+from pipeline.training.loop import train_one_epoch
 from pipeline.training.optim import build_optimizer, build_schedule
 
 AUGMENT = ["hflip", "vflip", "scale_rotate", "color"]

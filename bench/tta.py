@@ -13,7 +13,7 @@ import torch
 
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
-from pipeline.training.loop import autocast
+from pipeline.devices import autocast
 
 
 def timed(fn, repeats: int) -> float:

@@ -123,6 +123,9 @@ class Train(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
     image_size: int = Field(128, ge=32)
+    input: Literal["resize", "crop"] = "resize"
+    crop_scale: tuple[float, float] = (0.5, 2.0)
+    slide_overlap: float = Field(1 / 3, ge=0, le=0.9)
     optimizer: Literal["adamw", "sgd", "radam", "adamp"] = "adamw"
     lookahead: bool = False
     lr: float = Field(3e-3, gt=0)
@@ -157,6 +160,19 @@ class Train(_Section):
     def _loss_not_empty(cls, v: dict) -> dict:
         if not v or not any(w > 0 for w in v.values()):
             raise ValueError("give at least one loss with a positive weight, e.g. {ce: 1.0}")
+        return v
+
+    @property
+    def eval_size(self) -> Optional[int]:
+        """What validation and inference resize images to: image_size, or None for a model trained on
+        crops (whole images at the mask cache's resolution, by sliding windows)."""
+        return None if self.input == "crop" else self.image_size
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high, got {list(v)}")
         return v
 
     @model_validator(mode="after")

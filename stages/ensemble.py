@@ -7,7 +7,7 @@ from pipeline.data.masks import read_classes
 from pipeline.evaluation.variants import evaluate_variants, variants_metrics
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
-from pipeline.training.run import pick_device
+from pipeline.devices import pick_device
 
 PARAMS = ("infer", "train", "paths")
 
@@ -16,7 +16,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("ensemble", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
-        table = evaluate_variants(p.infer, p.train.folds, p.train.seeds, p.train.image_size, classes, p.paths.models,
+        table = evaluate_variants(p.infer, p.train.folds, p.train.seeds, p.train.eval_size, classes, p.paths.models,
                                   p.paths.masks, p.paths.split, pick_device(p.infer.device), p.paths.models_round2)
         with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
             table.to_csv(out / "variants.csv", index=False)

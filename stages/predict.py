@@ -10,7 +10,7 @@ from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.variants import final_ensemble, models_for_round
 from pipeline.inference.submission import predict_folder
-from pipeline.training.run import pick_device
+from pipeline.devices import pick_device
 
 PARAMS = ("infer", "train", "paths")
 
@@ -23,7 +23,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
     ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
-    n = predict_folder(ens, args.images, args.out, p.train.image_size, cache["classes"], p.infer.batch_size,
+    n = predict_folder(ens, args.images, args.out, p.train.eval_size, cache["classes"], p.infer.batch_size,
                        cache.get("max_side"))
     print(f"wrote {n} predictions to {args.out}")
 

@@ -10,7 +10,7 @@ from pipeline.data.masks import read_classes
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
-from pipeline.training.run import pick_device
+from pipeline.devices import pick_device
 
 PARAMS = ("data", "infer", "train", "pseudo", "paths")
 
@@ -24,7 +24,7 @@ def main() -> None:
         with atomic_dir(p.paths.pseudo) as out:
             report, summary = pseudo_label_folds(
                 test, p.train.folds, p.train.seeds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,
-                p.pseudo.min_kept, p.train.image_size, cache["classes"], pick_device(p.infer.device), cache.get("max_side"))
+                p.pseudo.min_kept, p.train.eval_size, cache["classes"], pick_device(p.infer.device), cache.get("max_side"))
             report.to_csv(out / "report.csv", index=False)
             pd.Series(left_out, name="file_name").to_csv(out / "left_out.csv", index=False)
         run.log_artifact(Path(p.paths.pseudo) / "report.csv", "pseudo")

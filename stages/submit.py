@@ -9,7 +9,7 @@ from pipeline.evaluation.variants import final_ensemble, models_for_round
 from pipeline.data.coco import load_test_set
 from pipeline.inference.submission import write_submission
 from pipeline.tracking import stage_run
-from pipeline.training.run import pick_device
+from pipeline.devices import pick_device
 
 PARAMS = ("data", "infer", "train", "submit", "paths")
 
@@ -23,7 +23,7 @@ def main() -> None:
         ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)
-        kept = write_submission(ens, images, p.train.image_size, out / "submission.csv", p.submit.size,
+        kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,
                                 p.infer.batch_size, keep=p.submit.gallery, max_side=cache.get("max_side"))
         if kept:
             shown = sorted(kept)

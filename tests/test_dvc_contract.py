@@ -62,3 +62,27 @@ ON_DEMAND = {"predict"}  # commands, not DAG stages
 def test_every_stage_module_is_in_the_dag():
     modules = {p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "__init__"}
     assert modules - ON_DEMAND == set(DVC)
+
+
+# The library's floors, lowest first: a module imports only from its own floor or below, so a
+# shared leaf (confusion matrix, model-folder layout, autocast) lives below every user.
+LAYERS = [{"io", "config", "devices", "tracking"}, {"data", "cli"}, {"models"}, {"inference"}, {"evaluation"},
+          {"training"}]
+
+
+def _floor(path: Path) -> int:
+    part = path.relative_to(REPO / "pipeline").parts[0].removesuffix(".py")
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipeline").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_never_go_up_a_floor(path):
+    if path.name == "__init__.py":
+        return
+    up = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            files = {f for f in map(module_file, names) if f and f.name != "__init__.py"}
+            up += [str(f.relative_to(REPO)) for f in files if _floor(f) > _floor(path)]
+    assert not up, f"{path.relative_to(REPO)} imports from a higher floor: {up}"

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pipeline.training.gpus import claim, pin
+from pipeline.devices import claim, pin
 from tests.conftest import REPO
 
-HOLDER = "import sys, time\nfrom pipeline.training.gpus import claim\nprint(claim({n}, sys.argv[1], total=2), flush=True)\ntime.sleep(60)\n"
+HOLDER = "import sys, time\nfrom pipeline.devices import claim\nprint(claim({n}, sys.argv[1], total=2), flush=True)\ntime.sleep(60)\n"
 
 
 def holder(pool, n=1):

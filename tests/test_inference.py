@@ -17,7 +17,8 @@ from tests.conftest import image, square, write_coco
 from pipeline.config import TtaView
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.masks import build_mask_cache
-from pipeline.inference.ensemble import Ensemble, score
+from pipeline.evaluation.variants import score
+from pipeline.inference.ensemble import Ensemble
 from pipeline.config import Data
 from pipeline.data.coco import load_test_set
 from pipeline.inference.submission import check_output_dir, predict_folder, write_submission

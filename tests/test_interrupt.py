@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.config import Params
-from pipeline.training.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from tests.conftest import REPO
 from tests.test_training import easy_workspace
 

@@ -70,7 +70,7 @@ def _cm(p, t):
 def test_cv_sums_every_fold_and_seed_and_reports_each(tmp_path):
     from pipeline.data.coco import DataError
     from pipeline.evaluation.cv import cv_scores
-    from pipeline.training.checkpoint import member_dir
+    from pipeline.models.checkpoint import member_dir
 
     classes = ["Background", "a"]
     right, wrong = np.array([[5, 0], [0, 5]]), np.array([[0, 5], [5, 0]])

@@ -15,8 +15,9 @@ from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.folds import make_folds
 from pipeline.data.masks import build_mask_cache
 from pipeline.data.mix import cutmix, paste_classes
+from pipeline.training import fold as fold_module
 from pipeline.training import run as run_module
-from pipeline.training.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.run import PARAMS, train_fold
 from tests.conftest import write_coco
 
@@ -122,7 +123,7 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     straight_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
     shutil.rmtree(prepared / "models/fold_1")          # or the finished run would be reused
 
-    real_validate, calls = run_module.validate, {"n": 0}
+    real_validate, calls = fold_module.validate, {"n": 0}
 
     def dies_in_epoch_2(*a, **k):
         calls["n"] += 1
@@ -130,11 +131,11 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real_validate(*a, **k)
 
-    monkeypatch.setattr(run_module, "validate", dies_in_epoch_2)
+    monkeypatch.setattr(fold_module, "validate", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_fold(1, 0, p)
     assert load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["epoch"] == 1
-    monkeypatch.setattr(run_module, "validate", real_validate)
+    monkeypatch.setattr(fold_module, "validate", real_validate)
     resumed = train_fold(1, 0, p)
     resumed_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
     assert [h["epoch"] for h in resumed_hist] == [1, 2, 3]

@@ -5,9 +5,10 @@ are labelled IGNORE_INDEX, so the model is never taught that a black square is a
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import albumentations as A
+import cv2
 from albumentations.pytorch import ToTensorV2
 
 from pipeline.data.coco import IGNORE_INDEX
@@ -25,13 +26,31 @@ AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
 }
 
 
-def build_transform(names: list[str], size: int, seed: int = 0) -> A.Compose:
-    """Resize to (size, size), the named augmentations in order, ImageNet normalisation, to tensor.
-
-    Output: image (3, size, size) float32, mask (size, size) uint8 (resized nearest).
+def build_transform(names: list[str], size: Optional[int], seed: int = 0,
+                    crop_scale: Optional[tuple[float, float]] = None) -> A.Compose:
+    """The model's input from an (H, W, 3) uint8 image and its (H, W) uint8 mask, in one of three framings:
+      size None        the whole image as it is (validated and predicted by sliding windows);
+      crop_scale None  resized to (size, size): aspect lost, one view of the whole image;
+      crop_scale       rescaled by a random factor in [low, high] (aspect kept; INTER_AREA when
+                       shrinking), padded to at least size (mask IGNORE_INDEX), a random (size, size) crop.
+    Then the named augmentations in order, ImageNet normalisation, to tensor.
+    Output: image (3, h, w) float32, mask (h, w) uint8 (resized nearest).
     """
     unknown = sorted(set(names) - set(AUGMENTATIONS))
     if unknown:
         raise ValueError(f"unknown augmentation(s) {unknown}; available: {', '.join(sorted(AUGMENTATIONS))}")
-    return A.Compose([A.Resize(size, size), *[AUGMENTATIONS[n]() for n in names], A.Normalize(), ToTensorV2()],
-                     seed=seed)
+    if size is None:
+        frame = []
+    elif crop_scale is None:
+        frame = [A.Resize(size, size)]
+    else:
+        lo, hi = crop_scale
+        frame = [A.RandomScale((lo - 1, hi - 1), area_for_downscale="image", p=1.0),
+                 A.RandomCrop(size, size, pad_if_needed=True, pad_position="random", border_mode=cv2.BORDER_CONSTANT,
+                              fill=0, fill_mask=IGNORE_INDEX)]
+    return A.Compose([*frame, *[AUGMENTATIONS[n]() for n in names], A.Normalize(), ToTensorV2()], seed=seed)
+
+
+def train_transform(t, seed: int) -> A.Compose:
+    """Training input for `train` params: whole images resized, or random-scale crops (train.input)."""
+    return build_transform(t.augment, t.image_size, seed, t.crop_scale if t.input == "crop" else None)

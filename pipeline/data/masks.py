@@ -188,6 +188,19 @@ def unknown_class_index(classes: list[str], name: str) -> Optional[int]:
     return lowered.index(name.lower()) if name.lower() in lowered else None
 
 
+def palette(n: int) -> np.ndarray:
+    """(256, 3) uint8 colours: background black, classes from tab20, ignore white."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    pal = np.zeros((256, 3), np.uint8)
+    for c in range(1, n):
+        pal[c] = (np.array(cmap((c - 1) % 20)[:3]) * 255).astype(np.uint8)
+    pal[IGNORE_INDEX] = 255
+    return pal
+
+
+
 def image_label(anns: pd.DataFrame | None, height: int, width: int, out_hw: tuple[int, int], rule: str,
                 unknown_class: Optional[int], unknown: str) -> np.ndarray:
     """All annotations of one image (rows with segmentation, class_idx) -> (H, W) uint8 class map."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.data.coco import DataError
 from pipeline.evaluation.metrics import scores
-from pipeline.training.checkpoint import member_dir
+from pipeline.models.checkpoint import member_dir
 
 
 def cv_scores(models_dir, folds: list[int], seeds: list[int], classes: list[str]) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.coco import IGNORE_INDEX
+from pipeline.data.masks import palette
 from pipeline.io import atomic_file
 
 
@@ -23,18 +24,6 @@ def _save(fig, path, dpi: int) -> None:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     _plt().close(fig)
-
-
-def palette(n: int) -> np.ndarray:
-    """(256, 3) uint8 colours: background black, classes from tab20, ignore white."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab20"]
-    pal = np.zeros((256, 3), np.uint8)
-    for c in range(1, n):
-        pal[c] = (np.array(cmap((c - 1) % 20)[:3]) * 255).astype(np.uint8)
-    pal[IGNORE_INDEX] = 255
-    return pal
 
 
 def plot_confusion(mat: np.ndarray, names: list[str], path: Path, title: str = "") -> Path:

@@ -12,18 +12,36 @@ Single-model rows use the first seed of train.seeds.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
+from typing import Optional
 
+import cv2
 import pandas as pd
 import torch
 
 from pipeline.data.dataset import fold_tables
+from pipeline.data.masks import read_image
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
-from pipeline.inference.ensemble import Ensemble, fold_weights, load_member, member_paths, score
-from pipeline.training.checkpoint import member_dir
+from pipeline.inference.ensemble import Ensemble, ImageFiles, fold_weights, load_member, member_paths
+from pipeline.models.checkpoint import member_dir
 
 
-def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: int, classes: list[str],
+def score(ensemble: Ensemble, table: pd.DataFrame, num_classes: int, image_size: Optional[int],
+          batch_size: int = 8) -> tuple[ConfusionMatrix, float]:
+    """Confusion matrix of the ensemble on the mask-cache rows of `table`, and images/s.
+    Masks are read as their predictions arrive (sizes come from the index): memory stays one batch."""
+    images, masks = table["image"].tolist(), table["mask"].tolist()
+    sizes = list(zip(table["height"].astype(int), table["width"].astype(int)))
+    data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), image_size)
+    cm = ConfusionMatrix(num_classes)
+    start = time.perf_counter()
+    for i, pred in ensemble.predict(data, sizes, batch_size):
+        cm.update(torch.from_numpy(pred), torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
+    return cm, len(images) / max(time.perf_counter() - start, 1e-9)
+
+
+def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: Optional[int], classes: list[str],
                       models_dir: str | Path, masks_dir: str | Path, split_dir: str | Path, device: torch.device,
                       models_round2: str | Path | None = None) -> pd.DataFrame:
     """One row per variant: variant, judged_on, images, mIoU, pixel_acc, mean_acc, images_per_s, IoU/<class>."""
@@ -35,7 +53,7 @@ def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: int
     def model(k: int, ckpt: str = "best", folder: str | Path = models_dir, seed: int = seeds[0]) -> torch.nn.Module:
         path = member_paths(folder, [k], [seed], [ckpt])[0]
         if path not in cache:
-            cache[path] = load_member(path, device)[0]
+            cache[path] = load_member(path, device, infer.batch_size)[0]
         return cache[path]
 
     def ens(members, views=("identity",), scales=(1.0,)) -> Ensemble:
@@ -100,7 +118,7 @@ def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: int
     return pd.DataFrame(rows)
 
 
-def _scored(e: Ensemble, table: pd.DataFrame, n_cls: int, image_size: int, batch: int):
+def _scored(e: Ensemble, table: pd.DataFrame, n_cls: int, image_size: Optional[int], batch: int):
     cm, rate = score(e, table, n_cls, image_size, batch)
     return cm, len(table), rate
 
@@ -111,7 +129,7 @@ def final_ensemble(infer, folds: list[int], seeds: list[int], models_dir: str | 
     with TTA. `models_dir` is round 1's or round 2's models folder (see `models_for_round`)."""
     weights = fold_weights(folds, infer.fold_weights)
     member_paths(models_dir, folds, seeds, infer.checkpoints)  # fail early, naming what is missing
-    get = model or (lambda k, s, c: load_member(member_dir(models_dir, k, s) / f"{c}.pt", device)[0])
+    get = model or (lambda k, s, c: load_member(member_dir(models_dir, k, s) / f"{c}.pt", device, infer.batch_size)[0])
     members = [(get(k, s, c), w) for k, w in zip(folds, weights) for s in seeds for c in infer.checkpoints]
     return Ensemble(members, infer.tta, infer.scales, device, infer.amp)
 

@@ -1,11 +1,11 @@
 """Ensembles of fold models: mean of softmax over members (optionally weighted), each with TTA.
 
 Members are loaded from checkpoints alone (weights_only=True): the checkpoint names its model,
-encoder and classes, so any ensemble can be rebuilt without the params that trained it.
+encoder, classes and how it saw images (whole and resized, or crops: then it runs by sliding
+windows), so any ensemble can be rebuilt without the params that trained it.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -18,27 +18,31 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.data.augment import build_transform
 from pipeline.data.coco import DataError
 from pipeline.data.masks import prepare_image
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.inference.slide import SlidingWindow
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
-from pipeline.training.checkpoint import load_checkpoint, member_dir
-from pipeline.training.loop import autocast
+from pipeline.models.checkpoint import load_checkpoint, member_dir
+from pipeline.devices import autocast
 
 
-def load_member(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, list[str]]:
-    """A trained model from its checkpoint, in eval mode, and its class names."""
+def load_member(path: str | Path, device: torch.device, window_batch: int = 8) -> tuple[torch.nn.Module, list[str]]:
+    """A trained model from its checkpoint, in eval mode, and its class names. A model trained on
+    crops comes wrapped in SlidingWindow, exactly as the train stage validated it."""
     ck = load_checkpoint(path, device)
     p = ck["params"]
     model = build_model(p["model"], p["encoder"], None, len(ck["classes"]))  # weights come from the checkpoint
     model.load_state_dict(ck["model"])
+    if p.get("train.input") == "crop":
+        model = SlidingWindow(model, int(p["train.image_size"]), float(p["train.slide_overlap"]), window_batch)
     return model.to(device).eval(), ck["classes"]
 
 
 class ImageFiles(Dataset):
-    """Items: (image (3, S, S) float32 normalised, index); `read(i)` gives (H, W, 3) uint8 RGB."""
+    """Items: (image (3, S, S) float32 normalised, index), or (3, H, W) whole images when size is None
+    (models trained on crops); `read(i)` gives (H, W, 3) uint8 RGB."""
 
-    def __init__(self, read: Callable[[int], np.ndarray], n: int, size: int):
-        self.read, self.n, self.transform = read, n, build_transform([], size)
+    def __init__(self, read: Callable[[int], np.ndarray], n: int, size: Optional[int]):
+        self.read, self.n, self.size, self.transform = read, n, size, build_transform([], size)
 
     def __len__(self) -> int:
         return self.n
@@ -47,7 +51,7 @@ class ImageFiles(Dataset):
         return self.transform(image=self.read(i))["image"], i
 
 
-def image_files(images: pd.DataFrame, image_size: int, max_side: Optional[int]) -> ImageFiles:
+def image_files(images: pd.DataFrame, image_size: Optional[int], max_side: Optional[int]) -> ImageFiles:
     """Model inputs for the rows of `images` (path, height, width), prepared exactly as validation
     images are: prepare_image with the mask cache's max_side, then the validation transform."""
     return ImageFiles(lambda i: prepare_image(images.path[i], images.height[i], images.width[i], max_side),
@@ -71,31 +75,14 @@ class Ensemble:
 
     def predict(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
                 workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (index, (H, W) uint8 class map at sizes[index]) for every item of `dataset`."""
-        for x, idx in DataLoader(dataset, batch_size, num_workers=workers):
+        """Yield (index, (H, W) uint8 class map at sizes[index]) for every item of `dataset`
+        (whole images of differing sizes go one at a time; their windows are batched)."""
+        for x, idx in DataLoader(dataset, batch_size if dataset.size else 1, num_workers=workers):
             probs = self.proba(x)
             for p, i in zip(probs, idx.tolist()):
                 if tuple(p.shape[-2:]) != tuple(sizes[i]):
                     p = F.interpolate(p[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
                 yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
-
-
-def score(ensemble: Ensemble, table: pd.DataFrame, num_classes: int, image_size: int,
-          batch_size: int = 8) -> tuple[ConfusionMatrix, float]:
-    """Confusion matrix of the ensemble on the mask-cache rows of `table`, and images/s.
-    Masks are read as their predictions arrive (sizes come from the index): memory stays one batch."""
-    import cv2
-
-    from pipeline.data.masks import read_image
-
-    images, masks = table["image"].tolist(), table["mask"].tolist()
-    sizes = list(zip(table["height"].astype(int), table["width"].astype(int)))
-    data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), image_size)
-    cm = ConfusionMatrix(num_classes)
-    start = time.perf_counter()
-    for i, pred in ensemble.predict(data, sizes, batch_size):
-        cm.update(torch.from_numpy(pred), torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
-    return cm, len(images) / max(time.perf_counter() - start, 1e-9)
 
 
 def member_paths(models_dir: str | Path, folds: list[int], seeds: list[int], checkpoints: list[str]) -> list[Path]:

@@ -13,6 +13,7 @@ mask, height, width, digest, px_<c>), so round-2 training reads them exactly lik
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -27,7 +28,7 @@ from pipeline.inference.ensemble import Ensemble, image_files, load_member, memb
 from pipeline.io import identical_files
 
 
-def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: int, n_classes: int,
+def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: Optional[int], n_classes: int,
                  threshold: float, min_kept: float, batch_size: int = 8,
                  final_dir: Path | None = None, max_side: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write one fold's pseudo-labelled images into out_dir; return (index table, per-class report).
@@ -89,13 +90,13 @@ def unlabelled(test: pd.DataFrame, folds_csv: Path, image_root: Path | None = No
 
 
 def pseudo_label_folds(test: pd.DataFrame, folds: list[int], seeds: list[int], models_dir: Path, out: Path,
-                       final_root: Path, infer, threshold: float, min_kept: float, image_size: int,
+                       final_root: Path, infer, threshold: float, min_kept: float, image_size: Optional[int],
                        classes: list[str], device: torch.device, max_side: int | None = None) -> tuple[pd.DataFrame, dict]:
     """Every fold's pseudo-labels from its own round-1 best models (its seed ensemble + infer's TTA)
     into out/fold_<k>. Returns (per fold and class report, summary for the metrics file)."""
     reports, summary = [], {}
     for k in folds:
-        teacher = Ensemble([(load_member(path, device)[0], 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
+        teacher = Ensemble([(load_member(path, device, infer.batch_size)[0], 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
                            infer.tta, infer.scales, device, infer.amp)
         index, report = pseudo_label(teacher, test, out / f"fold_{k}", image_size, len(classes), threshold, min_kept,
                                      infer.batch_size, final_dir=Path(final_root) / f"fold_{k}", max_side=max_side)

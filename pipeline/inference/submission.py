@@ -16,18 +16,19 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.coco import DataError
+from pipeline.data.masks import palette
 from pipeline.inference.ensemble import Ensemble, image_files
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: int, batch_size: int,
+def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: Optional[int], batch_size: int,
                    max_side: Optional[int] = None):
     """Yield (row index, (H, W) uint8 class map at the image's json size)."""
     yield from ens.predict(image_files(images, image_size, max_side), list(zip(images.height, images.width)), batch_size)
 
 
-def write_submission(ens: Ensemble, images: pd.DataFrame, image_size: int, out_csv: str | Path, size: int = 256,
+def write_submission(ens: Ensemble, images: pd.DataFrame, image_size: Optional[int], out_csv: str | Path, size: int = 256,
                      batch_size: int = 8, keep: int = 0, max_side: Optional[int] = None) -> dict[int, np.ndarray]:
     """Write submission.csv atomically (rows in the test json's order); return `keep` predictions."""
     preds: dict[int, str] = {}
@@ -56,12 +57,10 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
                         "with the inputs; choose a separate folder")
 
 
-def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, image_size: int, classes: list[str],
+def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, image_size: Optional[int], classes: list[str],
                    batch_size: int = 8, max_side: Optional[int] = None) -> int:
     """Every image under images_dir -> out_dir/<same path>.png (class indices, uint8) and
     <same path>_overlay.jpg (prediction blended over the photo). Returns the number written."""
-    from pipeline.evaluation.reports import palette
-
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     check_output_dir(images_dir, out_dir)
     files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

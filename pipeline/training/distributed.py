@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
-from pipeline.training import gpus
+from pipeline.devices import pin
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,11 @@ def from_env() -> Dist:
 def relaunch(devices: int, module: str, device: str = "auto") -> None:
     """With devices > 1 and not yet under torchrun: run `python -m module <same args>` under torchrun
     with `devices` processes on this machine, and exit with its status. With $PIPELINE_GPU_POOL set,
-    the GPUs are claimed here, for all the processes (see pipeline/training/gpus.py)."""
+    the GPUs are claimed here, for all the processes (see pipeline/devices.py)."""
     if devices <= 1 or "LOCAL_RANK" in os.environ:
         return
     if device != "cpu":
-        gpus.pin(devices)
+        pin(devices)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
            "-m", module, *sys.argv[1:]]
     print("running under torchrun:", " ".join(cmd[1:]), flush=True)

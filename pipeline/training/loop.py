@@ -12,14 +12,8 @@ from tqdm.auto import tqdm
 
 from pipeline.data.dataset import full_masks
 from pipeline.data.mix import cutmix
+from pipeline.devices import autocast
 from pipeline.evaluation.metrics import ConfusionMatrix
-
-
-def autocast(device: torch.device, amp: str):
-    """bf16/fp16 autocast on CUDA; CPU always runs fp32 (CPU half precision is slow and lossy)."""
-    if device.type != "cuda" or amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _bar(it, desc: str, total: int):

@@ -1,4 +1,5 @@
-"""A GPU pool for parallel experiments: each training process claims free GPUs through lock files.
+"""Devices: which one a stage runs on (`pick_device`), mixed precision (`autocast`), and a GPU pool for
+parallel experiments, where each training process claims free GPUs through lock files:
 
     export PIPELINE_GPU_POOL=/tmp/gpu-pool     # any folder every queue worker can see
     dvc exp run --queue -S model=pspnet ; dvc exp run --queue -S model=unet ; ...
@@ -12,12 +13,18 @@ changes. An explicit CUDA_VISIBLE_DEVICES always wins; torchrun workers leave th
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+from pipeline.config import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _held: list = []  # open lock files: released when the process exits
 
@@ -76,3 +83,23 @@ def pin(n: int = 1) -> Optional[list[int]]:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
     print(f"GPU pool {pool}: using GPU {os.environ['CUDA_VISIBLE_DEVICES']}", flush=True)
     return ids
+
+
+def pick_device(name: str) -> "torch.device":
+    """cpu / cuda / auto (cuda when there is one). With $PIPELINE_GPU_POOL set, claims a free GPU first."""
+    import torch  # here, not at the top: a queue worker claims its GPU before anything imports torch
+
+    if name != "cpu":
+        pin(1)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: "torch.device", amp: str):
+    """bf16/fp16 autocast on CUDA; CPU always runs fp32 (CPU half precision is slow and lossy)."""
+    import torch
+
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
