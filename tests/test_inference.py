@@ -131,10 +131,17 @@ def test_set(tmp_path):
     return root
 
 
-def test_submission_format(test_set, tmp_path):
+@pytest.mark.parametrize("framing", ["resize", "slide"])
+def test_submission_format(test_set, tmp_path, framing):
+    """Whole images resized to the model's 64, or seen by sliding 32-pixel windows (a model trained on
+    crops): either way one 256 x 256 class map per test image, in test.json's order."""
+    from pipeline.inference.slide import SlidingWindow
+
     images = load_test_set(Data(root=str(test_set)))
-    ens = Ensemble([(PixelModel(classes=12).eval(), 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
-    kept = write_submission(ens, images, 64, tmp_path / "submission.csv", size=256, keep=2)
+    model = PixelModel(classes=12).eval()
+    member, size = (model, 64) if framing == "resize" else (SlidingWindow(model, 32, 1 / 3), None)
+    ens = Ensemble([(member, 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
+    kept = write_submission(ens, images, size, tmp_path / "submission.csv", size=256, keep=2)
     csv.field_size_limit(10**7)   # a row holds 65,536 numbers: more than csv's default field limit
     rows = list(csv.reader(open(tmp_path / "submission.csv")))
     assert rows[0] == ["image_id", "PredictionString"]

@@ -59,8 +59,9 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="
 @torch.no_grad()
 def validate(model, loader, table, loss_fn, num_classes, device, amp="off", channels_last=False,
              keep=()) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray]]:
-    """Loss at model resolution; confusion matrix at each cached mask's own resolution (logits
-    upsampled bilinearly), so the score does not depend on train.image_size.
+    """Loss at model resolution; confusion matrix at each cached mask's own resolution (softmax
+    probabilities upsampled bilinearly, exactly as inference does), so the score does not depend on
+    train.image_size and inference reproduces it.
     Returns (mean loss, confusion matrix, {row index: (H, W) uint8 prediction} for rows in `keep`)."""
     model.eval()
     cm = ConfusionMatrix(num_classes)
@@ -74,10 +75,10 @@ def validate(model, loader, table, loss_fn, num_classes, device, amp="off", chan
             logits = model(x)
         loss_sum += loss_fn(logits, y).item() * len(x)
         n += len(x)
-        for logit, full, i in zip(logits.float(), full_masks(table, idx), idx.tolist()):
-            if logit.shape[-2:] != full.shape:
-                logit = F.interpolate(logit[None], size=full.shape, mode="bilinear", align_corners=False)[0]
-            pred = logit.argmax(0).to(torch.uint8).cpu()
+        for prob, full, i in zip(logits.float().softmax(1), full_masks(table, idx), idx.tolist()):
+            if prob.shape[-2:] != full.shape:   # probabilities, as the ensembles upsample them
+                prob = F.interpolate(prob[None], size=full.shape, mode="bilinear", align_corners=False)[0]
+            pred = prob.argmax(0).to(torch.uint8).cpu()
             cm.update(pred, torch.from_numpy(full))
             if i in keep:
                 kept[i] = pred.numpy()
