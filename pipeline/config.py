@@ -125,7 +125,8 @@ class Train(_Section):
     image_size: int = Field(128, ge=32)
     input: Literal["resize", "crop"] = "resize"
     crop_scale: tuple[float, float] = (0.5, 2.0)
-    slide_overlap: float = Field(1 / 3, ge=0, le=0.9)
+    slide_overlap: float = Field(0.333, ge=0, le=0.9)
+    crop_infer: Literal["slide", "whole"] = "slide"
     optimizer: Literal["adamw", "sgd", "radam", "adamp"] = "adamw"
     lookahead: bool = False
     lr: float = Field(3e-3, gt=0)

@@ -95,3 +95,14 @@ def test_random_scales_cover_the_range():
     t = build_transform([], 32, seed=3, crop_scale=(0.5, 2.0))
     found = [1 / steps(t(image=img, mask=mask))[0] for _ in range(40)]
     assert 0.45 < min(found) < 0.8 and 1.5 < max(found) < 2.1
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (20, 50), (75, 33)])
+def test_whole_mode_is_one_pass_over_the_padded_image(hw):
+    calls = []
+    model = PixelModel().eval()
+    model.forward = lambda x: calls.append(x.shape[-2:]) or model.conv(x)
+    x = torch.randn(1, 3, *hw)
+    out = SlidingWindow(model, 32, 1 / 3, whole=True)(x)
+    assert torch.allclose(out, model.conv(x), atol=1e-5) and len(calls) == 1
+    assert all(d % 32 == 0 and d >= 32 for d in calls[0])

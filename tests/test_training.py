@@ -240,10 +240,10 @@ def test_augmentation_keeps_labels_on_their_pixels(name):
         assert (m == 255).any() and (img[m == 255] == 0).all()    # invented pixels are ignored, not labelled
 
 
-@pytest.mark.parametrize("framing", ["crop", "resize"])
-def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing):
+@pytest.mark.parametrize("framing, crop_infer", [("crop", "slide"), ("crop", "whole"), ("resize", "slide")])
+def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing, crop_infer):
     """train.input crop: 32-pixel crops of the 64-pixel images at random scales; validation slides
-    32-pixel windows over whole images (resize: whole images squashed to 32). The ensemble path
+    32-pixel windows over whole images, or sees them in one pass (resize: whole images squashed to 32). The ensemble path
     (ensemble, submit, predict, pseudo) loads best.pt and must give the very confusion matrix
     training kept for that epoch."""
     from pipeline.data.dataset import fold_tables
@@ -251,12 +251,14 @@ def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing):
     from pipeline.inference.ensemble import Ensemble, load_member
     from pipeline.inference.slide import SlidingWindow
 
-    p = params_for(prepared, input=framing, image_size=32, crop_scale=(0.75, 1.25), epochs=4, folds=[2])
+    p = params_for(prepared, input=framing, crop_infer=crop_infer, image_size=32, crop_scale=(0.75, 1.25), epochs=4,
+                   folds=[2])
     s = train_fold(2, 0, p)
     best = load_checkpoint(prepared / "models/fold_2/seed_0/best.pt")
     assert best["params"]["train.input"] == framing and s["mIoU"] > 0.3
     model, _ = load_member(prepared / "models/fold_2/seed_0/best.pt", torch.device("cpu"), p.train.batch_size)
     assert isinstance(model, SlidingWindow) == (framing == "crop")
+    assert getattr(model, "whole", False) == (framing == "crop" and crop_infer == "whole")
     val = fold_tables(prepared / "masks", prepared / "split", 2)[1]
     cm, _ = score(Ensemble([(model, 1.0)], ["identity"], [1.0], torch.device("cpu")), val, 3, p.train.eval_size,
                   p.train.batch_size)

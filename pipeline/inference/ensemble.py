@@ -33,7 +33,8 @@ def load_member(path: str | Path, device: torch.device, window_batch: int = 8) -
     model = build_model(p["model"], p["encoder"], None, len(ck["classes"]))  # weights come from the checkpoint
     model.load_state_dict(ck["model"])
     if p.get("train.input") == "crop":
-        model = SlidingWindow(model, int(p["train.image_size"]), float(p["train.slide_overlap"]), window_batch)
+        model = SlidingWindow(model, int(p["train.image_size"]), float(p["train.slide_overlap"]), window_batch,
+                              p.get("train.crop_infer") == "whole")
     return model.to(device).eval(), ck["classes"]
 
 

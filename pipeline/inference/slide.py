@@ -2,6 +2,8 @@
 (`train.input: crop`) sees a whole image, at the mask cache's resolution, as overlapping windows of
 its training size; each pixel's logits are the mean over the windows that cover it. Images smaller
 than a window are padded with zeros (the mean colour after normalisation) and cropped back.
+`whole` (mmsegmentation's `whole` mode, `train.crop_infer: whole`): one pass over the whole image,
+padded to a multiple of 32 — faster, when the image is not much bigger than the crops.
 """
 from __future__ import annotations
 
@@ -18,15 +20,19 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
 
 class SlidingWindow(torch.nn.Module):
     """(N, 3, H, W) float32 images, any H and W -> (N, C, H, W) float32 logits of `model`, run on
-    size x size windows overlapping by `overlap` of a side, `batch` windows per forward pass."""
+    size x size windows overlapping by `overlap` of a side, `batch` windows per forward pass
+    (whole: on the whole image at once, padded to a multiple of 32 and at least size)."""
 
-    def __init__(self, model: torch.nn.Module, size: int, overlap: float, batch: int = 8):
+    def __init__(self, model: torch.nn.Module, size: int, overlap: float, batch: int = 8, whole: bool = False):
         super().__init__()
-        self.model, self.size, self.batch = model, size, max(1, batch)
+        self.model, self.size, self.batch, self.whole = model, size, max(1, batch), whole
         self.stride = max(1, int(round(size * (1 - overlap))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
+        if self.whole:
+            ph, pw = (max(self.size, -(-d // 32) * 32) for d in (h, w))
+            return self.model(F.pad(x, (0, pw - w, 0, ph - h))).float()[:, :, :h, :w]
         s = self.size
         ph, pw = max(h, s), max(w, s)
         if (ph, pw) != (h, w):

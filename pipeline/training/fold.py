@@ -123,7 +123,9 @@ class FoldData:
 
 def as_validated(net: torch.nn.Module, t) -> torch.nn.Module:
     """The model as validation and inference run it: itself, or over sliding windows if it trained on crops."""
-    return SlidingWindow(net, t.image_size, t.slide_overlap, t.batch_size) if t.input == "crop" else net
+    if t.input != "crop":
+        return net
+    return SlidingWindow(net, t.image_size, t.slide_overlap, t.batch_size, t.crop_infer == "whole")
 
 
 def paste_class_ids(names: Optional[list[str]], classes: list[str], pixels: np.ndarray) -> list[int]:
