@@ -115,7 +115,7 @@ class Split(_Section):
 
 LossName = Literal["ce", "focal", "dice", "lovasz", "jaccard", "tversky", "boundary_ce"]
 NO_CLASS_WEIGHTS = {"lovasz"}   # losses that take no class weights (tests/test_losses.py checks the registry)
-AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "cutout", "gridmask"]
+AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "brightness_contrast", "cutout", "gridmask"]
 
 
 class Train(_Section):

@@ -80,3 +80,44 @@ def test_bad_yaml_and_missing_file(tmp_path):
     (tmp_path / "params.yaml").write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_there_are_presets():
+    from pipeline.presets import available
+
+    assert "photos" in available()
+
+
+@pytest.mark.parametrize("name", __import__("pipeline.presets", fromlist=["available"]).available())
+def test_every_preset_validates_and_round_trips_through_dvc(name, tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    from pipeline.presets import flags, leaves, load_preset
+
+    preset = load_preset(name, REPO / "params.yaml")
+    out = flags(preset)
+    assert out[0::2] == ["-S"] * (len(out) // 2) and out
+    # DVC itself applies the flags to a copy of params.yaml: the result is params.yaml + the preset
+    work = tmp_path / "params.yaml"
+    work.write_text((REPO / "params.yaml").read_text())
+    apply_overrides(str(work), out[1::2])
+    applied, expected = yaml.safe_load(work.read_text()), yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in leaves(preset).items():
+        *parents, leaf = key.split(".")
+        node = expected
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    assert applied == expected
+    assert set(leaves(preset)) <= set(flatten(Params())) | {"train.loss"}   # every key is a real param
+
+
+def test_a_bad_preset_fails_naming_its_key(tmp_path, monkeypatch):
+    from pipeline import presets
+
+    (tmp_path / "broken.yaml").write_text("# broken\ntrain: {input: crops}\n")
+    monkeypatch.setattr(presets, "PRESETS", tmp_path)
+    with pytest.raises(ConfigError, match=r"params.yaml \+ broken.yaml: train.input: 'crops' is not a valid choice"):
+        presets.load_preset("broken", REPO / "params.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: broken"):
+        presets.load_preset("nope", REPO / "params.yaml")

@@ -20,6 +20,7 @@ AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
     "scale_rotate": lambda: A.Affine(scale=(0.75, 1.25), rotate=(-20, 20), translate_percent=(-0.05, 0.05),
                                      fill=0, fill_mask=IGNORE_INDEX, p=0.5),
     "color": lambda: A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+    "brightness_contrast": lambda: A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
     "cutout": lambda: A.CoarseDropout(num_holes_range=(1, 6), hole_height_range=(0.05, 0.15),
                                       hole_width_range=(0.05, 0.15), fill=0, fill_mask=IGNORE_INDEX, p=0.5),
     "gridmask": lambda: A.GridDropout(ratio=0.3, fill=0, fill_mask=IGNORE_INDEX, p=0.3),

@@ -1,0 +1,298 @@
+"""Quality on real photos, side by side: a plain PyTorch + smp reference against the pipeline.
+
+    python -m bench.quality --data /path/to/roboflow-export [--work /tmp/quality] [--epochs 5]
+
+The dataset is a COCO-format export with photos (Roboflow layout: <split>/_annotations.coco.json
+beside its images); every labelled split is pooled (the test split is not used). Validation is fold 0
+of a 5-fold split that keeps near-duplicates together (the pipeline's near_dups and split logic; the
+exports' own train/valid split puts crops of one photo on both sides), so no recipe is judged on a
+crop of a photo it trained on. The same training and validation images go to every recipe:
+
+  reference     written here in plain PyTorch + smp, reading the COCO json itself (pycocotools):
+                FPN-ResNet34 from scratch, images resized to 320x320, random 256 crops, flip +
+                affine + brightness/contrast, CE + 0.5 Dice, AdamW 1e-3 (wd 1e-4), 1 warmup epoch
+                then per-step cosine, batch 8; predicts the whole 320x320 image.
+  pipeline      the project's train_fold and ensemble path with the same recipe in params
+                (masks.max_side 320, train.input crop, crop_scale [1, 1], crop_infer whole).
+  pipeline, photos preset   presets/photos.yaml, the recipe the README recommends for real photos.
+
+Each recipe's final weights (no epoch picked on the validation images) predict the validation images
+at 320x320; one independent scorer, torchmetrics' MulticlassJaccardIndex (macro) over the whole
+validation set, scores them against masks the bench rasterises itself (pycocotools, smaller objects
+painted on top, nearest-resized). Time: wall and process CPU seconds of data preparation, training
+and prediction. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import segmentation_models_pytorch as smp  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from pycocotools import mask as mask_utils  # noqa: E402
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex  # noqa: E402
+
+from pipeline.config import Params  # noqa: E402
+from pipeline.data.coco import load_dataset  # noqa: E402
+from pipeline.data.folds import make_folds, near_pairs  # noqa: E402
+from pipeline.data.masks import build_mask_cache, read_classes  # noqa: E402
+from pipeline.data.near_dups import find_pairs  # noqa: E402
+from pipeline.inference.ensemble import Ensemble, image_files, load_member  # noqa: E402
+from pipeline.io import identical_files  # noqa: E402
+from pipeline.training.run import PARAMS, train_fold  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SIDE, CROP = 320, 256
+
+
+class Clock:
+    """Wall and process-CPU seconds (all threads) of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+# ---------------------------------------------------------------- the plain reference, self-contained
+def reference_classes(jsons: list[Path]) -> tuple[list[str], dict[tuple[str, int], int]]:
+    """Class names by first appearance in the categories lists (background 0; one class per name)."""
+    names, ids = ["Background"], {}
+    for j in jsons:
+        for c in json.loads(j.read_text())["categories"]:
+            if c["name"] not in names:
+                names.append(c["name"])
+            ids[(str(j), c["id"])] = names.index(c["name"])
+    return names, ids
+
+
+def reference_sample(j: Path, image: dict, anns: list[dict], ids: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(320, 320, 3) uint8 RGB and (320, 320) uint8 mask: objects painted largest first (smaller on top)."""
+    h, w = image["height"], image["width"]
+    bgr = cv2.imread(str(j.parent / image["file_name"]), cv2.IMREAD_COLOR)
+    mask = np.zeros((h, w), np.uint8)
+    shapes = []
+    for a in anns:
+        seg = a["segmentation"]
+        if isinstance(seg, list):
+            seg = [p for p in seg if len(p) >= 6]
+            if not seg:
+                continue
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        else:
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        shapes.append((float(mask_utils.area(rle)), ids[(str(j), a["category_id"])], rle))
+    for _, cls, rle in sorted(shapes, key=lambda s: -s[0]):
+        mask[mask_utils.decode(rle).astype(bool)] = cls
+    image_rgb = cv2.resize(bgr, (SIDE, SIDE), interpolation=cv2.INTER_AREA)[..., ::-1].copy()
+    return image_rgb, cv2.resize(mask, (SIDE, SIDE), interpolation=cv2.INTER_NEAREST)
+
+
+def reference_data(jsons: list[Path], keys: list[str], ids: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for j in jsons:
+        raw = json.loads(j.read_text())
+        by_image: dict[int, list] = {}
+        for a in raw["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+        for im in raw["images"]:
+            key = f"{j.parent.name}/{im['file_name']}"
+            if key in keys:
+                out[key] = reference_sample(j, im, by_image.get(im["id"], []), ids)
+    return out
+
+
+class Crops(torch.utils.data.Dataset):
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        out = self.transform(image=self.samples[i][0], mask=self.samples[i][1])
+        return out["image"], out["mask"].long()
+
+
+def reference_train(train: list, n_cls: int, epochs: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    transform = A.Compose([
+        A.RandomCrop(CROP, CROP), A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(0.75, 1.25), rotate=(-20, 20), translate_percent=(-0.05, 0.05), fill=0, fill_mask=255, p=0.5),
+        A.RandomBrightnessContrast(p=0.5), A.Normalize(), ToTensorV2()], seed=seed)
+    loader = torch.utils.data.DataLoader(Crops(train, transform), batch_size=8, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    model = smp.FPN("resnet34", encoder_weights=None, classes=n_cls)
+    ce, dice = torch.nn.CrossEntropyLoss(ignore_index=255), smp.losses.DiceLoss("multiclass", ignore_index=255)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    warmup, total = len(loader), len(loader) * epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    for epoch in range(epochs):
+        model.train()
+        for x, y in loader:
+            logits = model(x)
+            loss = ce(logits, y) + 0.5 * dice(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(f"  reference epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_predict(model: torch.nn.Module, val: list) -> list[np.ndarray]:
+    norm = A.Compose([A.Normalize(), ToTensorV2()])
+    return [model(norm(image=img)["image"][None]).argmax(1)[0].numpy().astype(np.uint8) for img, _ in val]
+
+
+# ---------------------------------------------------------------- the pipeline, as params
+def pipeline_params(work: Path, recipe: dict) -> Params:
+    """params.yaml's defaults, the bench's paths, then the recipe's overrides (section by section)."""
+    raw = Params().model_dump()
+    raw["paths"].update(masks=str(work / "masks"), split=str(work / "split"), models=str(work / "models"),
+                        metrics=str(work / "metrics"), plots=str(work / "plots"))
+    for section, values in recipe.items():
+        if isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    raw["train"].update(folds=[0], seeds=[0], gallery=0, workers=0)
+    return Params.model_validate(raw)
+
+
+SAME_RECIPE = {
+    "model": "fpn", "encoder": "resnet34",
+    "train": {"epochs": 5, "batch_size": 8, "image_size": CROP, "input": "crop", "crop_scale": [1.0, 1.0],
+              "crop_infer": "whole", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine",
+              "warmup_epochs": 1.0, "clip_grad": None, "loss": {"ce": 1.0, "dice": 0.5},
+              "augment": ["hflip", "scale_rotate", "brightness_contrast"]},
+    "masks": {"max_side": SIDE},
+}
+
+
+def run_pipeline(name: str, recipe: dict, ds, folds: pd.DataFrame, work: Path, val_keys: list[str]) -> tuple[list, Clock]:
+    work.mkdir(parents=True, exist_ok=True)
+    p = pipeline_params(work, recipe)
+    with Clock() as clock:
+        build_mask_cache(ds, p.paths.masks, p.masks.overlap, p.masks.unknown, p.masks.unknown_name, p.masks.max_side, 1,
+                         p.masks.cache_images)
+        (work / "split").mkdir(exist_ok=True)
+        folds.to_csv(work / "split/folds.csv", index=False)
+        print(f"{name}: training", flush=True)
+        train_fold(0, 0, p.only(*PARAMS))
+        # last (or SWA) weights: best.pt's epoch was picked on these very validation images
+        ckpt = "swa" if p.train.swa_epochs and "swa" in p.infer.checkpoints else "last"
+        model, _ = load_member(work / f"models/fold_0/seed_0/{ckpt}.pt", torch.device("cpu"), p.infer.batch_size)
+        ens = Ensemble([(model, 1.0)], p.infer.tta if recipe.get("infer") else ["identity"], p.infer.scales,
+                       torch.device("cpu"))
+        index = pd.read_csv(Path(p.paths.masks) / "index.csv").set_index("key").loc[val_keys].reset_index()
+        images = ds.images.set_index("key").loc[val_keys, ["path", "height", "width"]].reset_index(drop=True)
+        max_side = read_classes(p.paths.masks).get("max_side")
+        preds = dict(ens.predict(image_files(images, p.train.eval_size, max_side), list(zip(index.height, index.width)),
+                                 p.infer.batch_size))
+    return [preds[i] for i in range(len(index))], clock
+
+
+# ---------------------------------------------------------------- one scorer for every recipe
+def score(preds: list[np.ndarray], truths: list[np.ndarray], n_cls: int) -> dict:
+    miou = MulticlassJaccardIndex(n_cls, average="macro", ignore_index=255)
+    acc = MulticlassAccuracy(n_cls, average="micro", ignore_index=255)
+    per_class = MulticlassJaccardIndex(n_cls, average="none", ignore_index=255)
+    for p, t in zip(preds, truths):
+        assert p.shape == t.shape, (p.shape, t.shape)
+        pt, tt = torch.from_numpy(p.astype(np.int64)), torch.from_numpy(t.astype(np.int64))
+        for m in (miou, acc, per_class):
+            m.update(pt[None], tt[None])
+    return {"mIoU": float(miou.compute()), "pixel_acc": float(acc.compute()),
+            "IoU": [round(float(v), 4) for v in per_class.compute()]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="Roboflow-style COCO export (folders with _annotations.coco.json)")
+    ap.add_argument("--work", default="/tmp/bench-quality")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--only", default="reference,pipeline,photos", help="recipes to run, comma-separated")
+    ap.add_argument("--preset", nargs="+", default=[str(REPO / "presets/photos.yaml")],
+                    help="preset recipe file(s) to run (recipe 'photos')")
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    root, work = Path(args.data), Path(args.work)
+    jsons = sorted(j for j in root.glob("*/_annotations.coco.json") if j.parent.name != "test")
+    rel = [str(j.relative_to(root)) for j in jsons]
+    ds = load_dataset(root, rel, [j.parent.name for j in jsons], strict=False)
+    print(f"{len(ds.images)} labelled photos from {', '.join(rel)}; finding near-duplicates ...", flush=True)
+    pairs = find_pairs(ds.images)
+    near = near_pairs(ds.images.key, pairs)
+    folds = make_folds(ds, "multilabel", 5, None, 0.0, 0, None, identical_files(ds.images.path), near)
+    val_keys = folds.key[folds.fold == 0].tolist()
+    train_keys = folds.key[folds.fold != 0].tolist()
+    names, ids = reference_classes(jsons)
+    assert names == ds.classes, (names, ds.classes)
+    n_cls = len(names)
+    print(f"{len(train_keys)} training, {len(val_keys)} validation photos; {len(pairs)} near-duplicate pairs kept "
+          f"on one side; {n_cls} classes", flush=True)
+    truth_data = reference_data(jsons, set(val_keys), ids)
+    truths = [truth_data[k][1] for k in val_keys]
+
+    rows, recipes = [], args.only.split(",")
+    epochs = {"train": {"epochs": args.epochs}}
+    if "reference" in recipes:
+        with Clock() as clock:
+            data = reference_data(jsons, set(train_keys) | set(val_keys), ids)
+            model = reference_train([data[k] for k in train_keys], n_cls, args.epochs)
+            preds = reference_predict(model, [data[k] for k in val_keys])
+        rows.append({"recipe": "reference (plain PyTorch + smp)", **score(preds, truths, n_cls),
+                     "wall_s": clock.wall, "cpu_s": clock.cpu})
+        print(rows[-1], flush=True)
+    if "pipeline" in recipes:
+        recipe = {**SAME_RECIPE, "train": {**SAME_RECIPE["train"], **epochs["train"]}}
+        preds, clock = run_pipeline("pipeline", recipe, ds, folds, work / "pipeline", val_keys)
+        rows.append({"recipe": "pipeline, same recipe", **score(preds, truths, n_cls), "wall_s": clock.wall,
+                     "cpu_s": clock.cpu})
+        print(rows[-1], flush=True)
+    for file in args.preset if "photos" in recipes else []:
+        # the preset as a user applies it, at the bench's resolution and epochs
+        preset = yaml.safe_load(Path(file).read_text())
+        recipe = {k: ({**v, **epochs["train"]} if k == "train" else v) for k, v in preset.items()}
+        recipe["masks"] = {**recipe.get("masks", {}), "max_side": SIDE}
+        preds, clock = run_pipeline(Path(file).stem, recipe, ds, folds, work / Path(file).stem, val_keys)
+        rows.append({"recipe": f"pipeline, {Path(file).stem} preset", **score(preds, truths, n_cls),
+                     "wall_s": clock.wall, "cpu_s": clock.cpu})
+        print(rows[-1], flush=True)
+
+    base = next((r for r in rows if r["recipe"].startswith("reference")), None)
+    print(f"\n{root.name}: {len(train_keys)} training / {len(val_keys)} validation photos, {n_cls} classes, "
+          f"{args.epochs} epochs, {SIDE}x{SIDE}, {os.cpu_count()} CPU cores, torch {torch.__version__}\n")
+    print("| recipe | mIoU | Δ vs reference | pixel acc | wall s | CPU s | CPU × reference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        d = f"{r['mIoU'] - base['mIoU']:+.4f}" if base else "—"
+        ratio = f"{r['cpu_s'] / base['cpu_s']:.2f}" if base else "—"
+        print(f"| {r['recipe']} | {r['mIoU']:.4f} | {d} | {r['pixel_acc']:.4f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {ratio} |")
+    print("\nper-class IoU (" + ", ".join(names) + "):")
+    for r in rows:
+        print(f"  {r['recipe']}: {r['IoU']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"classes": names, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
