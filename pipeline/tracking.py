@@ -3,10 +3,11 @@
 A pipeline execution is one `dvc repro` or one `dvc exp run`: every stage process DVC starts for it
 descends from the same `dvc` process, so (host, dvc pid, dvc start time) identifies it. The first
 stage to run creates the parent run (named after the DVC experiment when there is one, with the
-whole params file logged flat); later stages find it by tag and nest under it. Each stage marks the
-parent FINISHED (or FAILED) when it ends, so the parent's status is that of the last stage run.
-A stage run by hand (`python -m stages.eda`) gets a parent of its own. Set PIPELINE_SESSION to
-group runs yourself.
+whole params file logged flat); later stages find it by tag and nest under it. The parent reads
+RUNNING while the pipeline runs (between stages too), FAILED (or KILLED) as soon as a stage fails
+(or dies), and FINISHED when the `dvc` process ends with every stage done. A stage run by hand
+(`python -m stages.eda`) gets a parent of its own, finished with it. Set PIPELINE_SESSION to group
+runs yourself (the parent then takes the status of its last stage).
 
 Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db — the user's repo even
 when DVC runs the stage in a temporary workspace (`dvc exp run --temp/--queue`). A tracking server
@@ -196,8 +197,10 @@ class TrackingFailed(ConfigError):
 # process (`python -m pipeline.tracking <socket>`), which binds a unix socket at once and imports
 # MLflow while the stage works; every stage of that execution connects to it and sends JSON lines
 # (start, metrics, artifacts, end). The stage's last call waits for the logger's answer, so when a
-# stage exits its runs are written (or it fails, saying why). The logger leaves when no stage has
-# been connected for IDLE_S seconds, or at once when its pipeline execution is gone. A stage that
+# stage exits its runs are written (or it fails, saying why). The logger of a `dvc` execution lives
+# as long as the dvc process, keeping the parent RUNNING between stages, and marks it FINISHED when
+# dvc ends; any other logger leaves when no stage has been connected for IDLE_S seconds, or at once
+# when its pipeline execution is gone. A stage that
 # dies without ending its run (SIGKILL) closes its connection: its runs are marked KILLED at once.
 # (wandb's "service" process solves the same start-up cost the same way.)
 # ---------------------------------------------------------------------------------------------------
@@ -345,6 +348,7 @@ class _Logger:
     def __init__(self):
         self.lock = threading.Lock()
         self.client = None
+        self.parents: dict[str, bool] = {}   # parent run id -> a stage of it failed (dvc sessions)
 
     def mlflow_client(self, uri: str):
         with self.lock:
@@ -362,7 +366,9 @@ class _Logger:
             exp = client.get_experiment_by_name(spec["experiment"])
             exp_id = exp.experiment_id if exp else client.create_experiment(spec["experiment"])
             parent_id = _parent_run(client, exp_id, spec)
-        client.update_run(parent_id, status="RUNNING")
+            failed = self.parents.setdefault(parent_id, False)
+        if not failed:   # a parent FAILED by one stage stays FAILED (dvc repro --keep-going runs on)
+            client.update_run(parent_id, status="RUNNING")
         stage, fold, seed = spec["stage"], spec["fold"], spec["seed"]
         name = stage if fold is None else f"{stage}@{fold}" if seed is None else f"{stage}@{fold}-{seed}"  # = DVC's
         tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha(spec["root"])),
@@ -379,8 +385,10 @@ class _Logger:
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in spec["params"].items()])
         return run.info.run_id, parent_id
 
-    def handle(self, conn: socket.socket) -> None:
-        """One stage's connection: its messages in order, then the answer ('ok' or 'error: ...')."""
+    def handle(self, conn: socket.socket, dvc: bool = False) -> None:
+        """One stage's connection: its messages in order, then the answer ('ok' or 'error: ...').
+        dvc: the session is a dvc process, which `finish` marks FINISHED when it ends; otherwise the
+        stage's end is the parent's end."""
         client = run_id = parent_id = None
         status, answer = "KILLED", "ok"
         try:
@@ -416,7 +424,11 @@ class _Logger:
                 if status != "FINISHED":
                     client.set_tag(run_id, "pipeline.failed", "true")
                 client.set_terminated(run_id, status=status)
-                client.set_terminated(parent_id, status=status)
+                if status != "FINISHED":
+                    with self.lock:
+                        self.parents[parent_id] = True
+                if status != "FINISHED" or not dvc:
+                    client.set_terminated(parent_id, status=status)
         except Exception as e:
             answer = f"error: {type(e).__name__}: {e}"
         try:
@@ -424,6 +436,12 @@ class _Logger:
         except OSError:
             pass
         conn.close()
+
+    def finish(self) -> None:
+        """The dvc process has ended: its parent runs that no stage failed are FINISHED."""
+        for parent_id, failed in self.parents.items():
+            if not failed and self.client is not None:
+                self.client.set_terminated(parent_id, status="FINISHED")
 
 
 def serve(path: str, session: str) -> None:
@@ -434,12 +452,12 @@ def serve(path: str, session: str) -> None:
     server.listen(16)
     server.settimeout(0.5)
     logger, active, served, idle_since = _Logger(), [], 0, time.monotonic()
-    standalone = ":standalone:" in session
+    standalone, dvc = ":standalone:" in session, ":dvc:" in session
     try:
         while True:
             try:
                 conn, _ = server.accept()
-                t = threading.Thread(target=logger.handle, args=(conn,))
+                t = threading.Thread(target=logger.handle, args=(conn, dvc))
                 t.start()
                 active.append(t)
                 served += 1
@@ -450,12 +468,17 @@ def serve(path: str, session: str) -> None:
             if active:
                 idle_since = time.monotonic()
                 continue
+            if dvc:   # the pipeline's parent stays RUNNING between stages: wait for dvc itself
+                if not _alive(session):
+                    break
+                continue
             finished = served and (standalone or not _alive(session))   # nobody else will come
             if finished or time.monotonic() - idle_since > IDLE_S:
                 break
     finally:
         server.close()
         Path(path).unlink(missing_ok=True)
+        logger.finish()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -102,6 +103,13 @@ def test_dvc_repro_end_to_end(workspace):
     assert [r[0] for r in rows[1:]] == test_ids and all(len(r[1].split(" ")) == 256 * 256 for r in rows[1:])
     # `dvc plots show` renders the per-fold histories.
     assert "fold_0_seed_1.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
+    # The leaderboard reads the workspace's metrics through `dvc exp show`.
+    out = subprocess.run([sys.executable, "-m", "stages.leaderboard", "--csv"], cwd=ws, env=env, capture_output=True,
+                         text=True, timeout=120)
+    board = {r["experiment"]: r for r in csv.DictReader(out.stdout.splitlines())}
+    assert float(board["workspace"]["cv_mIoU"]) == pytest.approx(cv["mIoU"], abs=1e-4), out.stdout + out.stderr
+    assert float(board["workspace"]["holdout_mIoU"]) == pytest.approx(
+        ens["holdout/final_ensemble_infer_params_round_2"]["mIoU"], abs=1e-4) and float(board["workspace"]["train_min"]) > 0
 
     # A second repro is a no-op. A train stage DVC reruns (adding a seed or a fold changes the `train`
     # section every train stage reads) finds its finished run (same params, data, code) and reuses it:
@@ -112,9 +120,14 @@ def test_dvc_repro_end_to_end(workspace):
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], ws, env)
 
     # MLflow (default store: sqlite at the repo root): one parent per repro that ran stages.
+    # A parent reads RUNNING until its dvc process ends; its logger then marks it FINISHED.
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
-    parents = sorted((r for r in runs if r.data.tags.get("pipeline.role") == "parent"), key=lambda r: r.info.start_time)
+    for _ in range(100):
+        runs = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
+        parents = sorted((r for r in runs if r.data.tags.get("pipeline.role") == "parent"), key=lambda r: r.info.start_time)
+        if all(p.info.status == "FINISHED" for p in parents):
+            break
+        time.sleep(0.1)
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}

@@ -152,3 +152,66 @@ def test_runs_left_running_by_a_killed_pipeline_are_marked_killed(monkeypatch):
     status = {r.info.run_id: r.info.status for r in runs()}
     assert status[parent.info.run_id] == status[child.info.run_id] == "KILLED"
     assert status[elsewhere.info.run_id] == "RUNNING"             # another host's: cannot know, left alone
+
+
+def _wait_for(predicate, seconds=15.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.1)
+    return predicate()
+
+
+def _fake_dvc(monkeypatch):
+    """A process standing in for `dvc repro`: the session is tied to its pid and start time."""
+    import socket
+    import subprocess
+
+    from pipeline.tracking import _proc
+
+    proc = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setenv("PIPELINE_SESSION", f"{socket.gethostname()}:dvc:{proc.pid}:{_proc(proc.pid)[2]}")
+    return proc
+
+
+def _parent_status():
+    return [r.info.status for r in runs() if r.data.tags.get("pipeline.role") == "parent"]
+
+
+def test_parent_reads_running_between_stages_and_finished_when_dvc_ends(monkeypatch):
+    dvc = _fake_dvc(monkeypatch)
+    try:
+        with stage_run("masks"):
+            pass
+        assert _parent_status() == ["RUNNING"]                 # the pipeline is not over: more stages may come
+        with stage_run("eda"):
+            pass
+        assert _parent_status() == ["RUNNING"]
+        assert {r.info.status for r in runs() if r.data.tags.get("pipeline.role") == "stage"} == {"FINISHED"}
+    finally:
+        dvc.kill()
+        dvc.wait()
+    assert _wait_for(lambda: _parent_status() == ["FINISHED"]), _parent_status()
+
+
+def test_a_failed_stage_fails_the_parent_at_once_and_for_good(monkeypatch):
+    dvc = _fake_dvc(monkeypatch)
+    try:
+        with pytest.raises(RuntimeError):
+            with stage_run("split"):
+                raise RuntimeError("boom")
+        assert _parent_status() == ["FAILED"]
+        with stage_run("eda"):                                 # dvc repro --keep-going runs other stages on
+            pass
+        assert _parent_status() == ["FAILED"]
+    finally:
+        dvc.kill()
+        dvc.wait()
+    import time
+
+    time.sleep(2)
+    assert _parent_status() == ["FAILED"]

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -91,6 +92,7 @@ def fit(f: FoldRun) -> dict:
     history, best, start = resume(f, ck, model, swa, opt, schedule, scaler)
 
     for epoch in range(start, f.epochs):
+        began = time.perf_counter()
         tr = d.mean(train_one_epoch(trained, data.epoch(epoch), loss_fn, opt, schedule, scaler, f.device, t.amp,
                                     t.accumulate, t.clip_grad, t.cutmix, np.random.default_rng(f.seed * 1000 + epoch),
                                     t.channels_last, desc=f"{f.name} epoch {epoch + 1}"))
@@ -101,7 +103,8 @@ def fit(f: FoldRun) -> dict:
         if swa is not None and epoch >= f.epochs - t.swa_epochs:
             swa.update_parameters(model)
         history.append({"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}, "val/loss": val_loss,
-                        **flat_scores(s, "val"), **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups}})
+                        **flat_scores(s, "val"), **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups},
+                        "time/epoch_s": time.perf_counter() - began})
         f.log(history[-1:])
         f.say(f"{f.name} epoch {epoch + 1}/{f.epochs}: train loss {tr['loss']:.4f}  val loss {val_loss:.4f}  "
               f"val mIoU {s['mIoU']:.4f}")
@@ -234,6 +237,7 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
     with atomic_file(plots / f"{member_name(f.fold, f.seed)}.csv") as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {"fold": f.fold, "seed": f.seed, "best_epoch": best["epoch"], "val_images": len(val_tab),
+               "train_s": round(sum(h.get("time/epoch_s", 0.0) for h in history), 1),   # wall: not reproducible
                **{k: v for k, v in s.items() if k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")},
                "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}
     write_json(Path(f.p.paths.metrics) / f.tag / f"{member_name(f.fold, f.seed)}.json", {"val": summary})

@@ -1,0 +1,27 @@
+"""Every experiment on one line, best first (not a DVC stage: run it on demand).
+
+    python -m stages.leaderboard [--sort cv_mIoU|holdout_mIoU] [--md | --csv]
+
+Columns: experiment, CV mIoU, the holdout mIoU of the final ensemble, the best holdout variant,
+training minutes (all folds and seeds), and the params that differ between the rows.
+"""
+import argparse
+
+from pipeline import cli
+from pipeline.evaluation.leaderboard import dvc_experiments, leaderboard, render
+
+PARAMS = ()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sort", default="cv_mIoU", choices=["cv_mIoU", "holdout_mIoU"])
+    fmt = ap.add_mutually_exclusive_group()
+    fmt.add_argument("--md", action="store_const", const="md", dest="fmt", help="a markdown table")
+    fmt.add_argument("--csv", action="store_const", const="csv", dest="fmt", help="CSV")
+    args = ap.parse_args()
+    print(render(leaderboard(dvc_experiments(), args.sort), args.fmt or "text"))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,51 @@
+"""The leaderboard reads DVC's experiment tree: known rows, the params that differ, order, formats."""
+from __future__ import annotations
+
+import csv
+import io
+
+from pipeline.evaluation.leaderboard import leaderboard, render
+
+
+def node(name, model, lr, cv, holdout, train_s, rev="abc1234def"):
+    params = {"params.yaml": {"data": {"model": model, "train": {"lr": lr, "loss": {"ce": 1.0}},
+                                       "paths": {"models": f"models-{name}"}}}}
+    metrics = {"metrics/cv.json": {"data": {"cv": {"mIoU": cv}}},
+               "metrics/ensemble.json": {"data": {"ensemble": {
+                   **({"holdout/final_ensemble_infer_params_round_2": {"mIoU": holdout}} if holdout else {}),
+                   **({"holdout/k_fold_ensemble": {"mIoU": holdout - 0.01}} if holdout else {}),
+                   "out_of_fold/fold_model": {"mIoU": 0.99}}}},
+               "metrics/train/fold_0_seed_0.json": {"data": {"val": {"train_s": train_s}}},
+               "metrics/train/fold_1_seed_0.json": {"data": {"val": {"train_s": train_s}}}}
+    return {"rev": rev, "name": name, "data": {"params": params, "metrics": metrics}}
+
+
+TREE = [
+    {**node(None, "unet", 0.003, 0.30, 0.35, 60, rev="workspace"), "experiments": None},
+    {**node("main", "unet", 0.003, 0.30, 0.35, 60), "experiments": [
+        {"revs": [node("pspnet-try", "pspnet", 0.003, 0.41, 0.38, 30, rev="111")]},
+        {"revs": [node("low-lr", "unet", 0.001, 0.25, None, 90, rev="222")]},
+        {"revs": [{"rev": "333", "name": "queued", "data": {"params": {}, "metrics": {}}}]}]},
+]
+
+
+def test_rows_sorted_best_first_with_only_the_params_that_differ():
+    rows = leaderboard(TREE)
+    assert [r["experiment"] for r in rows] == ["pspnet-try", "workspace", "main", "low-lr"]
+    top = rows[0]
+    assert top["cv_mIoU"] == 0.41 and top["holdout_mIoU"] == 0.38 and top["train_min"] == 1.0
+    assert top["best_holdout"] == "0.3800 final_ensemble_infer_params_round_2"   # out-of-fold rows are not holdout
+    assert top["params"] == "model=pspnet train.lr=0.003"                        # paths.* and train.loss do not differ
+    assert rows[-1]["holdout_mIoU"] is None and rows[-1]["params"] == "model=unet train.lr=0.001"
+    assert [r["experiment"] for r in leaderboard(TREE, "holdout_mIoU")] == ["pspnet-try", "workspace", "main", "low-lr"]
+
+
+def test_formats():
+    rows = leaderboard(TREE)
+    text = render(rows).splitlines()
+    assert text[0].split() == ["experiment", "cv_mIoU", "holdout_mIoU", "best_holdout", "train_min", "params"]
+    assert len(text) == 5 and "—" in text[-1] and max(map(len, text)) < 120
+    md = render(rows, "md").splitlines()
+    assert md[1] == "|---|---|---|---|---|---|" and md[2].startswith("| pspnet-try | 0.4100 | 0.3800 |")
+    parsed = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    assert parsed[0]["experiment"] == "pspnet-try" and float(parsed[0]["cv_mIoU"]) == 0.41
