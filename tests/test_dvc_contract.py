@@ -86,3 +86,19 @@ def test_imports_never_go_up_a_floor(path):
             files = {f for f in map(module_file, names) if f and f.name != "__init__.py"}
             up += [str(f.relative_to(REPO)) for f in files if _floor(f) > _floor(path)]
     assert not up, f"{path.relative_to(REPO)} imports from a higher floor: {up}"
+
+
+def test_dvc_plots_page_is_self_contained():
+    """.dvc/config points DVC at the vendored page: vega inline, DVC's placeholders there, no CDN."""
+    import configparser
+    import re
+
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc/config")
+    page_path = (REPO / ".dvc" / config["plots"]["html_template"]).resolve()
+    assert page_path == REPO / "vendor/dvc_plots.html"
+    page = page_path.read_text()
+    assert "{plot_divs}" in page and "{scripts}" not in page    # DVC's CDN scripts have nowhere to go
+    for name in ("vega@5", "vega-lite@5", "vega-embed@6"):
+        assert f"/* {name}" in page
+    assert not re.findall(r"<(?:script|link)[^>]+(?:src|href)=", page)

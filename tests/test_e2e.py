@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,8 +102,15 @@ def test_dvc_repro_end_to_end(workspace):
     rows = list(csv.reader(open(ws / "submission/submission.csv")))
     test_ids = [im["file_name"] for im in json.loads((ws / "data/demo/test.json").read_text())["images"]]
     assert [r[0] for r in rows[1:]] == test_ids and all(len(r[1].split(" ")) == 256 * 256 for r in rows[1:])
-    # `dvc plots show` renders the per-fold histories.
+    # `dvc plots show` renders the per-fold histories and the figures, in a page that loads nothing remote.
     assert "fold_0_seed_1.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
+    for cmd in (["show"], ["diff", "HEAD"]):
+        sh(["dvc", "plots", *cmd, "-o", str(ws / f"plots_{cmd[0]}")], ws, env)
+        page = (ws / f"plots_{cmd[0]}/index.html").read_text()
+        assert "/* vega-embed@6.18.2 */" in page and "vegaEmbed(" in page
+        assert not re.findall(r"<(?:script|link|img|iframe)[^>]+(?:src|href)=[\"']?(?:https?:)?//", page)
+        assert {"workspace_reports_eda_class_balance.png", "workspace_plots_cv_confusion.png"} <= {
+            f.name for f in (ws / f"plots_{cmd[0]}/static").iterdir()}
     # The leaderboard reads the workspace's metrics through `dvc exp show`.
     out = subprocess.run([sys.executable, "-m", "stages.leaderboard", "--csv"], cwd=ws, env=env, capture_output=True,
                          text=True, timeout=120)
