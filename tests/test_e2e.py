@@ -63,7 +63,7 @@ def test_dvc_repro_end_to_end(workspace):
     first = sh(["dvc", "repro"], ws, env)
     members = [f"{k}-{s}" for k in (0, 1) for s in (0, 1)]   # the folds x seeds matrix
     for stage in ("demo_data", "masks", "near_dups", "eda", "split", *(f"train@{m}" for m in members), "cv", "pseudo",
-                  *(f"train_round2@{m}" for m in members), "ensemble", "submit"):
+                  *(f"train_round2@{m}" for m in members), "ensemble", "submit", "report"):
         assert f"Running stage '{stage}'" in first
 
     index = pd.read_csv(ws / "data/masks/index.csv")
@@ -102,6 +102,13 @@ def test_dvc_repro_end_to_end(workspace):
     rows = list(csv.reader(open(ws / "submission/submission.csv")))
     test_ids = [im["file_name"] for im in json.loads((ws / "data/demo/test.json").read_text())["images"]]
     assert [r[0] for r in rows[1:]] == test_ids and all(len(r[1].split(" ")) == 256 * 256 for r in rows[1:])
+    # The report: one offline page, and the headline printed at the end of the repro.
+    page = (ws / "reports/index.html").read_text()
+    assert f"<b>{cv['mIoU']:.4f}</b>CV mIoU" in page and page.count("data:image/png;base64,") >= 12
+    assert not re.findall(r"(?:src|href)=[\"']?(?:https?:)?//", page) and "<script" not in page
+    assert "fold_1 seed_1: each class's worst validation image" in page and "lowest per-image mIoU" in page
+    assert all((ws / f"models/fold_{m[0]}/seed_{m[2]}/val_images.csv").exists() for m in members)
+    assert f"CV mIoU {cv['mIoU']:.4f}; best on the holdout: " in first and "report: file://" in first
     # `dvc plots show` renders the per-fold histories and the figures, in a page that loads nothing remote.
     assert "fold_0_seed_1.csv" in sh(["dvc", "plots", "show", "--json"], ws, env)
     for cmd in (["show"], ["diff", "HEAD"]):

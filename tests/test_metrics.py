@@ -82,3 +82,37 @@ def test_cv_sums_every_fold_and_seed_and_reports_each(tmp_path):
     assert out["confusion"] == (3 * right + wrong).tolist() and out["per_fold_mIoU"]["1"] == 1.0
     with pytest.raises(DataError, match=r"train@2-0"):
         cv_scores(tmp_path, [2], [0], classes)
+
+
+def test_per_image_ious_and_each_class_worst_image_known_answer():
+    from pipeline.evaluation.metrics import image_ious, worst_per_class
+
+    def conf(pairs, c=3):
+        m = np.zeros((c, c), np.int64)
+        for (t, p), n in pairs.items():
+            m[t, p] = n
+        return m
+
+    per_image = np.stack([
+        conf({(0, 0): 90, (1, 1): 10}),                 # class 1 perfect
+        conf({(0, 0): 80, (1, 1): 5, (1, 0): 15}),     # class 1: 5 / 20
+        conf({(0, 0): 70, (2, 2): 20, (2, 1): 10}),    # class 2: 20 / 30; class 1 predicted, absent: IoU 0
+        conf({(0, 0): 100}),                           # background only
+    ])
+    iou = image_ious(per_image)
+    assert iou[0, 1] == 1.0 and iou[1, 1] == 0.25 and iou[2, 2] == pytest.approx(2 / 3) and iou[2, 1] == 0.0
+    assert np.isnan(iou[3, 1]) and np.isnan(iou[0, 2])
+    # fold IoU: class 1 = 15 / (25 + 25 - 15) = 0.43, class 2 = 20 / 30 = 0.67: class 1's worst first;
+    # image 2 (class 1 only predicted, not in its truth) is never class 1's "worst".
+    assert worst_per_class(per_image, 5) == [(1, 1, 0.25), (2, 2, pytest.approx(2 / 3))]
+    assert worst_per_class(per_image, 1) == [(1, 1, 0.25)]
+
+
+def test_report_headline_picks_the_best_holdout_variant_and_the_final_ensemble():
+    from pipeline.evaluation.report import headline
+
+    ens = {"holdout/k_fold_ensemble": {"mIoU": 0.5}, "holdout/final_ensemble_infer_params_round_1": {"mIoU": 0.45},
+           "out_of_fold/fold_model_TTA": {"mIoU": 0.9}, "holdout/fold_model_mean_over_folds": {"mIoU": 0.4}}
+    head = headline({"mIoU": 0.42}, ens)
+    assert head == {"cv_mIoU": 0.42, "best_holdout": ("k_fold_ensemble", 0.5), "final_holdout": 0.45}
+    assert headline({}, {}) == {"cv_mIoU": None, "best_holdout": None, "final_holdout": None}

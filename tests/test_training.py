@@ -86,6 +86,10 @@ def test_a_small_model_learns_easy_data(prepared):
     rows = pd.read_csv(prepared / "plots/train/fold_0_seed_0.csv")
     assert s["mIoU"] == rows["val/mIoU"].max() == rows["val/mIoU"][best["epoch"] - 1]
     assert np.array_equal(best["confusion"].numpy(), np.load(out / "val_confusion.npy"))
+    # Every validation image's own confusion is kept too (the worst-per-class gallery, val_images.csv).
+    assert torch.equal(best["image_confusions"].sum(0), best["confusion"])
+    images = pd.read_csv(out / "val_images.csv")
+    assert len(images) == 12 and images["mIoU"].is_monotonic_increasing and images["IoU/disc"].notna().all()
 
 
 def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):

@@ -26,14 +26,14 @@ from pipeline.io import atomic_dir
 CATEGORIES = ["UNKNOWN", "General trash", "Paper", "Paper pack", "Metal", "Glass", "Plastic",
               "Styrofoam", "Plastic bag", "Battery", "Clothing"]
 # Relative frequency of each loose item (the bag is placed separately). Battery is rare on purpose.
-FREQUENCY = {"UNKNOWN": 0.5, "General trash": 1.2, "Paper": 1.6, "Paper pack": 0.8, "Metal": 0.7,
-             "Glass": 0.6, "Plastic": 1.2, "Styrofoam": 0.7, "Battery": 0.2, "Clothing": 0.4}
+FREQUENCY = {"UNKNOWN": 0.7, "General trash": 1.1, "Paper": 1.3, "Paper pack": 0.9, "Metal": 0.9,
+             "Glass": 0.8, "Plastic": 1.1, "Styrofoam": 0.8, "Battery": 0.45, "Clothing": 0.7}
 IMAGES_PER_BATCH = 16
 
 # BGR base colours per class; textures below make them separable beyond colour.
-COLOURS = {"UNKNOWN": (140, 110, 130), "General trash": (40, 70, 110), "Paper": (235, 235, 230),
-           "Paper pack": (200, 120, 40), "Metal": (190, 190, 200), "Glass": (60, 150, 60),
-           "Plastic": (230, 210, 120), "Styrofoam": (245, 250, 250), "Plastic bag": (120, 220, 240),
+COLOURS = {"UNKNOWN": (170, 60, 150), "General trash": (30, 80, 140), "Paper": (235, 235, 230),
+           "Paper pack": (200, 120, 40), "Metal": (220, 190, 170), "Glass": (60, 170, 60),
+           "Plastic": (230, 210, 120), "Styrofoam": (255, 235, 200), "Plastic bag": (120, 220, 240),
            "Battery": (0, 140, 255), "Clothing": (40, 40, 200)}
 
 
@@ -73,7 +73,7 @@ def _shape(name: str, rng, cx: float, cy: float, s: float) -> list[list[float]]:
     if name in ("Glass", "Plastic"):
         return [_ellipse(rng, cx, cy, s * 0.9, s * 0.4)]
     if name == "Battery":
-        return [_rect(rng, cx, cy, s * 0.7, s * 0.3)]
+        return [_rect(rng, cx, cy, s * 0.9, s * 0.45)]
     if name == "Clothing":  # two separate pieces: a multi-part polygon
         return [_blob(rng, cx - s * 0.55, cy, s * 0.5), _blob(rng, cx + s * 0.55, cy + s * 0.1, s * 0.45)]
     if name == "Plastic bag":
@@ -112,7 +112,7 @@ def _texture(name: str, rng, h: int, w: int) -> np.ndarray:
 
 def _background(rng, h: int, w: int) -> np.ndarray:
     """Cluttered floor: smooth tone, noise and a few low-contrast strokes (no class look)."""
-    tone = rng.uniform(60, 150, 3)
+    tone = rng.uniform(70, 125) + rng.uniform(-8, 8, 3)   # greyish: no class colour
     low = cv2.resize(rng.normal(0, 18, (4, 4, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
     img = np.clip(tone + low + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
     for _ in range(rng.integers(2, 6)):
@@ -156,8 +156,8 @@ def _scene(rng, h: int, w: int, pick: Callable[[], str]) -> tuple[np.ndarray, li
         items.append(("Plastic bag", bx, by, bs, True))
         for _ in range(rng.integers(1, 3)):
             items.append((pick(), bx + rng.uniform(-0.4, 0.4) * bs, by + rng.uniform(-0.4, 0.4) * bs, bs * 0.45, True))
-    for _ in range(rng.integers(1, 4)):
-        s = rng.uniform(0.09, 0.17) * min(h, w)
+    for _ in range(rng.integers(3, 7)):
+        s = rng.uniform(0.11, 0.19) * min(h, w)
         items.append((pick(), rng.uniform(s, w - s), rng.uniform(s, h - s), s, False))
     for name, cx, cy, s, inside_bag in items:
         for _try in range(8):
@@ -171,7 +171,7 @@ def _scene(rng, h: int, w: int, pick: Callable[[], str]) -> tuple[np.ndarray, li
             continue
         tex = _texture(name, rng, h, w)
         if name in ("Plastic bag", "Glass"):  # translucent: what is behind shows through
-            img[m] = (0.45 * img[m] + 0.55 * tex[m]).astype(np.uint8)
+            img[m] = (0.3 * img[m] + 0.7 * tex[m]).astype(np.uint8)
         else:
             img[m] = tex[m]
         occupied |= m

@@ -63,3 +63,36 @@ def flat_scores(s: dict, prefix: str) -> dict[str, float]:
     out = {f"{prefix}/{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     out.update({f"{prefix}/IoU/{n}": v for n, v in s["IoU"].items() if v is not None})
     return out
+
+
+def image_ious(per_image: np.ndarray) -> np.ndarray:
+    """(N, C, C) per-image confusions -> (N, C) float64 IoU per image and class; NaN where the class is
+    in neither the image's truth nor its prediction."""
+    m = np.asarray(per_image, dtype=np.float64)
+    tp = np.diagonal(m, axis1=1, axis2=2)
+    union = m.sum(2) + m.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def worst_per_class(per_image: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+    """Up to k (image row, class, IoU): for each class (background aside), the image whose truth holds
+    it and whose prediction gets it worst (ties: the one with more of it), the classes taken from the
+    worst-scored over the fold first; each image shown once."""
+    m = np.asarray(per_image)
+    iou = image_ious(m)
+    truth = m.sum(2)                                        # (N, C) true pixels per class
+    fold = scores(m.sum(0), [str(c) for c in range(m.shape[1])])["IoU"]
+    order = sorted((c for c in range(1, m.shape[1]) if truth[:, c].any()),
+                   key=lambda c: fold[str(c)] if fold[str(c)] is not None else 1.0)
+    out, used = [], set()
+    for c in order:
+        rows = [i for i in np.flatnonzero(truth[:, c] > 0) if i not in used]
+        if not rows:
+            continue
+        i = min(rows, key=lambda r: (iou[r, c], -truth[r, c]))
+        out.append((int(i), c, float(iou[i, c])))
+        used.add(int(i))
+        if len(out) == k:
+            break
+    return out

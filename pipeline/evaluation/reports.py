@@ -85,19 +85,25 @@ def plot_curves(history: list[dict], path: Path) -> Path:
 
 
 def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list[np.ndarray],
-                 names: list[str], path: Path, max_classes: int = 6) -> Path:
+                 names: list[str], path: Path, max_classes: int = 6, titles: list[str] | None = None,
+                 focus: list[int] | None = None) -> Path:
     """One row per image: image | truth | prediction | then, per class present in truth or
-    prediction, a panel with true positives green, false positives red, false negatives blue."""
+    prediction (the row's `focus` class first), a panel with true positives green, false positives
+    red, false negatives blue. `titles` label the rows (on the image panel)."""
     plt = _plt()
     pal = palette(len(names))
     ncols = 3 + max_classes
     fig, axes = plt.subplots(len(images), ncols, figsize=(2.0 * ncols, 2.1 * len(images)), squeeze=False)
     for r, (img, t, p) in enumerate(zip(images, truths, preds)):
         row = axes[r]
-        for ax, pic, title in zip(row, (img, pal[t], pal[p]), ("image", "truth", "prediction")):
+        first = titles[r] if titles else "image"
+        for ax, pic, title in zip(row, (img, pal[t], pal[p]), (first, "truth", "prediction")):
             ax.imshow(pic)
             ax.set_title(title, fontsize=8)
-        classes = [c for c in np.union1d(np.unique(t), np.unique(p)) if 0 < c < len(names)][:max_classes]
+        classes = [c for c in np.union1d(np.unique(t), np.unique(p)) if 0 < c < len(names)]
+        if focus:
+            classes = [focus[r]] + [c for c in classes if c != focus[r]]
+        classes = classes[:max_classes]
         for ax, c in zip(row[3:], classes):
             err = np.zeros(t.shape + (3,), np.uint8)
             err[(t == c) & (p == c)] = (0, 200, 0)

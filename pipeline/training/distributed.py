@@ -82,7 +82,8 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     if not td.is_initialized():
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CUDA tensors over NCCL; the CPU ones (confusion matrices, loss sums) over gloo
+        td.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return d, device
 
 

@@ -110,15 +110,16 @@ class FoldData:
         self.train_ds.reseed(seed)
         return self.train_dl
 
-    def validate(self, net: torch.nn.Module, loss_fn) -> tuple[float, ConfusionMatrix]:
-        """Validation over every rank's shard: summed confusion, mean loss — as one process would."""
+    def validate(self, net: torch.nn.Module, loss_fn) -> tuple[float, ConfusionMatrix, torch.Tensor]:
+        """Validation over every rank's shard: summed confusion, mean loss and every image's own
+        confusion (N, C, C) — as one process would."""
         f, t = self.f, self.f.p.train
-        loss, cm, _ = validate(as_validated(net, t), self.shard, f.val_tab, loss_fn, len(f.classes), f.device,
-                               t.amp, t.channels_last)
+        loss, cm, _, per_image = validate(as_validated(net, t), self.shard, f.val_tab, loss_fn, len(f.classes),
+                                          f.device, t.amp, t.channels_last)
         n = len(self.shard.dataset)
         total = f.d.sum(torch.tensor([loss * n, n], dtype=torch.float64))
         cm.mat = f.d.sum(cm.mat)
-        return float(total[0] / max(total[1], 1)), cm
+        return float(total[0] / max(total[1], 1)), cm, f.d.sum(per_image)
 
 
 def as_validated(net: torch.nn.Module, t) -> torch.nn.Module:

@@ -58,13 +58,15 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="
 
 @torch.no_grad()
 def validate(model, loader, table, loss_fn, num_classes, device, amp="off", channels_last=False,
-             keep=()) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray]]:
+             keep=()) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray], torch.Tensor]:
     """Loss at model resolution; confusion matrix at each cached mask's own resolution (softmax
     probabilities upsampled bilinearly, exactly as inference does), so the score does not depend on
     train.image_size and inference reproduces it.
-    Returns (mean loss, confusion matrix, {row index: (H, W) uint8 prediction} for rows in `keep`)."""
+    Returns (mean loss, confusion matrix, {row index: (H, W) uint8 prediction} for rows in `keep`,
+    (len(table), C, C) int64 per-image confusions: zeros for rows the loader does not hold)."""
     model.eval()
     cm = ConfusionMatrix(num_classes)
+    per_image = torch.zeros(len(table), num_classes, num_classes, dtype=torch.int64)
     kept: dict[int, np.ndarray] = {}
     loss_sum, n = 0.0, 0
     for x, y, idx in _bar(loader, "val", len(loader)):
@@ -79,7 +81,10 @@ def validate(model, loader, table, loss_fn, num_classes, device, amp="off", chan
             if prob.shape[-2:] != full.shape:   # probabilities, as the ensembles upsample them
                 prob = F.interpolate(prob[None], size=full.shape, mode="bilinear", align_corners=False)[0]
             pred = prob.argmax(0).to(torch.uint8).cpu()
-            cm.update(pred, torch.from_numpy(full))
+            one = ConfusionMatrix(num_classes)
+            one.update(pred, torch.from_numpy(full))
+            per_image[i] = one.mat
+            cm.merge(one)
             if i in keep:
                 kept[i] = pred.numpy()
-    return loss_sum / max(n, 1), cm, kept
+    return loss_sum / max(n, 1), cm, kept, per_image

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -29,7 +30,7 @@ from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset
 from pipeline.data.masks import read_image
 from pipeline.devices import pick_device
-from pipeline.evaluation.metrics import flat_scores, scores
+from pipeline.evaluation.metrics import flat_scores, image_ious, scores, worst_per_class
 from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou
 from pipeline.io import atomic_file, write_json
 from pipeline.models.checkpoint import load_checkpoint, member_dir, member_name, save_checkpoint
@@ -97,7 +98,7 @@ def fit(f: FoldRun) -> dict:
                                     t.accumulate, t.clip_grad, t.cutmix, np.random.default_rng(f.seed * 1000 + epoch),
                                     t.channels_last, desc=f"{f.name} epoch {epoch + 1}"))
         use_slow_weights(opt)   # Lookahead: validate, average and save the slow weights
-        val_loss, cm = data.validate(model, loss_fn)
+        val_loss, cm, per_image = data.validate(model, loss_fn)
         s = scores(cm.numpy(), f.classes)
         schedule.step_epoch(s["mIoU"])
         if swa is not None and epoch >= f.epochs - t.swa_epochs:
@@ -110,7 +111,7 @@ def fit(f: FoldRun) -> dict:
               f"val mIoU {s['mIoU']:.4f}")
         if s["mIoU"] > best and d.main:
             save_checkpoint(f.out / "best.pt", model=model.state_dict(), epoch=epoch + 1, classes=f.classes,
-                            params=f.identity(), scores=s, confusion=cm.mat.cpu().clone())
+                            params=f.identity(), scores=s, confusion=cm.mat.cpu().clone(), image_confusions=per_image)
         best = max(best, s["mIoU"])
         if d.main:
             save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
@@ -190,7 +191,7 @@ def average_weights(f: FoldRun, swa: AveragedModel, data: FoldData, loss_fn) -> 
     t = f.p.train
     bn_dl = DataLoader(SegDataset(f.train_tab, build_transform([], t.eval_size)), data.eval_batch)
     update_bn(bn_dl, swa, f.device)
-    _, cm = data.validate(swa.module, loss_fn)
+    _, cm, _ = data.validate(swa.module, loss_fn)
     s = scores(cm.numpy(), f.classes)
     if f.d.main:
         save_checkpoint(f.out / "swa.pt", model=swa.module.state_dict(), epoch=f.epochs, classes=f.classes,
@@ -209,16 +210,25 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
     best = load_checkpoint(out / "best.pt", f.device)
     model.load_state_dict(best["model"])
     net = as_validated(model, t)
-    n_present = (val_tab[[f"px_{c}" for c in range(1, len(classes))]] > 0).sum(axis=1)
-    shown = n_present.sort_values(ascending=False, kind="stable").index[: t.gallery].tolist()
+    titles = focus = None
+    if "image_confusions" in best:   # the gallery: each class's worst validation image
+        per_image = best["image_confusions"].numpy()
+        worst = worst_per_class(per_image, t.gallery)
+        shown = [i for i, _, _ in worst]
+        titles = [f"worst {classes[c]}: IoU {v:.2f}" for _, c, v in worst]
+        focus = [c for _, c, _ in worst]
+        write_image_scores(per_image, val_tab, classes, out / "val_images.csv")
+    else:
+        n_present = (val_tab[[f"px_{c}" for c in range(1, len(classes))]] > 0).sum(axis=1)
+        shown = n_present.sort_values(ascending=False, kind="stable").index[: t.gallery].tolist()
     if "confusion" in best:
         cm = best["confusion"].numpy()
         gallery = DataLoader(Subset(val_dl.dataset, shown), val_dl.batch_size)
         preds = validate(net, gallery, val_tab, loss_fn, len(classes), f.device, t.amp, t.channels_last,
                          keep=set(shown))[2] if shown else {}
     else:   # a checkpoint written before best.pt kept its confusion
-        _, matrix, preds = validate(net, val_dl, val_tab, loss_fn, len(classes), f.device, t.amp, t.channels_last,
-                                    keep=set(shown))
+        _, matrix, preds, _ = validate(net, val_dl, val_tab, loss_fn, len(classes), f.device, t.amp, t.channels_last,
+                                       keep=set(shown))
         cm = matrix.numpy()
     s = scores(cm, classes)
     with atomic_file(out / "val_confusion.npy") as tmp:
@@ -231,7 +241,7 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
     if shown:
         plot_gallery([read_image(val_tab["image"][i], (val_tab["height"][i], val_tab["width"][i])) for i in shown],
                      [cv2.imread(val_tab["mask"][i], cv2.IMREAD_UNCHANGED) for i in shown],
-                     [preds[i] for i in shown], classes, reports / "gallery.png")
+                     [preds[i] for i in shown], classes, reports / "gallery.png", titles=titles, focus=focus)
     plots = Path(f.p.paths.plots) / f.tag
     plots.mkdir(parents=True, exist_ok=True)
     with atomic_file(plots / f"{member_name(f.fold, f.seed)}.csv") as tmp:
@@ -245,6 +255,18 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
         f.run.log_metrics({f"best/{k}": v for k, v in flat_scores(s, "val").items()})
         f.run.log_artifacts(reports, "reports")
     return s
+
+
+def write_image_scores(per_image: np.ndarray, val_tab: pd.DataFrame, classes: list[str], path: Path) -> None:
+    """val_images.csv: each validation image's mIoU (over the classes in its truth or prediction) and
+    per-class IoU, worst first — what the report and a label audit start from."""
+    iou = image_ious(per_image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # an image with no class at all: NaN
+        miou = np.nanmean(iou, axis=1)
+    table = pd.DataFrame({"key": val_tab["key"], "mIoU": miou, **{f"IoU/{c}": iou[:, k] for k, c in enumerate(classes)}})
+    with atomic_file(path) as tmp:
+        table.sort_values("mIoU", kind="stable").to_csv(tmp, index=False, float_format="%.4f")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -1,0 +1,27 @@
+"""Stage report: reports/index.html, one self-contained page of everything the pipeline found and
+scored; prints the headline (CV mIoU, the best honest ensemble on the holdout, where the page is)."""
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.evaluation.report import write_report
+from pipeline.tracking import stage_run
+
+PARAMS = ("model", "encoder", "train", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    recipe = {"model": p.model, "encoder": p.encoder, "epochs": p.train.epochs, "image size": p.train.image_size,
+              "input": p.train.input, "folds": len(p.train.folds), "seeds": len(p.train.seeds)}
+    with stage_run("report", p) as run:
+        path, head = write_report(p.paths, recipe, Path(p.paths.reports) / "index.html")
+        run.log_artifact(path, "report")
+    best = head["best_holdout"]
+    print(f"CV mIoU {head['cv_mIoU']:.4f}" if head["cv_mIoU"] is not None else "CV mIoU: none", end="")
+    print(f"; best on the holdout: {best[0].replace('_', ' ')} {best[1]:.4f}" if best else "; no holdout")
+    print(f"report: {path.resolve().as_uri()}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
