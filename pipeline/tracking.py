@@ -288,6 +288,11 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self._send(op="artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
+    def log_model(self, folder: str | Path, artifact_path: str, registered_name: Optional[str] = None) -> None:
+        """Log a saved MLflow model folder as this run's artifacts and, with a name, register it as the
+        next version of that model in the registry (`models:/<name>/<version>`)."""
+        self._send(op="model", path=str(Path(folder).resolve()), artifact_path=artifact_path, name=registered_name)
+
     def write_metrics(self, path: str | Path, metrics: dict[str, Any], parent: bool = False) -> Path:
         """Write the DVC metrics JSON (nested as given) and log its numeric leaves to MLflow."""
         write_json(path, metrics)
@@ -413,6 +418,10 @@ class _Logger:
                     client.log_artifacts(run_id, m["path"], m["artifact_path"])
                 elif op == "artifact":
                     client.log_artifact(run_id, m["path"], m["artifact_path"])
+                elif op == "model":
+                    client.log_artifacts(run_id, m["path"], m["artifact_path"])
+                    if m["name"]:
+                        self.register(client, m["name"], run_id, m["artifact_path"])
                 elif op == "end":
                     status = m["status"]
                     break
@@ -436,6 +445,17 @@ class _Logger:
         except OSError:
             pass
         conn.close()
+
+    def register(self, client, name: str, run_id: str, artifact_path: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        with self.lock:
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name, description="the pipeline's final ensemble (stage submit)")
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        client.create_model_version(name, source, run_id)
 
     def finish(self) -> None:
         """The dvc process has ended: its parent runs that no stage failed are FINISHED."""

@@ -5,13 +5,17 @@ from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.reports import plot_predictions
-from pipeline.evaluation.variants import final_ensemble, models_for_round
+from pipeline.evaluation.variants import final_ensemble, final_members, models_for_round
 from pipeline.data.coco import load_test_set
+from pipeline.inference.served import save_ensemble_model
 from pipeline.inference.submission import write_submission
+from pipeline.io import atomic_dir
+from pipeline.models.checkpoint import member_dir
 from pipeline.tracking import stage_run
 from pipeline.devices import pick_device
 
 PARAMS = ("data", "infer", "train", "submit", "paths")
+REGISTERED_MODEL = "segmentation-ensemble"
 
 
 def main() -> None:
@@ -31,6 +35,13 @@ def main() -> None:
                              out / "gallery.png")
             run.log_artifact(out / "gallery.png", "submission")
         run.log_metrics({"submit/images": len(images)})
+        # The same ensemble as an MLflow model a user can take away (registered by the logger).
+        models_dir = models_for_round(p.infer, p.paths)
+        members = [(member_dir(models_dir, k, s) / f"{c}.pt", w)
+                   for (k, s, c), w in final_members(p.infer, p.train.folds, p.train.seeds, models_dir)]
+        with atomic_dir(out / "model") as folder:
+            save_ensemble_model(folder / "model", members, p.infer, p.train.eval_size, cache.get("max_side"), classes)
+        run.log_model(out / "model" / "model", "model", REGISTERED_MODEL)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,9 @@ def test_dvc_repro_end_to_end(workspace):
             break
         time.sleep(0.1)
     assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    # The final ensemble is registered as an MLflow model (tests/test_served.py loads one in a fresh process).
+    versions = mlflow.tracking.MlflowClient().search_model_versions("name='segmentation-ensemble'")
+    assert len(versions) == 1 and (ws / "submission/model/model/MLmodel").exists()
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
     assert kids[parents[0].info.run_id] == sorted(["cv", "demo_data", "eda", "ensemble", "masks", "near_dups", "pseudo", "split", "submit",

@@ -27,7 +27,7 @@ CATEGORIES = ["UNKNOWN", "General trash", "Paper", "Paper pack", "Metal", "Glass
               "Styrofoam", "Plastic bag", "Battery", "Clothing"]
 # Relative frequency of each loose item (the bag is placed separately). Battery is rare on purpose.
 FREQUENCY = {"UNKNOWN": 0.7, "General trash": 1.1, "Paper": 1.3, "Paper pack": 0.9, "Metal": 0.9,
-             "Glass": 0.8, "Plastic": 1.1, "Styrofoam": 0.8, "Battery": 0.45, "Clothing": 0.7}
+             "Glass": 0.8, "Plastic": 1.1, "Styrofoam": 0.8, "Battery": 0.6, "Clothing": 0.7}
 IMAGES_PER_BATCH = 16
 
 # BGR base colours per class; textures below make them separable beyond colour.
@@ -73,7 +73,7 @@ def _shape(name: str, rng, cx: float, cy: float, s: float) -> list[list[float]]:
     if name in ("Glass", "Plastic"):
         return [_ellipse(rng, cx, cy, s * 0.9, s * 0.4)]
     if name == "Battery":
-        return [_rect(rng, cx, cy, s * 0.9, s * 0.45)]
+        return [_rect(rng, cx, cy, s * 1.0, s * 0.5)]
     if name == "Clothing":  # two separate pieces: a multi-part polygon
         return [_blob(rng, cx - s * 0.55, cy, s * 0.5), _blob(rng, cx + s * 0.55, cy + s * 0.1, s * 0.45)]
     if name == "Plastic bag":

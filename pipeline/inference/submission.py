@@ -57,6 +57,18 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
                         "with the inputs; choose a separate folder")
 
 
+def image_table(files: list[str | Path]) -> pd.DataFrame:
+    """path, height, width of image files (as OpenCV decodes them: EXIF-oriented), for predict_images."""
+    sizes = []
+    for p in files:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise DataError(f"{p}: cannot decode the image")
+        sizes.append(img.shape[:2])
+    return pd.DataFrame({"path": [str(p) for p in files], "height": [s[0] for s in sizes],
+                         "width": [s[1] for s in sizes]})
+
+
 def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, image_size: Optional[int], classes: list[str],
                    batch_size: int = 8, max_side: Optional[int] = None) -> int:
     """Every image under images_dir -> out_dir/<same path>.png (class indices, uint8) and
@@ -71,14 +83,7 @@ def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, i
         clash = [str(f.relative_to(images_dir)) for f, t in zip(files, targets) if (targets == t).sum() > 1]
         raise DataError(f"{images_dir}: {', '.join(clash[:6])} differ only by extension; their predictions would "
                         "overwrite each other (<name>.png): rename or move one of each pair")
-    sizes = []
-    for p in files:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            raise DataError(f"{p}: cannot decode the image")
-        sizes.append(img.shape[:2])
-    table = pd.DataFrame({"path": [str(p) for p in files], "height": [s[0] for s in sizes],
-                          "width": [s[1] for s in sizes]})
+    table = image_table(files)
     pal = palette(len(classes))
     for i, pred in predict_images(ens, table, image_size, batch_size, max_side):
         rel = files[i].relative_to(images_dir).with_suffix("")

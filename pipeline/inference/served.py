@@ -1,0 +1,75 @@
+"""The final ensemble as an MLflow model: its checkpoints, TTA views, scales, weights and image
+preparation in one folder that `mlflow.pyfunc.load_model(uri).predict(...)` runs in any process,
+giving the class maps `stages.predict` gives. The `pipeline` package travels inside the model
+(code_paths), so loading needs the requirements, not this repository.
+
+    model = mlflow.pyfunc.load_model("models:/segmentation-ensemble/latest")
+    maps = model.predict(pd.DataFrame({"path": ["photo1.jpg", "photo2.jpg"]}))
+    # -> [(H, W) uint8 class map per image, at its own size, in input order]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import mlflow.pyfunc
+import pandas as pd
+
+CONFIG = "ensemble.json"
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: load_context rebuilds the Ensemble from the checkpoints; predict takes a
+    DataFrame with a `path` column (or a list of paths)."""
+
+    def load_context(self, context) -> None:
+        from pipeline.devices import pick_device
+        from pipeline.inference.ensemble import Ensemble, load_member
+
+        cfg = json.loads(Path(context.artifacts["config"]).read_text())
+        device = pick_device(cfg["device"])
+        members = [(load_member(context.artifacts[f"member_{i}"], device, cfg["batch_size"])[0], w)
+                   for i, w in enumerate(cfg["weights"])]
+        self.ensemble = Ensemble(members, cfg["tta"], cfg["scales"], device, cfg["amp"])
+        self.cfg = cfg
+
+    def predict(self, context, model_input, params=None) -> list:
+        from pipeline.inference.submission import image_table, predict_images
+
+        paths = list(model_input["path"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
+        table = image_table(paths)
+        out: list = [None] * len(paths)
+        for i, pred in predict_images(self.ensemble, table, self.cfg["eval_size"], self.cfg["batch_size"],
+                                      self.cfg["max_side"]):
+            out[i] = pred
+        return out
+
+
+def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],
+                        max_side: Optional[int], classes: list[str]) -> Path:
+    """Write the MLflow model folder (`MLmodel`, the checkpoints, ensemble.json, the pipeline code)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = path.parent / f".{path.name}.{CONFIG}"
+    config.write_text(json.dumps({"weights": [w for _, w in members], "tta": list(infer.tta),
+                                  "scales": list(infer.scales), "batch_size": infer.batch_size, "amp": infer.amp,
+                                  "device": infer.device, "eval_size": eval_size, "max_side": max_side,
+                                  "classes": classes}, indent=1))
+    try:
+        mlflow.pyfunc.save_model(
+            str(path), python_model=EnsembleModel(),
+            artifacts={"config": str(config), **{f"member_{i}": str(p) for i, (p, _) in enumerate(members)}},
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+            pip_requirements=[f"{m}=={_version(m)}" for m in ("torch", "torchvision", "segmentation-models-pytorch",
+                                                            "albumentations", "opencv-python-headless", "pandas",
+                                                            "pycocotools", "timm")])
+    finally:
+        config.unlink(missing_ok=True)
+    return path
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
