@@ -47,7 +47,7 @@ class Paths(_Section):
 
 
 class Demo(_Section):
-    n_train: int = Field(48, ge=4)
+    n_train: int = Field(64, ge=4)
     n_test: int = Field(12, ge=0)
     image_size: int = Field(128, ge=32, le=2048)
     seed: int = 0
@@ -120,9 +120,9 @@ AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "bright
 
 class Train(_Section):
     folds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(25, ge=1)
     batch_size: int = Field(4, ge=1)
-    image_size: int = Field(128, ge=32)
+    image_size: int = Field(64, ge=32)
     input: Literal["resize", "crop"] = "resize"
     crop_scale: tuple[float, float] = (0.5, 2.0)
     slide_overlap: float = Field(0.333, ge=0, le=0.9)

@@ -31,9 +31,9 @@ FREQUENCY = {"UNKNOWN": 0.7, "General trash": 1.1, "Paper": 1.3, "Paper pack": 0
 IMAGES_PER_BATCH = 16
 
 # BGR base colours per class; textures below make them separable beyond colour.
-COLOURS = {"UNKNOWN": (170, 60, 150), "General trash": (30, 80, 140), "Paper": (235, 235, 230),
-           "Paper pack": (200, 120, 40), "Metal": (220, 190, 170), "Glass": (60, 170, 60),
-           "Plastic": (230, 210, 120), "Styrofoam": (255, 235, 200), "Plastic bag": (120, 220, 240),
+COLOURS = {"UNKNOWN": (200, 50, 150), "General trash": (40, 70, 110), "Paper": (235, 235, 230),
+           "Paper pack": (200, 120, 40), "Metal": (200, 190, 190), "Glass": (60, 170, 60),
+           "Plastic": (230, 210, 120), "Styrofoam": (220, 190, 255), "Plastic bag": (120, 220, 240),
            "Battery": (0, 140, 255), "Clothing": (40, 40, 200)}
 
 
@@ -93,13 +93,13 @@ def _texture(name: str, rng, h: int, w: int) -> np.ndarray:
         shade = 1 + 0.5 * ((xx // (period * 1.5)) % 3 == 0)
     elif name == "Metal":        # concentric rings
         cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        shade = 0.75 + 0.25 * np.cos(np.hypot(xx - cx, yy - cy) / period * 2 * np.pi)
+        shade = 0.7 + 0.3 * np.cos(np.hypot(xx - cx, yy - cy) / period * 2 * np.pi)
     elif name == "Plastic":      # diagonal stripes
         shade = 0.8 + 0.2 * np.sign(np.sin((xx + yy) * 2 * np.pi / (period * 1.5)))
     elif name == "Styrofoam":    # bead dots
         shade = 1 - 0.3 * ((xx % period < 2) & (yy % period < 2))
     elif name == "Battery":      # black band
-        shade = np.where((xx // period) % 2 == 0, 1.0, 0.15)
+        shade = np.where((xx // (period * 2)) % 2 == 0, 1.0, 0.15)
     elif name == "Clothing":     # checks
         shade = 0.7 + 0.3 * (((xx // period) + (yy // period)) % 2)
     elif name == "General trash":
