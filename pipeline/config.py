@@ -140,7 +140,7 @@ class Train(_Section):
     channels_last: bool = False
     compile: bool = False
     loss: dict[LossName, float] = Field(default_factory=lambda: {"ce": 1.0, "dice": 0.5})
-    class_weights: Literal["none", "inverse", "sqrt_inverse"] = "none"
+    class_weights: Literal["none", "inverse", "sqrt_inverse"] = "sqrt_inverse"
     boundary_width: int = Field(3, ge=1)
     boundary_weight: float = Field(2.0, ge=0)
     augment: list[AugName] = Field(default_factory=lambda: ["hflip", "vflip", "scale_rotate", "color"])
