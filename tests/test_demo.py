@@ -51,7 +51,7 @@ def test_annotation_mix_imbalance_and_overlap(demo):
     assert ds.annotations.iscrowd.sum() >= 1
     r = analyse(ds, overlap="smaller_on_top")
     inst = r.tables["class_stats"].set_index("class").instances
-    assert inst["Battery"] == inst[1:].min() and inst["Battery"] < inst[1:].max() / 4   # rare on purpose
+    assert inst["Battery"] == inst[1:].min() and inst["Battery"] < inst[1:].max() / 2   # the rarest, still learnable
     assert r.summary["images_without_annotations"] >= 1
     pairs = r.tables["overlap_pairs"]
     assert (pairs.class_b == "Plastic bag").sum() + (pairs.class_a == "Plastic bag").sum() >= 3  # items in bags

@@ -180,7 +180,7 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
         keep = ["model", "key", "mIoU"] + [c for c in table.columns if c.startswith("IoU/") and table[c].notna().any()]
         parts.append("<p class='muted'>lowest per-image mIoU, out-of-fold</p>" + _table(table[keep], "{:.2f}"))
     for g in sorted(Path(paths.models).glob("fold_*/seed_*/reports/gallery.png")):
-        parts.append(_figure(g, f"{g.parent.parent.parent.name} {g.parent.parent.name}: each class's worst validation image"))
+        parts.append(_figure(g, f"{g.parent.parent.parent.name} {g.parent.parent.name}: the worst validation image of each class"))
 
     # test
     parts.append("<h2 id='test'>Test predictions</h2>" +
