@@ -102,7 +102,7 @@ def reference_sample(j: Path, image: dict, anns: list[dict], ids: dict) -> tuple
     return image_rgb, cv2.resize(mask, (SIDE, SIDE), interpolation=cv2.INTER_NEAREST)
 
 
-def reference_data(jsons: list[Path], keys: list[str], ids: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def reference_data(jsons: list[Path], keys: set[str], ids: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for j in jsons:
         raw = json.loads(j.read_text())

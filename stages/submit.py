@@ -3,14 +3,12 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
-from pipeline.data.masks import read_classes, read_image
-from pipeline.evaluation.reports import plot_predictions
+from pipeline.data.masks import read_classes
+from pipeline.evaluation.reports import plot_test_gallery
 from pipeline.evaluation.variants import final_ensemble, final_members, models_for_round
 from pipeline.data.coco import load_test_set
-from pipeline.inference.served import save_ensemble_model
+from pipeline.inference.served import export_ensemble_model
 from pipeline.inference.submission import write_submission
-from pipeline.io import atomic_dir
-from pipeline.models.checkpoint import member_dir
 from pipeline.tracking import stage_run
 from pipeline.devices import pick_device
 
@@ -30,18 +28,12 @@ def main() -> None:
         kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,
                                 p.infer.batch_size, keep=p.submit.gallery, max_side=cache.get("max_side"))
         if kept:
-            shown = sorted(kept)
-            plot_predictions([read_image(images.path[i], (images.height[i], images.width[i])) for i in shown], [kept[i] for i in shown], classes,
-                             out / "gallery.png")
-            run.log_artifact(out / "gallery.png", "submission")
+            run.log_artifact(plot_test_gallery(images, kept, classes, out / "gallery.png"), "submission")
         run.log_metrics({"submit/images": len(images)})
         # The same ensemble as an MLflow model a user can take away (registered by the logger).
-        models_dir = models_for_round(p.infer, p.paths)
-        members = [(member_dir(models_dir, k, s) / f"{c}.pt", w)
-                   for (k, s, c), w in final_members(p.infer, p.train.folds, p.train.seeds, models_dir)]
-        with atomic_dir(out / "model") as folder:
-            save_ensemble_model(folder / "model", members, p.infer, p.train.eval_size, cache.get("max_side"), classes)
-        run.log_model(out / "model" / "model", "model", REGISTERED_MODEL)
+        members = final_members(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths))
+        model = export_ensemble_model(out / "model", members, p.infer, p.train.eval_size, cache.get("max_side"), classes)
+        run.log_model(model, "model", REGISTERED_MODEL)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def dvc_experiments(cwd: Optional[str] = None) -> list[dict]:
     return json.loads(out.stdout)
 
 
-def _entries(nodes: list[dict], baseline: Optional[str] = None) -> Iterator[tuple[str, dict]]:
+def _entries(nodes: list[dict]) -> Iterator[tuple[str, dict]]:
     """(name, data) of every row in DVC's tree: the workspace, each commit, each experiment."""
     for node in nodes:
         data = node.get("data") or {}
@@ -32,7 +32,7 @@ def _entries(nodes: list[dict], baseline: Optional[str] = None) -> Iterator[tupl
         if data.get("params") or data.get("metrics"):
             yield name, data
         for exp in node.get("experiments") or []:
-            yield from _entries(exp.get("revs") or [], name)
+            yield from _entries(exp.get("revs") or [])
 
 
 def _metric(metrics: dict, file: str) -> dict:

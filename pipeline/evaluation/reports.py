@@ -1,12 +1,16 @@
-"""Figures for a fold: confusion matrix, per-class IoU, learning curves, validation galleries."""
+"""Figures for a fold: confusion matrix, per-class IoU, learning curves, validation galleries, and
+the table of every validation image's scores; the test-prediction gallery."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from pipeline.data.coco import IGNORE_INDEX
-from pipeline.data.masks import palette
+from pipeline.data.masks import palette, read_image
+from pipeline.evaluation.metrics import image_ious
 from pipeline.io import atomic_file
 
 
@@ -120,6 +124,13 @@ def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list
     return path
 
 
+def plot_test_gallery(images: pd.DataFrame, kept: dict[int, np.ndarray], names: list[str], path: Path) -> Path:
+    """plot_predictions for the rows of `images` (path, height, width) whose predictions were `kept`."""
+    shown = sorted(kept)
+    return plot_predictions([read_image(images.path[i], (images.height[i], images.width[i])) for i in shown],
+                            [kept[i] for i in shown], names, path)
+
+
 def plot_predictions(images: list[np.ndarray], preds: list[np.ndarray], names: list[str], path: Path) -> Path:
     """Unlabelled images (e.g. the test set): image | prediction | overlay, with a class legend."""
     plt = _plt()
@@ -139,3 +150,15 @@ def plot_predictions(images: list[np.ndarray], preds: list[np.ndarray], names: l
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     _save(fig, path, 80)
     return path
+
+
+def write_image_scores(per_image: np.ndarray, val_tab: pd.DataFrame, classes: list[str], path: Path) -> None:
+    """val_images.csv: each validation image's mIoU (over the classes in its truth or prediction) and
+    per-class IoU, worst first — what the report and a label audit start from."""
+    iou = image_ious(per_image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # an image with no class at all: NaN
+        miou = np.nanmean(iou, axis=1)
+    table = pd.DataFrame({"key": val_tab["key"], "mIoU": miou, **{f"IoU/{c}": iou[:, k] for k, c in enumerate(classes)}})
+    with atomic_file(path) as tmp:
+        table.sort_values("mIoU", kind="stable").to_csv(tmp, index=False, float_format="%.4f")

@@ -128,11 +128,16 @@ def final_ensemble(infer, folds: list[int], seeds: list[int], models_dir: str | 
     """The ensemble the submission and `predict` use: folds x seeds x infer.checkpoints, fold-weighted,
     with TTA. `models_dir` is round 1's or round 2's models folder (see `models_for_round`)."""
     get = model or (lambda k, s, c: load_member(member_dir(models_dir, k, s) / f"{c}.pt", device, infer.batch_size)[0])
-    members = [(get(k, s, c), w) for (k, s, c), w in final_members(infer, folds, seeds, models_dir)]
+    members = [(get(k, s, c), w) for (k, s, c), w in _final_keys(infer, folds, seeds, models_dir)]
     return Ensemble(members, infer.tta, infer.scales, device, infer.amp)
 
 
-def final_members(infer, folds: list[int], seeds: list[int], models_dir: str | Path) -> list[tuple[tuple, float]]:
+def final_members(infer, folds: list[int], seeds: list[int], models_dir: str | Path) -> list[tuple[Path, float]]:
+    """(checkpoint file, weight) of every member of the final ensemble."""
+    return [(member_dir(models_dir, k, s) / f"{c}.pt", w) for (k, s, c), w in _final_keys(infer, folds, seeds, models_dir)]
+
+
+def _final_keys(infer, folds: list[int], seeds: list[int], models_dir: str | Path) -> list[tuple[tuple, float]]:
     """((fold, seed, checkpoint), weight) of the final ensemble; fails early, naming missing checkpoints."""
     weights = fold_weights(folds, infer.fold_weights)
     member_paths(models_dir, folds, seeds, infer.checkpoints)

@@ -16,6 +16,8 @@ from typing import Optional
 import mlflow.pyfunc
 import pandas as pd
 
+from pipeline.io import atomic_dir
+
 CONFIG = "ensemble.json"
 
 
@@ -44,6 +46,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
                                       self.cfg["max_side"]):
             out[i] = pred
         return out
+
+
+def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],
+                          max_side: Optional[int], classes: list[str]) -> Path:
+    """Replace `folder` (atomically) with <folder>/model, the MLflow model folder; return that path."""
+    with atomic_dir(folder) as tmp:
+        save_ensemble_model(tmp / "model", members, infer, eval_size, max_side, classes)
+    return Path(folder) / "model"
 
 
 def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],

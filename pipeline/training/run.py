@@ -14,7 +14,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import cv2
@@ -30,8 +29,8 @@ from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset
 from pipeline.data.masks import read_image
 from pipeline.devices import pick_device
-from pipeline.evaluation.metrics import flat_scores, image_ious, scores, worst_per_class
-from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou
+from pipeline.evaluation.metrics import flat_scores, scores, worst_per_class
+from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou, write_image_scores
 from pipeline.io import atomic_file, write_json
 from pipeline.models.checkpoint import load_checkpoint, member_dir, member_name, save_checkpoint
 from pipeline.models.factory import backbone, build_model, check_input_size, encoder_of
@@ -255,18 +254,6 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
         f.run.log_metrics({f"best/{k}": v for k, v in flat_scores(s, "val").items()})
         f.run.log_artifacts(reports, "reports")
     return s
-
-
-def write_image_scores(per_image: np.ndarray, val_tab: pd.DataFrame, classes: list[str], path: Path) -> None:
-    """val_images.csv: each validation image's mIoU (over the classes in its truth or prediction) and
-    per-class IoU, worst first — what the report and a label audit start from."""
-    iou = image_ious(per_image)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # an image with no class at all: NaN
-        miou = np.nanmean(iou, axis=1)
-    table = pd.DataFrame({"key": val_tab["key"], "mIoU": miou, **{f"IoU/{c}": iou[:, k] for k, c in enumerate(classes)}})
-    with atomic_file(path) as tmp:
-        table.sort_values("mIoU", kind="stable").to_csv(tmp, index=False, float_format="%.4f")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
