@@ -1,6 +1,6 @@
 """Quality on real photos, side by side: a plain PyTorch + smp reference against the pipeline.
 
-    python -m bench.quality --data /path/to/roboflow-export [--work /tmp/quality] [--epochs 5]
+    python -m bench.quality --data /path/to/roboflow-export [--work /tmp/quality] [--epochs 5] [--seeds 0 1]
 
 The dataset is a COCO-format export with photos (Roboflow layout: <split>/_annotations.coco.json
 beside its images); every labelled split is pooled (the test split is not used). Validation is fold 0
@@ -19,8 +19,8 @@ crop of a photo it trained on. The same training and validation images go to eve
 Each recipe's final weights (no epoch picked on the validation images) predict the validation images
 at 320x320; one independent scorer, torchmetrics' MulticlassJaccardIndex (macro) over the whole
 validation set, scores them against masks the bench rasterises itself (pycocotools, smaller objects
-painted on top, nearest-resized). Time: wall and process CPU seconds of data preparation, training
-and prediction. Prints a markdown table.
+painted on top, centre-aligned nearest resize). Time: wall and process CPU seconds of data preparation, training
+and prediction. Prints a markdown table: each recipe's mean over --seeds, and every seed's mIoU.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def reference_sample(j: Path, image: dict, anns: list[dict], ids: dict) -> tuple
     for _, cls, rle in sorted(shapes, key=lambda s: -s[0]):
         mask[mask_utils.decode(rle).astype(bool)] = cls
     image_rgb = cv2.resize(bgr, (SIDE, SIDE), interpolation=cv2.INTER_AREA)[..., ::-1].copy()
-    return image_rgb, cv2.resize(mask, (SIDE, SIDE), interpolation=cv2.INTER_NEAREST)
+    # centre-aligned nearest: INTER_NEAREST would shift the labels up-left of the INTER_AREA image
+    return image_rgb, cv2.resize(mask, (SIDE, SIDE), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def reference_data(jsons: list[Path], keys: set[str], ids: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -172,7 +173,7 @@ def pipeline_params(work: Path, recipe: dict) -> Params:
             raw[section].update(values)
         else:
             raw[section] = values
-    raw["train"].update(folds=[0], seeds=[0], gallery=0, workers=0)
+    raw["train"].update(folds=[0], gallery=0, workers=0)
     return Params.model_validate(raw)
 
 
@@ -181,24 +182,25 @@ SAME_RECIPE = {
     "train": {"epochs": 5, "batch_size": 8, "image_size": CROP, "input": "crop", "crop_scale": [1.0, 1.0],
               "crop_infer": "whole", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine",
               "warmup_epochs": 1.0, "clip_grad": None, "loss": {"ce": 1.0, "dice": 0.5},
-              "augment": ["hflip", "scale_rotate", "brightness_contrast"]},
+              "augment": ["hflip", "scale_rotate", "brightness_contrast"], "val_every": 5},
     "masks": {"max_side": SIDE},
 }
 
 
-def run_pipeline(name: str, recipe: dict, ds, folds: pd.DataFrame, work: Path, val_keys: list[str]) -> tuple[list, Clock]:
+def run_pipeline(name: str, recipe: dict, ds, folds: pd.DataFrame, work: Path, val_keys: list[str],
+                 seed: int) -> tuple[list, Clock]:
     work.mkdir(parents=True, exist_ok=True)
-    p = pipeline_params(work, recipe)
+    p = pipeline_params(work, {**recipe, "train": {**recipe["train"], "seeds": [seed]}})
     with Clock() as clock:
         build_mask_cache(ds, p.paths.masks, p.masks.overlap, p.masks.unknown, p.masks.unknown_name, p.masks.max_side, 1,
                          p.masks.cache_images)
         (work / "split").mkdir(exist_ok=True)
         folds.to_csv(work / "split/folds.csv", index=False)
         print(f"{name}: training", flush=True)
-        train_fold(0, 0, p.only(*PARAMS))
+        train_fold(0, seed, p.only(*PARAMS))
         # last (or SWA) weights: best.pt's epoch was picked on these very validation images
         ckpt = "swa" if p.train.swa_epochs and "swa" in p.infer.checkpoints else "last"
-        model, _ = load_member(work / f"models/fold_0/seed_0/{ckpt}.pt", torch.device("cpu"), p.infer.batch_size)
+        model, _ = load_member(work / f"models/fold_0/seed_{seed}/{ckpt}.pt", torch.device("cpu"), p.infer.batch_size)
         ens = Ensemble([(model, 1.0)], p.infer.tta if recipe.get("infer") else ["identity"], p.infer.scales,
                        torch.device("cpu"))
         index = pd.read_csv(Path(p.paths.masks) / "index.csv").set_index("key").loc[val_keys].reset_index()
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--only", default="reference,pipeline,photos", help="recipes to run, comma-separated")
     ap.add_argument("--preset", nargs="+", default=[str(REPO / "presets/photos.yaml")],
                     help="preset recipe file(s) to run (recipe 'photos')")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table shows each recipe's mean")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -254,42 +257,48 @@ def main() -> None:
 
     rows, recipes = [], args.only.split(",")
     epochs = {"train": {"epochs": args.epochs}}
-    if "reference" in recipes:
-        with Clock() as clock:
-            data = reference_data(jsons, set(train_keys) | set(val_keys), ids)
-            model = reference_train([data[k] for k in train_keys], n_cls, args.epochs)
-            preds = reference_predict(model, [data[k] for k in val_keys])
-        rows.append({"recipe": "reference (plain PyTorch + smp)", **score(preds, truths, n_cls),
-                     "wall_s": clock.wall, "cpu_s": clock.cpu})
-        print(rows[-1], flush=True)
-    if "pipeline" in recipes:
-        recipe = {**SAME_RECIPE, "train": {**SAME_RECIPE["train"], **epochs["train"]}}
-        preds, clock = run_pipeline("pipeline", recipe, ds, folds, work / "pipeline", val_keys)
-        rows.append({"recipe": "pipeline, same recipe", **score(preds, truths, n_cls), "wall_s": clock.wall,
-                     "cpu_s": clock.cpu})
-        print(rows[-1], flush=True)
-    for file in args.preset if "photos" in recipes else []:
-        # the preset as a user applies it, at the bench's resolution and epochs
-        preset = yaml.safe_load(Path(file).read_text())
-        recipe = {k: ({**v, **epochs["train"]} if k == "train" else v) for k, v in preset.items()}
-        recipe["masks"] = {**recipe.get("masks", {}), "max_side": SIDE}
-        preds, clock = run_pipeline(Path(file).stem, recipe, ds, folds, work / Path(file).stem, val_keys)
-        rows.append({"recipe": f"pipeline, {Path(file).stem} preset", **score(preds, truths, n_cls),
-                     "wall_s": clock.wall, "cpu_s": clock.cpu})
-        print(rows[-1], flush=True)
+    for seed in args.seeds:
+        if "reference" in recipes:
+            with Clock() as clock:
+                data = reference_data(jsons, set(train_keys) | set(val_keys), ids)
+                model = reference_train([data[k] for k in train_keys], n_cls, args.epochs, seed)
+                preds = reference_predict(model, [data[k] for k in val_keys])
+            rows.append({"recipe": "reference (plain PyTorch + smp)", "seed": seed, **score(preds, truths, n_cls),
+                         "wall_s": clock.wall, "cpu_s": clock.cpu})
+            print(rows[-1], flush=True)
+        if "pipeline" in recipes:
+            recipe = {**SAME_RECIPE, "train": {**SAME_RECIPE["train"], **epochs["train"]}}
+            preds, clock = run_pipeline("pipeline", recipe, ds, folds, work / "pipeline", val_keys, seed)
+            rows.append({"recipe": "pipeline, same recipe", "seed": seed, **score(preds, truths, n_cls),
+                         "wall_s": clock.wall, "cpu_s": clock.cpu})
+            print(rows[-1], flush=True)
+        for file in args.preset if "photos" in recipes else []:
+            # the preset as a user applies it, at the bench's resolution and epochs
+            preset = yaml.safe_load(Path(file).read_text())
+            recipe = {k: ({**v, **epochs["train"]} if k == "train" else v) for k, v in preset.items()}
+            recipe["masks"] = {**recipe.get("masks", {}), "max_side": SIDE}
+            preds, clock = run_pipeline(Path(file).stem, recipe, ds, folds, work / Path(file).stem, val_keys, seed)
+            rows.append({"recipe": f"pipeline, {Path(file).stem} preset", "seed": seed,
+                         **score(preds, truths, n_cls), "wall_s": clock.wall, "cpu_s": clock.cpu})
+            print(rows[-1], flush=True)
 
-    base = next((r for r in rows if r["recipe"].startswith("reference")), None)
+    table = pd.DataFrame(rows)
+    mean = table.groupby("recipe", sort=False)[["mIoU", "pixel_acc", "wall_s", "cpu_s"]].mean()
+    per_seed = table.groupby("recipe", sort=False)["mIoU"].agg(lambda v: " / ".join(f"{x:.4f}" for x in v))
+    ref = next((r for r in mean.index if r.startswith("reference")), None)
     print(f"\n{root.name}: {len(train_keys)} training / {len(val_keys)} validation photos, {n_cls} classes, "
-          f"{args.epochs} epochs, {SIDE}x{SIDE}, {os.cpu_count()} CPU cores, torch {torch.__version__}\n")
-    print("| recipe | mIoU | Δ vs reference | pixel acc | wall s | CPU s | CPU × reference |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        d = f"{r['mIoU'] - base['mIoU']:+.4f}" if base else "—"
-        ratio = f"{r['cpu_s'] / base['cpu_s']:.2f}" if base else "—"
-        print(f"| {r['recipe']} | {r['mIoU']:.4f} | {d} | {r['pixel_acc']:.4f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {ratio} |")
+          f"{args.epochs} epochs, {SIDE}x{SIDE}, seeds {args.seeds}, {os.cpu_count()} CPU cores, "
+          f"torch {torch.__version__}\n")
+    print("| recipe | mIoU (mean) | per seed | Δ vs reference | pixel acc | wall s | CPU s | CPU × reference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in mean.iterrows():
+        d = f"{r['mIoU'] - mean.loc[ref, 'mIoU']:+.4f}" if ref else "—"
+        ratio = f"{r['cpu_s'] / mean.loc[ref, 'cpu_s']:.2f}" if ref else "—"
+        print(f"| {name} | {r['mIoU']:.4f} | {per_seed[name]} | {d} | {r['pixel_acc']:.4f} | {r['wall_s']:.0f} | "
+              f"{r['cpu_s']:.0f} | {ratio} |")
     print("\nper-class IoU (" + ", ".join(names) + "):")
     for r in rows:
-        print(f"  {r['recipe']}: {r['IoU']}")
+        print(f"  {r['recipe']}, seed {r['seed']}: {r['IoU']}")
     if args.out:
         Path(args.out).write_text(json.dumps({"classes": names, "rows": rows}, indent=1))
 

@@ -154,6 +154,7 @@ class Train(_Section):
     devices: int = Field(1, ge=1)
     gallery: int = Field(6, ge=0)
     swa_epochs: int = Field(0, ge=0)
+    val_every: int = Field(1, ge=1)
     dropout: Optional[float] = Field(None, ge=0, lt=1)
 
     @field_validator("loss")
@@ -175,6 +176,10 @@ class Train(_Section):
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high, got {list(v)}")
         return v
+
+    def validates(self, epoch: int, epochs: int) -> bool:
+        """Whether 0-based `epoch` of `epochs` is validated: every val_every-th, and always the last."""
+        return (epoch + 1) % self.val_every == 0 or epoch + 1 == epochs
 
     @model_validator(mode="after")
     def _swa_fits(self) -> "Train":

@@ -115,6 +115,18 @@ def test_max_side_scales_polygons_exactly(tmp_path):
     assert np.count_nonzero(label == PLASTIC) == 50
 
 
+def test_max_side_shrinks_rle_masks_centre_aligned(tmp_path):
+    # 30x12 image capped at 10 (scale 1/3): a 1-px column at x = 3k + 1, the centre of each 3-px block,
+    # survives as every output column; one at x = 3k (a block's edge, INTER_NEAREST's pick) vanishes.
+    centre, edge = np.zeros((12, 30), np.uint8), np.zeros((12, 30), np.uint8)
+    centre[:, 1::3], edge[1:4, 0::3] = 1, 1
+    label, _ = label_of(tmp_path, [
+        {"category_id": 7, "segmentation": {"size": [12, 30], "counts": _rle_counts(centre)}},
+        {"category_id": 3, "segmentation": {"size": [12, 30], "counts": _rle_counts(edge)}}], w=30, h=12, max_side=10)
+    assert label.shape == (4, 10)
+    assert (label == PLASTIC).all()
+
+
 def test_mask_cache_index_and_files(tmp_path):
     root = tmp_path / "ds"
     write_coco(root, [image(0), image(1, w=40, h=20)],

@@ -169,6 +169,18 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(pr
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+def test_val_every_validates_every_nth_epoch_and_the_last(prepared, monkeypatch):
+    real_validate, calls = fold_module.validate, []
+    monkeypatch.setattr(fold_module, "validate", lambda *a, **k: calls.append(1) or real_validate(*a, **k))
+    s = train_fold(3, 0, params_for(prepared, epochs=5, val_every=2))
+    assert len(calls) == 3                                        # epochs 2, 4 and 5 (the last)
+    hist = load_checkpoint(prepared / "models/fold_3/seed_0/last.pt")["history"]
+    assert [h["epoch"] for h in hist if "val/mIoU" in h] == [2, 4, 5] and len(hist) == 5
+    best = load_checkpoint(prepared / "models/fold_3/seed_0/best.pt")
+    assert best["epoch"] in (2, 4, 5) and s["mIoU"] == max(h["val/mIoU"] for h in hist if "val/mIoU" in h)
+    assert (prepared / "models/fold_3/seed_0/reports/curves.png").exists()
+
+
 @pytest.mark.parametrize("swa_epochs", [1, 2])
 def test_swa_averages_the_last_epochs(prepared, swa_epochs):
     p = params_for(prepared, epochs=3, swa_epochs=swa_epochs)

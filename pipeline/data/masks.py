@@ -117,7 +117,9 @@ def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
         rle = {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
     if (out_h, out_w) == (height, width):
         return rle
-    m = cv2.resize(mask_utils.decode(rle), (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+    # centre-aligned nearest (INTER_NEAREST picks each block's top-left pixel: up to half a source
+    # pixel off the INTER_AREA image it labels)
+    m = cv2.resize(mask_utils.decode(rle), (out_w, out_h), interpolation=cv2.INTER_NEAREST_EXACT)
     return mask_utils.encode(np.asfortranarray(m))
 
 

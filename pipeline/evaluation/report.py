@@ -82,7 +82,8 @@ def _curves(histories: dict[str, pd.DataFrame]) -> str:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6))
     for name, h in histories.items():
         if "val/mIoU" in h:
-            a.plot(h["epoch"], h["val/mIoU"], marker=".", label=name)
+            v = h.dropna(subset=["val/mIoU"])   # train.val_every > 1: validated epochs only
+            a.plot(v["epoch"], v["val/mIoU"], marker=".", label=name)
         if "train/loss" in h:
             b.plot(h["epoch"], h["train/loss"], marker=".", label=name)
     a.set(title="validation mIoU", xlabel="epoch")

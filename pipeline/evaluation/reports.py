@@ -71,13 +71,14 @@ def plot_iou(iou: dict[str, float | None], path: Path, title: str = "") -> Path:
 def plot_curves(history: list[dict], path: Path) -> Path:
     plt = _plt()
     ep = [h["epoch"] for h in history]
+    val = [h for h in history if "val/mIoU" in h]   # train.val_every > 1 validates some epochs only
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(ep, [h["train/loss"] for h in history], "o-", label="train")
-    a.plot(ep, [h["val/loss"] for h in history], "o-", label="val")
+    a.plot([h["epoch"] for h in val], [h["val/loss"] for h in val], "o-", label="val")
     a.set_title("loss")
     a.legend()
-    b.plot(ep, [h["val/mIoU"] for h in history], "o-", label="val mIoU")
-    b.plot(ep, [h["val/pixel_acc"] for h in history], "o-", label="val pixel acc")
+    b.plot([h["epoch"] for h in val], [h["val/mIoU"] for h in val], "o-", label="val mIoU")
+    b.plot([h["epoch"] for h in val], [h["val/pixel_acc"] for h in val], "o-", label="val pixel acc")
     b.set_ylim(0, 1)
     b.set_title("validation")
     b.legend()

@@ -46,7 +46,8 @@ PARAMS = ("model", "encoder", "encoder_weights", "train", "paths")
 
 
 def train_fold(fold: int, seed: int, p: ParamsView, run=None, round2: bool = False) -> dict:
-    """Train, validate every epoch, keep best/last, resume an interrupted run; return final scores.
+    """Train, validate (every train.val_every epochs and the last), keep best/last, resume an
+    interrupted run; return final scores.
     Under torchrun every rank calls this (see pipeline/training/distributed.py); only rank 0 writes.
 
     A finished run with the same params, data and code is reused, not retrained: adding a seed or a
@@ -71,7 +72,8 @@ def train_fold(fold: int, seed: int, p: ParamsView, run=None, round2: bool = Fal
 
 def fit(f: FoldRun) -> dict:
     """The fold's journey: build; reuse a finished run or resume an interrupted one; train and
-    validate every epoch (best.pt by validation mIoU, last.pt to resume); average (SWA); report."""
+    validate (every val_every epochs and the last: best.pt by validation mIoU; last.pt to resume);
+    average (SWA); report."""
     t, d, last = f.p.train, f.d, f.out / "last.pt"
     if t.batch_size % d.world:
         raise ConfigError(f"train.batch_size {t.batch_size} must be a multiple of the {d.world} processes")
@@ -97,21 +99,24 @@ def fit(f: FoldRun) -> dict:
                                     t.accumulate, t.clip_grad, t.cutmix, np.random.default_rng(f.seed * 1000 + epoch),
                                     t.channels_last, desc=f"{f.name} epoch {epoch + 1}"))
         use_slow_weights(opt)   # Lookahead: validate, average and save the slow weights
-        val_loss, cm, per_image = data.validate(model, loss_fn)
-        s = scores(cm.numpy(), f.classes)
-        schedule.step_epoch(s["mIoU"])
+        row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}}
+        if t.validates(epoch, f.epochs):
+            val_loss, cm, per_image = data.validate(model, loss_fn)
+            s = scores(cm.numpy(), f.classes)
+            schedule.step_epoch(s["mIoU"])
+            row.update({"val/loss": val_loss, **flat_scores(s, "val")})
+            if s["mIoU"] > best and d.main:
+                save_checkpoint(f.out / "best.pt", model=model.state_dict(), epoch=epoch + 1, classes=f.classes,
+                                params=f.identity(), scores=s, confusion=cm.mat.cpu().clone(),
+                                image_confusions=per_image)
+            best = max(best, s["mIoU"])
         if swa is not None and epoch >= f.epochs - t.swa_epochs:
             swa.update_parameters(model)
-        history.append({"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}, "val/loss": val_loss,
-                        **flat_scores(s, "val"), **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups},
+        history.append({**row, **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups},
                         "time/epoch_s": time.perf_counter() - began})
         f.log(history[-1:])
-        f.say(f"{f.name} epoch {epoch + 1}/{f.epochs}: train loss {tr['loss']:.4f}  val loss {val_loss:.4f}  "
-              f"val mIoU {s['mIoU']:.4f}")
-        if s["mIoU"] > best and d.main:
-            save_checkpoint(f.out / "best.pt", model=model.state_dict(), epoch=epoch + 1, classes=f.classes,
-                            params=f.identity(), scores=s, confusion=cm.mat.cpu().clone(), image_confusions=per_image)
-        best = max(best, s["mIoU"])
+        f.say(f"{f.name} epoch {epoch + 1}/{f.epochs}: train loss {tr['loss']:.4f}" + (
+            f"  val loss {row['val/loss']:.4f}  val mIoU {row['val/mIoU']:.4f}" if "val/mIoU" in row else ""))
         if d.main:
             save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
                             scaler=scaler.state_dict(), epoch=epoch + 1, history=history, best_miou=best,
