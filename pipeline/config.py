@@ -44,6 +44,7 @@ class Paths(_Section):
     submission: str = "submission"
     pseudo: str = "data/pseudo"
     models_round2: str = "models_round2"
+    oof: str = "data/oof"
 
 
 class Demo(_Section):
@@ -51,6 +52,7 @@ class Demo(_Section):
     n_test: int = Field(12, ge=0)
     image_size: int = Field(128, ge=32, le=2048)
     seed: int = 0
+    label_noise: float = Field(0.0, ge=0, le=0.5)
 
 
 class Data(_Section):
@@ -227,6 +229,19 @@ class Pseudo(_Section):
     epochs: int = Field(3, ge=1)
 
 
+class Audit(_Section):
+    max_side: int = Field(128, ge=16)
+    min_confidence: float = Field(0.5, gt=0, le=1)
+    min_area: int = Field(12, ge=1)
+    top_k: int = Field(25, ge=1)
+    gallery: int = Field(12, ge=0)
+
+
+class Blend(_Section):
+    experiments: list[str] = Field(default_factory=list)
+    steps: int = Field(25, ge=1)
+
+
 class Submit(_Section):
     size: int = Field(256, ge=1)
     gallery: int = Field(8, ge=0)
@@ -246,6 +261,8 @@ class Params(_Section):
     train: Train = Train()
     infer: Infer = Infer()
     pseudo: Pseudo = Pseudo()
+    audit: Audit = Audit()
+    blend: Blend = Blend()
     submit: Submit = Submit()
 
     @field_validator("encoder")

@@ -8,8 +8,9 @@ annotation is rasterised with pycocotools *before* the object is drawn from it, 
 labels agree exactly. Category ids start at 0 (UNKNOWN), as in the competition's json.
 
 Layout written: <out>/train.json, <out>/test.json (images only), <out>/test_gt.json (the test
-labels, never read by the pipeline; kept for checking a submission by hand), and the JPEGs at
-<out>/batch_XX/NNNN.jpg (train) and <out>/test/NNNN.jpg.
+labels, never read by the pipeline; kept for checking a submission by hand), label_noise.csv (the
+annotations corrupted on purpose with demo.label_noise: the label audit's answer key), and the
+JPEGs at <out>/batch_XX/NNNN.jpg (train) and <out>/test/NNNN.jpg.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Callable
 
 import cv2
 import numpy as np
+import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.io import atomic_dir
@@ -29,6 +31,7 @@ CATEGORIES = ["UNKNOWN", "General trash", "Paper", "Paper pack", "Metal", "Glass
 FREQUENCY = {"UNKNOWN": 0.7, "General trash": 1.1, "Paper": 1.3, "Paper pack": 0.9, "Metal": 0.9,
              "Glass": 0.8, "Plastic": 1.1, "Styrofoam": 0.8, "Battery": 0.6, "Clothing": 0.7}
 IMAGES_PER_BATCH = 16
+NOISE_COLUMNS = ["ann_id", "file_name", "kind", "true_class", "written_class", "bbox"]
 
 # BGR base colours per class; textures below make them separable beyond colour.
 COLOURS = {"UNKNOWN": (200, 50, 150), "General trash": (40, 70, 110), "Paper": (235, 235, 230),
@@ -181,8 +184,31 @@ def _scene(rng, h: int, w: int, pick: Callable[[], str]) -> tuple[np.ndarray, li
     return img, objects
 
 
-def make_demo(out_dir: str | Path, n_train: int, n_test: int, image_size: int, seed: int) -> dict:
-    """Write the demo dataset to `out_dir` (atomically) and return a summary of what was written."""
+def add_label_noise(anns: list[dict], images: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Corrupt `fraction` of the annotations on purpose, half relabelled as another category, half
+    deleted: (the annotations as written, one record per corrupted annotation). The scenes are drawn
+    before, so the images are the same with and without noise."""
+    rng = np.random.default_rng(seed + 7919)
+    picked = rng.choice(len(anns), size=round(fraction * len(anns)), replace=False) if anns else []
+    files = {im["id"]: im["file_name"] for im in images}
+    records, deleted = [], set()
+    for n, i in enumerate(sorted(int(i) for i in picked)):
+        a = anns[i]
+        true = CATEGORIES[a["category_id"]]
+        rec = {"ann_id": a["id"], "file_name": files[a["image_id"]], "true_class": true, "bbox": json.dumps(a["bbox"])}
+        if n % 2 == 0:
+            a["category_id"] = int(rng.choice([c for c in range(len(CATEGORIES)) if c != a["category_id"]]))
+            records.append({**rec, "kind": "relabelled", "written_class": CATEGORIES[a["category_id"]]})
+        else:
+            deleted.add(i)
+            records.append({**rec, "kind": "deleted", "written_class": ""})
+    return [a for i, a in enumerate(anns) if i not in deleted], records
+
+
+def make_demo(out_dir: str | Path, n_train: int, n_test: int, image_size: int, seed: int,
+              label_noise: float = 0.0) -> dict:
+    """Write the demo dataset to `out_dir` (atomically) and return a summary of what was written.
+    label_noise > 0 corrupts that fraction of the training annotations, listed in label_noise.csv."""
     rng = np.random.default_rng(seed)
     names = [n for n in FREQUENCY]
     p = np.array([FREQUENCY[n] for n in names])
@@ -210,8 +236,10 @@ def make_demo(out_dir: str | Path, n_train: int, n_test: int, image_size: int, s
             meta = {"info": {"description": "synthetic recycling scenes (pipeline demo)", "seed": seed},
                     "licenses": [], "categories": categories, "images": images}
             if split == "train":
+                anns, noise = add_label_noise(anns, images, label_noise, seed)
                 (tmp / "train.json").write_text(json.dumps({**meta, "annotations": anns}))
-                summary["annotations"] = len(anns)
+                pd.DataFrame(noise, columns=NOISE_COLUMNS).to_csv(tmp / "label_noise.csv", index=False)
+                summary.update(annotations=len(anns), corrupted_annotations=len(noise))
             else:
                 (tmp / "test.json").write_text(json.dumps({**meta, "annotations": []}))
                 (tmp / "test_gt.json").write_text(json.dumps({**meta, "annotations": anns}))

@@ -74,16 +74,22 @@ class Ensemble:
         return sum(w * predict_proba(m, x, self.views, self.scales, autocast(self.device, self.amp))
                    for m, w in self.members)
 
-    def predict(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
-                workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (index, (H, W) uint8 class map at sizes[index]) for every item of `dataset`
-        (whole images of differing sizes go one at a time; their windows are batched)."""
+    def predict_proba(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
+                      workers: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (index, (C, H, W) float32 probabilities at sizes[index], bilinear) for every item of
+        `dataset` (whole images of differing sizes go one at a time; their windows are batched)."""
         for x, idx in DataLoader(dataset, batch_size if dataset.size else 1, num_workers=workers):
             probs = self.proba(x)
             for p, i in zip(probs, idx.tolist()):
                 if tuple(p.shape[-2:]) != tuple(sizes[i]):
                     p = F.interpolate(p[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
-                yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
+                yield i, p
+
+    def predict(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
+                workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (index, (H, W) uint8 class map at sizes[index]): the argmax of predict_proba."""
+        for i, p in self.predict_proba(dataset, sizes, batch_size, workers):
+            yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
 
 
 def member_paths(models_dir: str | Path, folds: list[int], seeds: list[int], checkpoints: list[str]) -> list[Path]:

@@ -1,0 +1,146 @@
+"""Label audit: annotations and images whose labels disagree with confident out-of-fold predictions.
+
+Every labelled, non-holdout image has out-of-fold probabilities P (stage oof: models that never
+trained on it). Two kinds of suspect, scored alike by how much the model prefers another answer:
+
+  an annotation   labelled class c over its pixels M (rasterised at the OOF resolution); the model's
+                  best other class q (possibly Background). score = mean_M P[q] - mean_M P[c]: high
+                  when the object looks confidently like something else (a wrong class, or no object).
+  a missing label a connected region predicted as class c with probability >= min_confidence where
+                  the truth is Background, at least min_area pixels, away (> 2 px) from labelled
+                  pixels of c (object edges are not suspects). score = mean (P[c] - P[Background]).
+
+suspects.csv ranks both together (rank 1 = most suspicious); images.csv ranks images by the share of
+their labelled pixels that a confident prediction contradicts. With the demo's label_noise.csv (the
+annotations corrupted on purpose), `noise_recall` says how many of them the top k suspects find.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+
+from pipeline.data.coco import IGNORE_INDEX, Dataset
+from pipeline.data.masks import palette, read_image, to_rle
+from pipeline.evaluation.oof import read_oof
+
+SUSPECT_COLUMNS = ["rank", "key", "kind", "ann_id", "labelled", "predicted", "score", "pixels", "bbox", "fold"]
+
+
+def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_area: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(suspects, images): see the module docstring."""
+    index, classes = read_oof(oof_dir), ds.classes
+    anns = ds.annotations_by_key()
+    sizes = ds.images.set_index("key")[["height", "width"]]
+    found, images = [], []
+    for r in index.itertuples():
+        probs = np.load(r.probs).astype(np.float32) / 255.0
+        truth = cv2.imread(r.mask, cv2.IMREAD_UNCHANGED)
+        pred, conf = probs.argmax(0), probs.max(0)
+        base = {"key": r.key, "fold": r.fold}
+        h, w = sizes.loc[r.key, "height"], sizes.loc[r.key, "width"]
+        for a in anns.get(r.key, pd.DataFrame()).itertuples():
+            m = mask_utils.decode(to_rle(a.segmentation, h, w, r.height, r.width)).astype(bool)
+            if not m.any():
+                continue
+            mean = probs[:, m].mean(1)
+            c = int(a.class_idx)
+            other = int(np.argmax(np.where(np.arange(len(mean)) == c, -1.0, mean)))
+            found.append({**base, "kind": "looks like another class" if other else "looks like background",
+                          "ann_id": a.ann_id, "labelled": classes[c], "predicted": classes[other],
+                          "score": float(mean[other] - mean[c]), "pixels": int(m.sum()), "bbox": _bbox(m)})
+        for c in range(1, len(classes)):
+            near_label = cv2.dilate((truth == c).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+            region = (pred == c) & (conf >= min_confidence) & (truth == 0) & ~near_label
+            n, comp, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+            for j in range(1, n):
+                if stats[j, cv2.CC_STAT_AREA] < min_area:
+                    continue
+                m = comp == j
+                found.append({**base, "kind": "unlabelled object", "ann_id": None, "labelled": classes[0],
+                              "predicted": classes[c], "score": float((probs[c][m] - probs[0][m]).mean()),
+                              "pixels": int(m.sum()), "bbox": _bbox(m)})
+        labelled = (truth != IGNORE_INDEX) & (truth > 0)
+        against = labelled & (conf >= min_confidence) & (pred != truth)
+        missing = (truth == 0) & (pred > 0) & (conf >= min_confidence)
+        images.append({**base, "disagreement": float(against.sum() / max(labelled.sum(), 1)),
+                       "unlabelled_share": float(missing.sum() / truth.size)})
+    suspects = pd.DataFrame(found, columns=SUSPECT_COLUMNS[1:])
+    suspects = suspects[suspects.score > 0].sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    suspects.insert(0, "rank", np.arange(1, len(suspects) + 1))
+    suspects["ann_id"] = suspects["ann_id"].astype("Int64")
+    images = pd.DataFrame(images, columns=["key", "fold", "disagreement", "unlabelled_share"])
+    images = images.sort_values(["disagreement", "unlabelled_share"], ascending=False, kind="stable")
+    return suspects, images.reset_index(drop=True)
+
+
+def _bbox(m: np.ndarray) -> str:
+    """[x, y, w, h] at the OOF resolution, as JSON."""
+    ys, xs = np.nonzero(m)
+    return json.dumps([int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)])
+
+
+def noise_recall(suspects: pd.DataFrame, noise: pd.DataFrame, ds: Dataset, oof_width: dict[str, int], k: int) -> dict:
+    """How many annotations corrupted on purpose (label_noise.csv: ann_id, file_name, kind, bbox at full
+    resolution) the top k suspects find: a relabelled one by its annotation id; a deleted one by an
+    'unlabelled object' suspect in its image whose box centre falls in the deleted object's box.
+    Only errors in images with out-of-fold predictions (`oof_width`: key -> OOF width) can be found."""
+    key_of = dict(zip(ds.images.file_name, ds.images.key))
+    full_width = dict(zip(ds.images.key, ds.images.width))
+    top = suspects.head(k)
+    hits = {"relabelled": 0, "deleted": 0}
+    total = {"relabelled": 0, "deleted": 0}
+    for n in noise.itertuples():
+        key = key_of.get(n.file_name)
+        if key not in oof_width:
+            continue
+        total[n.kind] += 1
+        if n.kind == "relabelled":
+            hits[n.kind] += int((top.ann_id == n.ann_id).any())
+            continue
+        x, y, w, h = json.loads(n.bbox)
+        f = full_width[key] / oof_width[key]
+        for s in top[(top.key == key) & (top.kind == "unlabelled object")].itertuples():
+            sx, sy, sw, sh = json.loads(s.bbox)
+            if x <= (sx + sw / 2) * f <= x + w and y <= (sy + sh / 2) * f <= y + h:
+                hits[n.kind] += 1
+                break
+    injected, found = sum(total.values()), sum(hits.values())
+    return {"k": k, "injected": injected, "found": found, "recall": found / injected if injected else None,
+            **{f"{kind}/recall": hits[kind] / total[kind] for kind in total if total[kind]}}
+
+
+def plot_suspects(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, path: Path, n: int) -> Optional[Path]:
+    """The top n suspects: image | label | out-of-fold prediction, the suspect's box drawn on each."""
+    from pipeline.evaluation.reports import _plt, _save
+
+    top = suspects.head(n)
+    if top.empty:
+        return None
+    index = read_oof(oof_dir).set_index("key")
+    images = ds.images.set_index("key")
+    pal = palette(len(ds.classes))
+    plt = _plt()
+    fig, axes = plt.subplots(len(top), 3, figsize=(7.5, 2.5 * len(top)), squeeze=False)
+    for row, s in zip(axes, top.itertuples()):
+        r = index.loc[s.key]
+        img = read_image(images.loc[s.key, "path"], (int(r["height"]), int(r["width"])))
+        truth = cv2.imread(r["mask"], cv2.IMREAD_UNCHANGED)
+        pred = np.load(r["probs"]).argmax(0)
+        x, y, w, h = json.loads(s.bbox)
+        for ax, pic, title in zip(row, (img, pal[truth], pal[pred]),
+                                  (f"#{s.rank} {s.key}", f"label: {s.labelled}", f"predicted: {s.predicted}")):
+            ax.imshow(pic)
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="red", linewidth=1.5))
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+        row[0].text(0, -0.02, f"{s.kind}, score {s.score:.2f}", transform=row[0].transAxes, fontsize=7, va="top")
+    fig.suptitle("label audit: labels that confident out-of-fold predictions contradict", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path, 80)
+    return path

@@ -1,0 +1,27 @@
+"""Stage oof: each fold's final-ensemble members predict their own validation images -> paths.oof
+(small uint8 probabilities for the label audit and for blend weights)."""
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import load_params
+from pipeline.devices import pick_device
+from pipeline.evaluation.oof import write_oof
+from pipeline.evaluation.variants import models_for_round
+from pipeline.tracking import stage_run
+
+PARAMS = ("infer", "train", "audit", "paths")
+
+
+def main() -> None:
+    p = load_params().only(*PARAMS)
+    with stage_run("oof", p) as run:
+        s = write_oof(p.infer, p.train.folds, p.train.seeds, p.train.eval_size, models_for_round(p.infer, p.paths),
+                      p.paths.masks, p.paths.split, p.audit.max_side, pick_device(p.infer.device), p.paths.oof)
+        print(f"out-of-fold (final ensemble's members per fold, TTA, at most {p.audit.max_side} px): "
+              f"mIoU {s['mIoU']:.4f} -> {p.paths.oof}")
+        run.write_metrics(Path(p.paths.metrics) / "oof.json", {"oof": {
+            "mIoU": s["mIoU"], "pixel_acc": s["pixel_acc"], "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}})
+
+
+if __name__ == "__main__":
+    cli.run(main)
