@@ -45,6 +45,7 @@ class Paths(_Section):
     pseudo: str = "data/pseudo"
     models_round2: str = "models_round2"
     oof: str = "data/oof"
+    blend: str = "data/blend"
 
 
 class Demo(_Section):
@@ -52,7 +53,7 @@ class Demo(_Section):
     n_test: int = Field(12, ge=0)
     image_size: int = Field(128, ge=32, le=2048)
     seed: int = 0
-    label_noise: float = Field(0.0, ge=0, le=0.5)
+    label_noise: float = Field(0.06, ge=0, le=0.5)
 
 
 class Data(_Section):

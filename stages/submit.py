@@ -1,18 +1,21 @@
-"""Stage submit: the final ensemble predicts test.json's images -> submission.csv (+ a gallery)."""
+"""Stage submit: the final ensemble (with blend.experiments: the fitted blend of experiments) predicts
+test.json's images -> submission.csv (+ a gallery), and is registered as an MLflow model."""
+import json
 from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.reports import plot_test_gallery
-from pipeline.evaluation.variants import final_ensemble, final_members, models_for_round
+from pipeline.evaluation.variants import final_members, models_for_round
+from pipeline.inference.ensemble import Ensemble, load_member
 from pipeline.data.coco import load_test_set
 from pipeline.inference.served import export_ensemble_model
 from pipeline.inference.submission import write_submission
 from pipeline.tracking import stage_run
 from pipeline.devices import pick_device
 
-PARAMS = ("data", "infer", "train", "submit", "paths")
+PARAMS = ("data", "infer", "train", "blend", "submit", "paths")
 REGISTERED_MODEL = "segmentation-ensemble"
 
 
@@ -22,7 +25,14 @@ def main() -> None:
         cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
         classes = cache["classes"]
         images = load_test_set(p.data)
-        ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
+        if p.blend.experiments:   # the blend stage's members: every experiment's, weighted as fitted
+            blend = json.loads((Path(p.paths.reports) / "blend/blend.json").read_text())
+            members = [(Path(f), w) for f, w in blend["members"]]
+        else:
+            members = final_members(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths))
+        device = pick_device(p.infer.device)
+        ens = Ensemble([(load_member(f, device, p.infer.batch_size)[0], w) for f, w in members], p.infer.tta,
+                       p.infer.scales, device, p.infer.amp)
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)
         kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,
@@ -31,7 +41,6 @@ def main() -> None:
             run.log_artifact(plot_test_gallery(images, kept, classes, out / "gallery.png"), "submission")
         run.log_metrics({"submit/images": len(images)})
         # The same ensemble as an MLflow model a user can take away (registered by the logger).
-        members = final_members(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths))
         model = export_ensemble_model(out / "model", members, p.infer, p.train.eval_size, cache.get("max_side"), classes)
         run.log_model(model, "model", REGISTERED_MODEL)
 

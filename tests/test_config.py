@@ -23,7 +23,7 @@ def test_defaults_equal_the_params_file():
 
 @pytest.mark.parametrize("raw, expected", [
     ({"masks": {"overlapp": "x"}}, "masks.overlapp: unknown key (valid keys here: cache_images, max_side, overlap, unknown, unknown_name, workers)"),
-    ({"modle": "unet"}, "modle: unknown key (valid keys here: data, demo"),
+    ({"modle": "unet"}, "modle: unknown key (valid keys here: audit, blend, data, demo"),
     ({"masks": {"overlap": "largest"}}, "masks.overlap: 'largest' is not a valid choice; expected 'smaller_on_top' or 'higher_class_wins'"),
     ({"model": "unet3"}, "model: 'unet3' is not a valid choice"),
     ({"split": {"n_folds": "five"}}, "split.n_folds: Input should be a valid integer"),

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline.data.coco import load_dataset
@@ -79,3 +80,25 @@ def test_every_class_has_its_own_colour(demo):
     cs = sorted(means)
     closest = min(np.linalg.norm(means[a] - means[b]) for i, a in enumerate(cs) for b in cs[i + 1:])
     assert closest > 8
+
+
+def test_label_noise_corrupts_what_its_answer_key_lists_and_nothing_else(tmp_path):
+    clean, noisy = tmp_path / "clean", tmp_path / "noisy"
+    make_demo(clean, n_train=32, n_test=0, image_size=64, seed=3, label_noise=0.0)
+    summary = make_demo(noisy, n_train=32, n_test=0, image_size=64, seed=3, label_noise=0.2)
+    before = {a["id"]: a for a in json.loads((clean / "train.json").read_text())["annotations"]}
+    after = {a["id"]: a for a in json.loads((noisy / "train.json").read_text())["annotations"]}
+    key = pd.read_csv(noisy / "label_noise.csv")
+    assert summary["corrupted_annotations"] == len(key) == round(0.2 * len(before))
+    assert set(key.kind) == {"relabelled", "deleted"} and abs((key.kind == "deleted").sum() * 2 - len(key)) <= 1
+    for r in key.itertuples():
+        assert CATEGORIES[before[r.ann_id]["category_id"]] == r.true_class
+        if r.kind == "deleted":
+            assert r.ann_id not in after
+        else:
+            assert CATEGORIES[after[r.ann_id]["category_id"]] == r.written_class != r.true_class
+            assert after[r.ann_id]["segmentation"] == before[r.ann_id]["segmentation"]
+    untouched = set(before) - set(key.ann_id)
+    assert all(after[i] == before[i] for i in untouched)
+    assert _digest(clean / "batch_01") == _digest(noisy / "batch_01")      # the same images
+    assert pd.read_csv(clean / "label_noise.csv").empty

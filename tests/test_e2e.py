@@ -64,7 +64,7 @@ def test_dvc_repro_end_to_end(workspace):
     first = sh(["dvc", "repro"], ws, env)
     members = [f"{k}-{s}" for k in (0, 1) for s in (0, 1)]   # the folds x seeds matrix
     for stage in ("demo_data", "masks", "near_dups", "eda", "split", *(f"train@{m}" for m in members), "cv", "pseudo",
-                  *(f"train_round2@{m}" for m in members), "ensemble", "submit", "report"):
+                  *(f"train_round2@{m}" for m in members), "ensemble", "oof", "audit", "blend", "submit", "report"):
         assert f"Running stage '{stage}'" in first
 
     index = pd.read_csv(ws / "data/masks/index.csv")
@@ -97,6 +97,16 @@ def test_dvc_repro_end_to_end(workspace):
             "out_of_fold/fold_model_SWA", "out_of_fold/fold_model_SWA_TTA", "out_of_fold/round_2_fold_model_pseudo_labels",
             "holdout/round_2_k_fold_ensemble_pseudo_labels", "holdout/final_ensemble_infer_params_round_2",
             "out_of_fold/fold_model_seed_ensemble_2_seeds", "holdout/k_fold_x_seed_ensemble_2_seeds"} <= set(ens)
+    # Out-of-fold probabilities of the trained folds' validation images; the label audit counts the labels
+    # the demo corrupted on purpose; the blend of this experiment alone is its final ensemble, exactly.
+    oof = pd.read_csv(ws / "data/oof/index.csv")
+    assert sorted(oof.key) == sorted(folds.key[folds.fold.isin([0, 1]) & ~folds.holdout]) and set(oof.fold) == {0, 1}
+    audit = json.loads((ws / "metrics/audit.json").read_text())["audit"]
+    assert len(pd.read_csv(ws / "data/demo/label_noise.csv")) >= audit["noise"]["injected"]
+    assert audit["noise"]["injected"] >= 1 and audit["suspects"] == len(pd.read_csv(ws / "reports/audit/suspects.csv"))
+    blend = json.loads((ws / "reports/blend/blend.json").read_text())
+    assert blend["blend_mIoU"] == ens["holdout/final_ensemble_infer_params_round_2"]["mIoU"]
+    assert "label audit:" in first and "labels corrupted on purpose" in first
     pseudo = json.loads((ws / "metrics/pseudo.json").read_text())["pseudo"]
     assert pseudo["test_images"] == 4 and pseudo["fold_0"]["images"] >= 1     # something confident enough
     csv.field_size_limit(10**7)
@@ -151,6 +161,7 @@ def test_dvc_repro_end_to_end(workspace):
     kids = {p.info.run_id: sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
             for p in parents}
     assert kids[parents[0].info.run_id] == sorted(["cv", "demo_data", "eda", "ensemble", "masks", "near_dups", "pseudo", "report", "split", "submit",
+                                                   "oof", "audit", "blend",
                                                    *(f"train@{m}" for m in members), *(f"train_round2@{m}" for m in members)])
     assert kids[parents[1].info.run_id] == ["train@1-1"]
     assert "ensemble/holdout/k_fold_ensemble/mIoU" in parents[0].data.metrics
@@ -179,3 +190,21 @@ def test_bad_params_fail_before_work_with_a_clear_message(workspace):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "masks.overlap: 'biggest' is not a valid choice" in out.stderr and "Traceback" not in out.stderr
+
+    # Ensembles across experiments: a named DVC experiment is blended from DVC's cache. `twin` is this
+    # experiment again (only blend.steps differs: nothing retrains), so the fitted blend keeps one of
+    # the two (a step adding the other cannot improve), scores what the single one scores, and the
+    # submission is unchanged.
+    submission = (ws / "submission/submission.csv").read_bytes()
+    sh(["dvc", "exp", "run", "-n", "twin", "-S", "blend.steps=24"], ws, env)
+    out = sh(["dvc", "exp", "run", "-n", "pair", "-S", "blend.experiments=[twin]"], ws, env)
+    assert "blend of 2 experiments (holdout)" in out and "(+0.0000)" in out, out
+    pair = json.loads((ws / "reports/blend/blend.json").read_text())
+    assert [e["name"] for e in pair["experiments"]] == ["this experiment", "twin"]
+    assert sorted(e["weight"] for e in pair["experiments"]) == [0.0, 1.0]
+    assert pair["blend_mIoU"] == pair["best_single_mIoU"] == blend["blend_mIoU"]
+    table = pd.read_csv(ws / "reports/blend/variants.csv")
+    assert list(table.variant) == ["this experiment alone", "twin alone", "equal-weight blend",
+                                   "fitted blend (OOF hill-climbing)"] and table.holdout_mIoU.nunique() == 1
+    assert (ws / "data/blend/twin/models_round2/fold_0/seed_1/best.pt").exists()
+    assert (ws / "submission/submission.csv").read_bytes() == submission

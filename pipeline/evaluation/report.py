@@ -117,7 +117,7 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
 
     parts = [f"<h1>Segmentation report</h1><p class='muted'>{html.escape(' · '.join(f'{k} {v}' for k, v in recipe.items()))}</p>",
              "<nav>" + "".join(f"<a href='#{a}'>{a}</a>" for a in ("data", "split", "training", "scores", "ensembles",
-                                                                   "errors", "test")) + "</nav>",
+                                                                   "blend", "errors", "audit", "test")) + "</nav>",
              "<div class='cards'>" + "".join(f"<div class='card'><b>{v}</b>{html.escape(k)}</div>" for k, v in cards)
              + "</div>"]
 
@@ -169,6 +169,18 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
         parts.append("<p class='muted'>each row judged only on images none of its members trained on</p>" +
                      _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
 
+    # blend across experiments
+    parts.append("<h2 id='blend'>Blend across experiments</h2>")
+    blend = _json(reports / "blend/blend.json")
+    if blend:
+        b = pd.read_csv(reports / "blend/variants.csv")
+        cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc") if c in b]
+        parts.append(f"<p class='muted'>weights fitted on out-of-fold predictions, judged on the {blend['judged_on']}: "
+                     f"blend {blend['blend_mIoU']:.4f} vs best single ({html.escape(blend['best_single'])}) "
+                     f"{blend['best_single_mIoU']:.4f}, {blend['gain_vs_best_single']:+.4f}"
+                     + ("" if len(blend["experiments"]) > 1 else " (no other experiments: set blend.experiments)")
+                     + "</p>" + _table(b[cols]))
+
     # errors
     parts.append("<h2 id='errors'>Worst validation images</h2>")
     worst = []
@@ -182,6 +194,20 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
         parts.append("<p class='muted'>lowest per-image mIoU, out-of-fold</p>" + _table(table[keep], "{:.2f}"))
     for g in sorted(Path(paths.models).glob("fold_*/seed_*/reports/gallery.png")):
         parts.append(_figure(g, f"{g.parent.parent.parent.name} {g.parent.parent.name}: the worst validation image of each class"))
+
+    # label audit
+    parts.append("<h2 id='audit'>Label audit</h2>")
+    audit = reports / "audit"
+    if (audit / "suspects.csv").exists():
+        found = _json(m / "audit.json").get("audit", {})
+        noise = found.get("noise") or {}
+        line = f"{found.get('suspects', 0)} labels contradicted by confident out-of-fold predictions"
+        if noise.get("injected"):
+            line += (f"; of the {noise['injected']} labels corrupted on purpose (label_noise.csv), the top "
+                     f"{noise['k']} find {noise['found']} (recall {noise['recall']:.2f})")
+        parts.append(f"<p class='muted'>{html.escape(line)}; all in {html.escape(str(audit / 'suspects.csv'))}</p>"
+                     + _table(pd.read_csv(audit / "suspects.csv").head(15), "{:.2f}")
+                     + _figure(audit / "gallery.png", "most suspicious labels: image | label | out-of-fold prediction"))
 
     # test
     parts.append("<h2 id='test'>Test predictions</h2>" +

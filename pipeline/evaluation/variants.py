@@ -89,9 +89,7 @@ def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: Opt
             seconds += len(val) / rate
         add(name, "out-of-fold", cm, n, n / seconds)
 
-    index = pd.read_csv(Path(masks_dir) / "index.csv")
-    held = index.merge(pd.read_csv(Path(split_dir) / "folds.csv")[["key", "holdout"]], on="key")
-    held = held[held.holdout].reset_index(drop=True)
+    held = holdout_table(masks_dir, split_dir)
     if held.empty:
         return pd.DataFrame(rows)
     per_fold = [score(ens([(model(k), 1.0)]), held, n_cls, image_size, infer.batch_size) for k in folds]
@@ -116,6 +114,13 @@ def evaluate_variants(infer, folds: list[int], seeds: list[int], image_size: Opt
         *_scored(final_ensemble(infer, folds, seeds, final_dir, device, lambda k, s, c: model(k, c, final_dir, s)),
                  held, n_cls, image_size, infer.batch_size))
     return pd.DataFrame(rows)
+
+
+def holdout_table(masks_dir: str | Path, split_dir: str | Path) -> pd.DataFrame:
+    """The mask-cache rows of the holdout images (in no fold: no model trained on them)."""
+    index = pd.read_csv(Path(masks_dir) / "index.csv")
+    held = index.merge(pd.read_csv(Path(split_dir) / "folds.csv")[["key", "holdout"]], on="key")
+    return held[held.holdout].reset_index(drop=True)
 
 
 def _scored(e: Ensemble, table: pd.DataFrame, n_cls: int, image_size: Optional[int], batch: int):

@@ -1,0 +1,212 @@
+"""Ensembles across experiments: this experiment's final ensemble and those of other experiments
+(named DVC experiments, or other workspaces' folders), weighted by greedy hill-climbing on the
+out-of-fold predictions (Caruana et al. 2004: start from the best single experiment, then add one
+experiment's weight per step while the OOF mIoU improves) and judged on the holdout, which no member
+of any experiment trained on and the fitting never saw.
+
+Experiments can blend when they share the classes, the mask cache's max_side, the split (folds.csv:
+same keys, folds and holdout; otherwise one experiment's members may have trained on another's
+validation or holdout images), the input framing (train.eval_size) and infer's TTA views and scales
+(so the blend is one ensemble: every member weighted, see `blend_members`).
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader
+
+from pipeline.config import Params, parse_params
+from pipeline.data.coco import DataError
+from pipeline.data.masks import read_classes, read_image
+from pipeline.evaluation.metrics import ConfusionMatrix, scores
+from pipeline.evaluation.oof import read_oof
+from pipeline.evaluation.variants import final_members, models_for_round
+from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member
+
+HERE = "this experiment"
+
+
+@dataclass
+class Experiment:
+    name: str
+    root: Path
+    params: Params
+
+    def path(self, p: str) -> Path:
+        return self.root / p
+
+    @property
+    def members(self) -> list[tuple[Path, float]]:
+        """(checkpoint, weight) of its final ensemble (folds x seeds x checkpoints, fold-weighted)."""
+        p = self.params
+        return final_members(p.infer, p.train.folds, p.train.seeds, self.path(models_for_round(p.infer, p.paths)))
+
+
+def this_experiment(p: Params) -> Experiment:
+    return Experiment(HERE, Path("."), p)
+
+
+def load_experiment(spec: str, repo: str | Path, cache: str | Path) -> Experiment:
+    """A workspace folder (with params.yaml), or a DVC experiment of `repo` whose outputs the blend
+    needs (params, split, OOF probabilities, final checkpoints) are copied from DVC's cache to <cache>/<spec>."""
+    folder = Path(spec)
+    if (folder / "params.yaml").is_file():
+        return Experiment(spec, folder, parse_params(yaml.safe_load((folder / "params.yaml").read_text()),
+                                                     str(folder / "params.yaml")))
+    from dvc.api import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(str(repo), rev=spec)
+        raw = yaml.safe_load(fs.read_text("params.yaml"))
+    except Exception as e:  # noqa: BLE001 - dvc/scmrepo raise several kinds for an unknown revision
+        raise DataError(f"blend.experiments: {spec!r} is neither a folder with params.yaml nor a DVC experiment or "
+                        f"revision of this repository (`dvc exp show` lists experiments): {e}") from None
+    exp = Experiment(spec, Path(cache) / spec.replace("/", "_"), parse_params(raw, f"params.yaml of {spec}"))
+    shutil.rmtree(exp.root, ignore_errors=True)
+    p = exp.params.paths
+    files = [f"{p.split}/folds.csv"] + [str(m) for m, _ in exp.members]
+    try:
+        fs.get(p.oof, str(exp.root / p.oof), recursive=True)
+        for f in files:
+            (exp.root / f).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f, str(exp.root / f))
+    except FileNotFoundError as e:
+        raise DataError(f"blend.experiments: experiment {spec!r} lacks {e.filename or e}: run its whole pipeline "
+                        "(`dvc exp run`) before blending it") from None
+    return exp
+
+
+def check_compatible(exps: list[Experiment]) -> None:
+    """Refuse, naming the experiment and the difference, what cannot be blended honestly (module docstring)."""
+    base = exps[0]
+
+    def facts(e: Experiment) -> dict:
+        folds = pd.read_csv(e.path(e.params.paths.split) / "folds.csv")[["key", "fold", "holdout"]]
+        return {"classes and max_side": read_classes(e.path(e.params.paths.oof)),
+                "split (folds.csv)": folds.sort_values("key").reset_index(drop=True),
+                "train.eval_size": e.params.train.eval_size,
+                "infer TTA views and scales": (e.params.infer.tta, e.params.infer.scales)}
+
+    ref = facts(base)
+    for e in exps[1:]:
+        for what, value in facts(e).items():
+            same = value.equals(ref[what]) if isinstance(value, pd.DataFrame) else value == ref[what]
+            if not same:
+                raise DataError(f"blend.experiments: {e.name!r} differs from {base.name!r} in its {what}; "
+                                "experiments blend only when these agree")
+
+
+def load_oof(exps: list[Experiment]) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """(per experiment, per image: (C, h, w) uint8 probabilities; per image: truth), aligned by image key."""
+    tables = [read_oof(e.path(e.params.paths.oof)).sort_values("key").reset_index(drop=True) for e in exps]
+    for e, t in zip(exps[1:], tables[1:]):
+        if t.key.tolist() != tables[0].key.tolist():
+            raise DataError(f"blend.experiments: {e.name!r} has out-of-fold predictions for other images; rerun its oof stage")
+    probs = [[np.load(f) for f in t.probs] for t in tables]
+    truths = [cv2.imread(f, cv2.IMREAD_UNCHANGED) for f in tables[0]["mask"]]
+    return probs, truths
+
+
+def oof_confusion(probs: list[list[np.ndarray]], truths: list[np.ndarray], weights: list[float], n_cls: int) -> np.ndarray:
+    cm = ConfusionMatrix(n_cls)
+    for i, truth in enumerate(truths):
+        mix = sum(w * probs[e][i].astype(np.float32) for e, w in enumerate(weights) if w)
+        cm.update(torch.from_numpy(mix.argmax(0)), torch.from_numpy(truth))
+    return cm.numpy()
+
+
+def hill_climb(probs: list[list[np.ndarray]], truths: list[np.ndarray], classes: list[str],
+               steps: int) -> tuple[list[float], list[dict]]:
+    """Greedy forward selection with replacement: (weights summing to 1, one row per step taken)."""
+    n = len(probs)
+
+    def miou(counts: list[int]) -> float:
+        return scores(oof_confusion(probs, truths, counts, len(classes)), classes)["mIoU"]
+
+    singles = [miou([int(e == j) for j in range(n)]) for e in range(n)]
+    counts = [int(e == int(np.argmax(singles))) for e in range(n)]
+    best, history = max(singles), [{"step": 0, "added": int(np.argmax(singles)), "oof_mIoU": max(singles)}]
+    for step in range(1, steps + 1):
+        tried = [miou([c + (j == e) for j, c in enumerate(counts)]) for e in range(n)]
+        e = int(np.argmax(tried))
+        if tried[e] <= best:
+            break
+        counts[e] += 1
+        best = tried[e]
+        history.append({"step": step, "added": e, "oof_mIoU": best})
+    return [c / sum(counts) for c in counts], history
+
+
+def judge_on_holdout(exps: list[Experiment], variants: dict[str, list[float]], held: pd.DataFrame,
+                     classes: list[str], device: torch.device) -> dict[str, np.ndarray]:
+    """Confusion on the holdout of every variant (weights over `exps`); each experiment's final
+    ensemble predicts every image once, the variants mix its probabilities."""
+    p = exps[0].params
+    ens = [Ensemble([(load_member(f, device, p.infer.batch_size)[0], w) for f, w in e.members], p.infer.tta,
+                    p.infer.scales, device, p.infer.amp) for e in exps]
+    images, masks = held["image"].tolist(), held["mask"].tolist()
+    sizes = list(zip(held.height.astype(int), held.width.astype(int)))
+    data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), p.train.eval_size)
+    cms = {name: ConfusionMatrix(len(classes)) for name in variants}
+    for x, idx in DataLoader(data, p.infer.batch_size if data.size else 1):
+        per_exp = [e.proba(x) for e in ens]
+        for name, weights in variants.items():
+            mix = sum(w * q for w, q in zip(weights, per_exp) if w)
+            for q, i in zip(mix, idx.tolist()):
+                if tuple(q.shape[-2:]) != sizes[i]:
+                    q = F.interpolate(q[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
+                cms[name].update(q.argmax(0).cpu(), torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
+    return {name: cm.numpy() for name, cm in cms.items()}
+
+
+def blend_members(exps: list[Experiment], weights: list[float]) -> list[tuple[Path, float]]:
+    """The blend as one ensemble: every member of experiment e weighted w_e x its share of e's ensemble."""
+    out = []
+    for e, w in zip(exps, weights):
+        members = e.members
+        total = sum(m for _, m in members)
+        out += [(f, w * m / total) for f, m in members if w > 0]
+    return out
+
+
+def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Optional[pd.DataFrame],
+              device: torch.device) -> tuple[pd.DataFrame, dict]:
+    """(variant table, summary): every experiment alone, the equal-weight blend and the fitted blend,
+    each with its OOF mIoU and, when there is a holdout, its holdout scores."""
+    probs, truths = load_oof(exps)
+    n = len(exps)
+    fitted, history = hill_climb(probs, truths, classes, steps)
+    variants = {f"{e.name} alone": [float(j == i) for j in range(n)] for i, e in enumerate(exps)}
+    if n > 1:
+        variants["equal-weight blend"] = [1.0 / n] * n
+        variants["fitted blend (OOF hill-climbing)"] = fitted
+    held_cm = judge_on_holdout(exps, variants, held, classes, device) if held is not None and len(held) else {}
+    rows = []
+    for name, w in variants.items():
+        oof = scores(oof_confusion(probs, truths, w, len(classes)), classes)
+        row = {"variant": name, "weights": " ".join(f"{e.name}={x:.3f}" for e, x in zip(exps, w)),
+               "oof_mIoU": oof["mIoU"], "oof_images": len(truths)}
+        if name in held_cm:
+            s = scores(held_cm[name], classes)
+            row.update({"holdout_mIoU": s["mIoU"], "holdout_pixel_acc": s["pixel_acc"], "holdout_images": len(held),
+                        **{f"IoU/{c}": v for c, v in s["IoU"].items()}})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    key = "holdout_mIoU" if "holdout_mIoU" in table else "oof_mIoU"
+    singles = table[table.variant.str.endswith(" alone")]
+    best_single = singles.loc[singles[key].idxmax()]
+    final = table.iloc[-1]
+    summary = {"experiments": [{"name": e.name, "weight": w} for e, w in zip(exps, fitted)], "steps": history,
+               "judged_on": "holdout" if key == "holdout_mIoU" else "out-of-fold",
+               "best_single": best_single.variant, "best_single_mIoU": float(best_single[key]),
+               "blend_mIoU": float(final[key]), "gain_vs_best_single": float(final[key] - best_single[key])}
+    return table, summary

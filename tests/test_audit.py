@@ -1,0 +1,84 @@
+"""Label audit on hand-made out-of-fold probabilities: known suspects, known ranks, known recall."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.data.coco import load_dataset
+from pipeline.evaluation.audit import find_suspects, noise_recall, plot_suspects
+from tests.conftest import image, square, write_coco
+
+CLASSES = ["Background", "can", "bottle"]
+
+
+def oof_dir(tmp_path, probs: np.ndarray, truth: np.ndarray, key: str):
+    out = tmp_path / "oof"
+    (out / "probs").mkdir(parents=True)
+    (out / "masks").mkdir()
+    np.save(out / "probs/0.npy", (probs * 255).round().astype(np.uint8))
+    cv2.imwrite(str(out / "masks/0.png"), truth)
+    (out / "classes.json").write_text(json.dumps({"classes": CLASSES, "max_side": None}))
+    pd.DataFrame([{"key": key, "fold": 0, "height": truth.shape[0], "width": truth.shape[1],
+                   "probs": "probs/0.npy", "mask": "masks/0.png"}]).to_csv(out / "index.csv", index=False)
+    return out
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A 20x20 image: ann 10 a can the model agrees with; ann 11 labelled bottle that the model calls
+    a can (0.8); an unlabelled 6x6 region the model calls a bottle (0.9); ann 12 a speck too small
+    to judge anything but its own pixels."""
+    write_coco(tmp_path / "data", [image(0, 20, 20)], [
+        {"id": 10, "image_id": 0, "category_id": 1, "segmentation": square(0, 0, 8, 8)},
+        {"id": 11, "image_id": 0, "category_id": 2, "segmentation": square(10, 0, 18, 8)},
+        {"id": 12, "image_id": 0, "category_id": 2, "segmentation": square(18, 18, 20, 20)}],
+        [{"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}])
+    ds = load_dataset(tmp_path / "data", ["train.json"])
+    p = np.zeros((3, 20, 20), np.float32)
+    p[0] = 0.9
+    p[:, 0:8, 0:8] = np.array([0.05, 0.9, 0.05])[:, None, None]        # ann 10: a can, as labelled
+    p[:, 0:8, 10:18] = np.array([0.1, 0.8, 0.1])[:, None, None]        # ann 11: labelled bottle, looks like a can
+    p[:, 12:18, 0:6] = np.array([0.05, 0.05, 0.9])[:, None, None]      # no label: looks like a bottle
+    p[:, 18:20, 18:20] = np.array([0.1, 0.1, 0.8])[:, None, None]      # ann 12: a bottle, as labelled
+    truth = np.zeros((20, 20), np.uint8)
+    truth[0:8, 0:8], truth[0:8, 10:18], truth[18:20, 18:20] = 1, 2, 2
+    return ds, oof_dir(tmp_path, p, truth, ds.images.key[0])
+
+
+def test_suspects_are_found_ranked_and_scored(case, tmp_path):
+    ds, oof = case
+    suspects, images = find_suspects(oof, ds, min_confidence=0.5, min_area=12)
+    assert suspects[["kind", "ann_id", "labelled", "predicted"]].values.tolist() == [
+        ["unlabelled object", pd.NA, "Background", "bottle"],
+        ["looks like another class", 11, "bottle", "can"]]
+    assert suspects.score.tolist() == pytest.approx([0.9 - 0.05, 0.8 - 0.1], abs=2 / 255)
+    assert suspects["rank"].tolist() == [1, 2] and json.loads(suspects.bbox[0]) == [0, 12, 6, 6]
+    assert suspects.pixels.tolist() == [36, 64]
+    # 64 of the 132 labelled pixels are contradicted; 36 of 400 predicted where nothing is labelled
+    assert images.disagreement[0] == pytest.approx(64 / 132) and images.unlabelled_share[0] == pytest.approx(36 / 400)
+    assert plot_suspects(suspects, oof, ds, tmp_path / "gallery.png", 5).stat().st_size > 0
+    # A region smaller than min_area, or less confident than min_confidence, is not a suspect.
+    assert "unlabelled object" not in set(find_suspects(oof, ds, 0.5, 37)[0].kind)
+    assert "unlabelled object" not in set(find_suspects(oof, ds, 0.95, 12)[0].kind)
+
+
+def test_noise_recall_counts_what_the_top_k_find(case):
+    ds, oof = case
+    suspects, _ = find_suspects(oof, ds, 0.5, 12)
+    file = ds.images.file_name[0]
+    noise = pd.DataFrame([
+        {"ann_id": 11, "file_name": file, "kind": "relabelled", "bbox": "[10, 0, 8, 8]"},     # found (rank 2)
+        {"ann_id": 10, "file_name": file, "kind": "relabelled", "bbox": "[0, 0, 8, 8]"},      # not a suspect
+        {"ann_id": 99, "file_name": file, "kind": "deleted", "bbox": "[0, 12, 6, 6]"},        # found (rank 1)
+        {"ann_id": 98, "file_name": "elsewhere.png", "kind": "deleted", "bbox": "[0, 0, 4, 4]"}])  # no OOF
+    key = ds.images.key[0]
+    r = noise_recall(suspects, noise, ds, {key: 20}, k=2)
+    assert (r["injected"], r["found"], r["recall"]) == (3, 2, pytest.approx(2 / 3))
+    assert r["relabelled/recall"] == 0.5 and r["deleted/recall"] == 1.0
+    assert noise_recall(suspects, noise, ds, {key: 20}, k=1)["found"] == 1   # only the deleted one in the top 1
+    # boxes compare at full resolution: OOF probabilities at half the width still match
+    assert noise_recall(suspects.assign(bbox=["[0, 6, 3, 3]", "[5, 0, 4, 4]"]), noise, ds, {key: 10}, 2)["found"] == 2
