@@ -23,6 +23,7 @@ def main() -> None:
         shutil.rmtree(copies, ignore_errors=True)
         copies.mkdir(parents=True)
         exps = [this_experiment(p)] + [load_experiment(s, ".", copies) for s in p.blend.experiments]
+        write_json(copies / "experiments.json", {e.name: str(e.root) for e in exps})   # what was copied where
         check_compatible(exps)
         classes = read_classes(p.paths.masks)["classes"]
         table, summary = fit_blend(exps, classes, p.blend.steps, holdout_table(p.paths.masks, p.paths.split),

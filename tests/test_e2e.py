@@ -180,17 +180,6 @@ def test_dvc_repro_end_to_end(workspace):
     assert "eda/overlap_matrix.png" in arts and "eda/class_balance.png" in arts
     assert eda_run.data.metrics["eda/images"] == 24
 
-
-def test_bad_params_fail_before_work_with_a_clear_message(workspace):
-    ws, env = workspace
-    bad = ws / "bad"
-    bad.mkdir()
-    (bad / "params.yaml").write_text("masks:\n  overlap: biggest\n")
-    out = subprocess.run([sys.executable, "-m", "stages.masks"], cwd=bad, env={**env, "PYTHONPATH": str(ws)},
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert "masks.overlap: 'biggest' is not a valid choice" in out.stderr and "Traceback" not in out.stderr
-
     # Ensembles across experiments: a named DVC experiment is blended from DVC's cache. `twin` is this
     # experiment again (only blend.steps differs: nothing retrains), so the fitted blend keeps one of
     # the two (a step adding the other cannot improve), scores what the single one scores, and the
@@ -208,3 +197,14 @@ def test_bad_params_fail_before_work_with_a_clear_message(workspace):
                                    "fitted blend (OOF hill-climbing)"] and table.holdout_mIoU.nunique() == 1
     assert (ws / "data/blend/twin/models_round2/fold_0/seed_1/best.pt").exists()
     assert (ws / "submission/submission.csv").read_bytes() == submission
+
+
+def test_bad_params_fail_before_work_with_a_clear_message(workspace):
+    ws, env = workspace
+    bad = ws / "bad"
+    bad.mkdir()
+    (bad / "params.yaml").write_text("masks:\n  overlap: biggest\n")
+    out = subprocess.run([sys.executable, "-m", "stages.masks"], cwd=bad, env={**env, "PYTHONPATH": str(ws)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "masks.overlap: 'biggest' is not a valid choice" in out.stderr and "Traceback" not in out.stderr

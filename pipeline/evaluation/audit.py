@@ -141,6 +141,6 @@ def plot_suspects(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, path
             ax.axis("off")
         row[0].text(0, -0.02, f"{s.kind}, score {s.score:.2f}", transform=row[0].transAxes, fontsize=7, va="top")
     fig.suptitle("label audit: labels that confident out-of-fold predictions contradict", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     _save(fig, path, 80)
     return path

@@ -31,6 +31,7 @@ from pipeline.evaluation.metrics import ConfusionMatrix, scores
 from pipeline.evaluation.oof import read_oof
 from pipeline.evaluation.variants import final_members, models_for_round
 from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member
+from pipeline.models.checkpoint import member_dir
 
 HERE = "this experiment"
 
@@ -72,8 +73,10 @@ def load_experiment(spec: str, repo: str | Path, cache: str | Path) -> Experimen
                         f"revision of this repository (`dvc exp show` lists experiments): {e}") from None
     exp = Experiment(spec, Path(cache) / spec.replace("/", "_"), parse_params(raw, f"params.yaml of {spec}"))
     shutil.rmtree(exp.root, ignore_errors=True)
-    p = exp.params.paths
-    files = [f"{p.split}/folds.csv"] + [str(m) for m, _ in exp.members]
+    p, t, i = exp.params.paths, exp.params.train, exp.params.infer
+    models = models_for_round(i, p)
+    files = [f"{p.split}/folds.csv"] + [str(member_dir(models, k, s) / f"{c}.pt")
+                                        for k in t.folds for s in t.seeds for c in i.checkpoints]
     try:
         fs.get(p.oof, str(exp.root / p.oof), recursive=True)
         for f in files:
