@@ -181,11 +181,10 @@ def test_dvc_repro_end_to_end(workspace):
     assert eda_run.data.metrics["eda/images"] == 24
 
     # Ensembles across experiments: a named DVC experiment is blended from DVC's cache. `twin` is this
-    # experiment again (only blend.steps differs: nothing retrains), so the fitted blend keeps one of
-    # the two (a step adding the other cannot improve), scores what the single one scores, and the
-    # submission is unchanged.
+    # experiment saved as one, so the fitted blend keeps one of the two (a step adding the other cannot
+    # improve), scores what the single one scores, and the submission is unchanged.
     submission = (ws / "submission/submission.csv").read_bytes()
-    sh(["dvc", "exp", "run", "-n", "twin", "-S", "blend.steps=24"], ws, env)
+    sh(["dvc", "exp", "save", "-n", "twin"], ws, env)
     out = sh(["dvc", "exp", "run", "-n", "pair", "-S", "blend.experiments=[twin]"], ws, env)
     assert "blend of 2 experiments (holdout)" in out and "(+0.0000)" in out, out
     pair = json.loads((ws / "reports/blend/blend.json").read_text())
