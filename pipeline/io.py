@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
+import pandas as pd
+
 T = TypeVar("T")
 
 
@@ -50,6 +52,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return Path(path)
+
+
+def read_index(folder: str | Path, file_columns: Iterable[str], name: str = "index.csv") -> pd.DataFrame:
+    """<folder>/index.csv with the file paths of `file_columns` (stored relative to the folder) made whole."""
+    folder = Path(folder)
+    index = pd.read_csv(folder / name)
+    for col in file_columns:
+        index[col] = [str(folder / f) for f in index[col]]
+    return index
 
 
 def identical_files(paths: Iterable[str | Path]) -> list[list[int]]:

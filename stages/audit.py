@@ -7,8 +7,7 @@ import pandas as pd
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.evaluation.audit import find_suspects, noise_recall, plot_suspects
-from pipeline.evaluation.oof import read_oof
+from pipeline.evaluation.audit import find_suspects, noise_recall, plot_suspects, read_oof
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
 

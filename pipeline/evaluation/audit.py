@@ -27,7 +27,12 @@ from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import IGNORE_INDEX, Dataset
 from pipeline.data.masks import palette, read_image, to_rle
-from pipeline.evaluation.oof import read_oof
+from pipeline.io import read_index
+
+def read_oof(oof_dir: str | Path) -> pd.DataFrame:
+    """The out-of-fold index (layout: pipeline/evaluation/oof.py) with whole file paths; no torch needed."""
+    return read_index(oof_dir, ("probs", "mask"))
+
 
 SUSPECT_COLUMNS = ["rank", "key", "kind", "ann_id", "labelled", "predicted", "score", "pixels", "bbox", "fold"]
 

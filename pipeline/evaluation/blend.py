@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from pipeline.config import Params, parse_params
 from pipeline.data.coco import DataError
 from pipeline.data.masks import read_classes, read_image
+from pipeline.evaluation.audit import read_oof
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
-from pipeline.evaluation.oof import read_oof
 from pipeline.evaluation.variants import final_members, models_for_round
 from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member
 from pipeline.models.checkpoint import member_dir

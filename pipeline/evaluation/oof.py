@@ -60,12 +60,3 @@ def write_oof(infer, folds: list[int], seeds: list[int], eval_size: Optional[int
 
 def quantise(p: torch.Tensor) -> np.ndarray:
     return (p.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-
-
-def read_oof(oof_dir: str | Path) -> pd.DataFrame:
-    """index.csv with absolute file paths."""
-    oof_dir = Path(oof_dir)
-    index = pd.read_csv(oof_dir / "index.csv")
-    for col in ("probs", "mask"):
-        index[col] = [str(oof_dir / f) for f in index[col]]
-    return index
