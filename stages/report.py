@@ -20,6 +20,11 @@ def main() -> None:
     best = head["best_holdout"]
     print(f"CV mIoU {head['cv_mIoU']:.4f}" if head["cv_mIoU"] is not None else "CV mIoU: none", end="")
     print(f"; best on the holdout: {best[0].replace('_', ' ')} {best[1]:.4f}" if best else "; no holdout")
+    if "blend" in head:
+        n, judged_on, miou, gain = head["blend"]
+        print(f"blend of {n} experiments ({judged_on}): {miou:.4f}, {gain:+.4f} vs the best single experiment")
+    if "audit" in head:
+        print(f"label audit: {head['audit'][0]} suspects, most suspicious first in {head['audit'][1]}")
     print(f"report: {path.resolve().as_uri()}")
 
 

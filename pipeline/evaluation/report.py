@@ -108,11 +108,18 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
         _json(m / "split.json").get("split", {})
     cv, ens = _json(m / "cv.json").get("cv", {}), _json(m / "ensemble.json").get("ensemble", {})
     head = headline(cv, ens)
+    blend, audit = _json(reports / "blend/blend.json"), _json(m / "audit.json").get("audit", {})
+    if len(blend.get("experiments", [])) > 1:
+        head["blend"] = (len(blend["experiments"]), blend["judged_on"], blend["blend_mIoU"], blend["gain_vs_best_single"])
+    if audit:
+        head["audit"] = (audit["suspects"], str(reports / "audit/suspects.csv"))
     fmt = (lambda v: "—" if v is None else f"{v:.4f}")
     cards = [("CV mIoU (out-of-fold)", fmt(head["cv_mIoU"])),
              ("final ensemble, holdout", fmt(head["final_holdout"]))]
     if head["best_holdout"]:
         cards.append((f"best on holdout: {head['best_holdout'][0].replace('_', ' ')}", fmt(head["best_holdout"][1])))
+    if "blend" in head:
+        cards.append((f"blend of {head['blend'][0]} experiments, {head['blend'][1]}", fmt(head["blend"][2])))
     cards.append(("images (labelled)", str(eda.get("images", "—"))))
 
     parts = [f"<h1>Segmentation report</h1><p class='muted'>{html.escape(' · '.join(f'{k} {v}' for k, v in recipe.items()))}</p>",
@@ -171,7 +178,6 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
 
     # blend across experiments
     parts.append("<h2 id='blend'>Blend across experiments</h2>")
-    blend = _json(reports / "blend/blend.json")
     if blend:
         b = pd.read_csv(reports / "blend/variants.csv")
         cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc") if c in b]
@@ -197,17 +203,16 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
 
     # label audit
     parts.append("<h2 id='audit'>Label audit</h2>")
-    audit = reports / "audit"
-    if (audit / "suspects.csv").exists():
-        found = _json(m / "audit.json").get("audit", {})
-        noise = found.get("noise") or {}
-        line = f"{found.get('suspects', 0)} labels contradicted by confident out-of-fold predictions"
+    audit_dir = reports / "audit"
+    if (audit_dir / "suspects.csv").exists():
+        noise = audit.get("noise") or {}
+        line = f"{audit.get('suspects', 0)} labels contradicted by confident out-of-fold predictions"
         if noise.get("injected"):
             line += (f"; of the {noise['injected']} labels corrupted on purpose (label_noise.csv), the top "
                      f"{noise['k']} find {noise['found']} (recall {noise['recall']:.2f})")
-        parts.append(f"<p class='muted'>{html.escape(line)}; all in {html.escape(str(audit / 'suspects.csv'))}</p>"
-                     + _table(pd.read_csv(audit / "suspects.csv").head(15), "{:.2f}")
-                     + _figure(audit / "gallery.png", "most suspicious labels: image | label | out-of-fold prediction"))
+        parts.append(f"<p class='muted'>{html.escape(line)}; all in {html.escape(str(audit_dir / 'suspects.csv'))}</p>"
+                     + _table(pd.read_csv(audit_dir / "suspects.csv").head(15), "{:.2f}")
+                     + _figure(audit_dir / "gallery.png", "most suspicious labels: image | label | out-of-fold prediction"))
 
     # test
     parts.append("<h2 id='test'>Test predictions</h2>" +
