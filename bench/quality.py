@@ -181,7 +181,7 @@ SAME_RECIPE = {
     "model": "fpn", "encoder": "resnet34",
     "train": {"epochs": 5, "batch_size": 8, "image_size": CROP, "input": "crop", "crop_scale": [1.0, 1.0],
               "crop_infer": "whole", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "scheduler": "cosine",
-              "warmup_epochs": 1.0, "clip_grad": None, "loss": {"ce": 1.0, "dice": 0.5},
+              "warmup_epochs": 1.0, "clip_grad": None, "loss": {"ce": 1.0, "dice": 0.5}, "class_weights": "none",
               "augment": ["hflip", "scale_rotate", "brightness_contrast"], "val_every": 5},
     "masks": {"max_side": SIDE},
 }
