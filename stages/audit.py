@@ -7,18 +7,21 @@ import pandas as pd
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
+from pipeline.data.masks import unknown_class_index
 from pipeline.evaluation.audit import find_suspects, noise_recall, plot_suspects, read_oof
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
 
-PARAMS = ("data", "audit", "paths")
+PARAMS = ("data", "masks", "audit", "paths")
 
 
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("audit", p) as run:
         ds = dataset_from_params(p.data, check_files=False)
-        suspects, images = find_suspects(p.paths.oof, ds, p.audit.min_confidence, p.audit.min_area)
+        unknown = unknown_class_index(ds.classes, p.masks.unknown_name)
+        untrained = {unknown} if unknown is not None and p.masks.unknown != "keep" else set()
+        suspects, images = find_suspects(p.paths.oof, ds, p.audit.min_confidence, p.audit.min_area, untrained)
         metrics = {"suspects": len(suspects), "images": len(images)}
         noise_file = Path(p.data.root) / "label_noise.csv"
         if noise_file.exists():   # the demo's answer key: annotations corrupted on purpose

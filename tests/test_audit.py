@@ -61,6 +61,8 @@ def test_suspects_are_found_ranked_and_scored(case, tmp_path):
     # 64 of the 132 labelled pixels are contradicted; 36 of 400 predicted where nothing is labelled
     assert images.disagreement[0] == pytest.approx(64 / 132) and images.unlabelled_share[0] == pytest.approx(36 / 400)
     assert plot_suspects(suspects, oof, ds, tmp_path / "gallery.png", 5).stat().st_size > 0
+    # Annotations of a class no model learnt (UNKNOWN with masks.unknown: background) are not judged.
+    assert 11 not in set(find_suspects(oof, ds, 0.5, 12, untrained={2})[0].ann_id)
     # A region smaller than min_area, or less confident than min_confidence, is not a suspect.
     assert "unlabelled object" not in set(find_suspects(oof, ds, 0.5, 37)[0].kind)
     assert "unlabelled object" not in set(find_suspects(oof, ds, 0.95, 12)[0].kind)

@@ -37,8 +37,10 @@ def read_oof(oof_dir: str | Path) -> pd.DataFrame:
 SUSPECT_COLUMNS = ["rank", "key", "kind", "ann_id", "labelled", "predicted", "score", "pixels", "bbox", "fold"]
 
 
-def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_area: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(suspects, images): see the module docstring."""
+def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_area: int,
+                  untrained: Optional[set[int]] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(suspects, images): see the module docstring. Annotations of `untrained` classes (UNKNOWN when
+    masks.unknown drops or ignores it: no model learnt it) are not judged."""
     index, classes = read_oof(oof_dir), ds.classes
     anns = ds.annotations_by_key()
     sizes = ds.images.set_index("key")[["height", "width"]]
@@ -53,8 +55,10 @@ def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_a
             m = mask_utils.decode(to_rle(a.segmentation, h, w, r.height, r.width)).astype(bool)
             if not m.any():
                 continue
-            mean = probs[:, m].mean(1)
             c = int(a.class_idx)
+            if c in (untrained or ()):
+                continue
+            mean = probs[:, m].mean(1)
             other = int(np.argmax(np.where(np.arange(len(mean)) == c, -1.0, mean)))
             found.append({**base, "kind": "looks like another class" if other else "looks like background",
                           "ann_id": a.ann_id, "labelled": classes[c], "predicted": classes[other],
