@@ -194,6 +194,7 @@ def test_dvc_repro_end_to_end(workspace):
     table = pd.read_csv(ws / "reports/blend/variants.csv")
     assert list(table.variant) == ["this experiment alone", "twin alone", "equal-weight blend",
                                    "fitted blend (OOF hill-climbing)"] and table.holdout_mIoU.nunique() == 1
+    assert (table.vs_best_single == 0).all()
     assert (ws / "data/blend/twin/models_round2/fold_0/seed_1/best.pt").exists()
     assert (ws / "submission/submission.csv").read_bytes() == submission
 

@@ -207,6 +207,7 @@ def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Opti
     key = "holdout_mIoU" if "holdout_mIoU" in table else "oof_mIoU"
     singles = table[table.variant.str.endswith(" alone")]
     best_single = singles.loc[singles[key].idxmax()]
+    table["vs_best_single"] = table[key] - best_single[key]   # > 0: the blend beat every experiment alone
     final = table.iloc[-1]
     summary = {"experiments": [{"name": e.name, "weight": w} for e, w in zip(exps, fitted)], "steps": history,
                "judged_on": "holdout" if key == "holdout_mIoU" else "out-of-fold",

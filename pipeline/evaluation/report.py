@@ -180,7 +180,7 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
     parts.append("<h2 id='blend'>Blend across experiments</h2>")
     if blend:
         b = pd.read_csv(reports / "blend/variants.csv")
-        cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc") if c in b]
+        cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc", "vs_best_single") if c in b]
         parts.append(f"<p class='muted'>weights fitted on out-of-fold predictions, judged on the {blend['judged_on']}: "
                      f"blend {blend['blend_mIoU']:.4f} vs best single ({html.escape(blend['best_single'])}) "
                      f"{blend['best_single_mIoU']:.4f}, {blend['gain_vs_best_single']:+.4f}"
