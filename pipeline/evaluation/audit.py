@@ -3,7 +3,8 @@
 Every labelled, non-holdout image has out-of-fold probabilities P (stage oof: models that never
 trained on it). Two kinds of suspect, scored alike by how much the model prefers another answer:
 
-  an annotation   labelled class c over its pixels M (rasterised at the OOF resolution); the model's
+  an annotation   labelled class c over its pixels M (rasterised at the OOF resolution; at least
+                  min_area of them, or a few pixels would outvote their label); the model's
                   best other class q (possibly Background). score = mean_M P[q] - mean_M P[c]: high
                   when the object looks confidently like something else (a wrong class, or no object).
   a missing label a connected region predicted as class c with probability >= min_confidence where
@@ -53,7 +54,7 @@ def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_a
         h, w = sizes.loc[r.key, "height"], sizes.loc[r.key, "width"]
         for a in anns.get(r.key, pd.DataFrame()).itertuples():
             m = mask_utils.decode(to_rle(a.segmentation, h, w, r.height, r.width)).astype(bool)
-            if not m.any():
+            if m.sum() < min_area:   # a few pixels at this resolution cannot outvote their label
                 continue
             c = int(a.class_idx)
             if c in (untrained or ()):
@@ -138,12 +139,13 @@ def plot_suspects(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, path
     fig, axes = plt.subplots(len(top), 3, figsize=(7.5, 2.5 * len(top)), squeeze=False)
     for row, s in zip(axes, top.itertuples()):
         r = index.loc[s.key]
-        img = read_image(images.loc[s.key, "path"], (int(r["height"]), int(r["width"])))
+        photo = read_image(images.loc[s.key, "path"], (int(images.loc[s.key, "height"]), int(images.loc[s.key, "width"])))
+        img = cv2.resize(photo, (int(r["width"]), int(r["height"])), interpolation=cv2.INTER_AREA)
         truth = cv2.imread(r["mask"], cv2.IMREAD_UNCHANGED)
         pred = np.load(r["probs"]).argmax(0)
         x, y, w, h = json.loads(s.bbox)
         for ax, pic, title in zip(row, (img, pal[truth], pal[pred]),
-                                  (f"#{s.rank} {s.key}", f"label: {s.labelled}", f"predicted: {s.predicted}")):
+                                  (f"#{s.rank} {_short(s.key)}", f"label: {s.labelled}", f"predicted: {s.predicted}")):
             ax.imshow(pic)
             ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="red", linewidth=1.5))
             ax.set_title(title, fontsize=7)
@@ -153,3 +155,9 @@ def plot_suspects(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, path
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     _save(fig, path, 80)
     return path
+
+
+def _short(key: str, n: int = 30) -> str:
+    """A panel title's image name: the file name, its middle elided when long (Roboflow names run to 80)."""
+    name = Path(key).name
+    return name if len(name) <= n else f"{name[:n // 2 - 1]}…{name[-(n // 2 - 1):]}"
