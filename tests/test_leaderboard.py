@@ -49,3 +49,14 @@ def test_formats():
     assert md[1] == "|---|---|---|---|---|---|" and md[2].startswith("| pspnet-try | 0.4100 | 0.3800 |")
     parsed = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
     assert parsed[0]["experiment"] == "pspnet-try" and float(parsed[0]["cv_mIoU"]) == 0.41
+
+
+def test_a_blended_experiment_is_ranked_by_its_blend():
+    blended = node("fpn-unet", "fpn", 0.003, 0.33, 0.36, 30, rev="444")
+    blended["data"]["metrics"]["metrics/blend.json"] = {"data": {"blend": {"experiments": 2, "mIoU": 0.42}}}
+    alone = node("fpn", "fpn", 0.003, 0.33, 0.36, 30, rev="555")
+    alone["data"]["metrics"]["metrics/blend.json"] = {"data": {"blend": {"experiments": 1, "mIoU": 0.36}}}
+    tree = [{**node("main", "unet", 0.003, 0.30, 0.35, 60), "experiments": [{"revs": [blended]}, {"revs": [alone]}]}]
+    rows = {r["experiment"]: r for r in leaderboard(tree, "holdout_mIoU")}
+    assert rows["fpn-unet"]["holdout_mIoU"] == 0.42 and rows["fpn-unet"]["best_holdout"] == "0.4200 blend_of_2_experiments"
+    assert rows["fpn"]["holdout_mIoU"] == 0.36

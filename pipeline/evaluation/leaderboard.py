@@ -1,6 +1,6 @@
 """The leaderboard: every DVC experiment (and the workspace) on one line — its name, the params
-that differ between the rows, CV mIoU, the holdout mIoU of the final ensemble, the best holdout
-variant, and training time — read from `dvc exp show --json`, sorted best first.
+that differ between the rows, CV mIoU, the holdout mIoU of what it submits (the final ensemble, or
+the fitted blend when it blends other experiments), the best holdout variant, and training time — read from `dvc exp show --json`, sorted best first.
 """
 from __future__ import annotations
 
@@ -49,6 +49,10 @@ def row(name: str, data: dict) -> dict[str, Any]:
     variants = _metric(metrics, "metrics/ensemble.json").get("ensemble", {})
     final = next((v for k, v in variants.items() if k.startswith("holdout/final_ensemble")), {})
     holdout = {k.split("/", 1)[1]: v["mIoU"] for k, v in variants.items() if k.startswith("holdout/") and "mIoU" in v}
+    blend = _metric(metrics, "metrics/blend.json").get("blend", {})
+    if blend.get("experiments", 1) > 1:   # the submission is the blend of experiments (stage blend)
+        final = {"mIoU": blend["mIoU"]}
+        holdout[f"blend_of_{blend['experiments']}_experiments"] = blend["mIoU"]
     best = max(holdout, key=holdout.get) if holdout else None
     train_s = sum(m.get("data", {}).get("val", {}).get("train_s", 0.0) for path, m in metrics.items()
                   if "/train/" in path.replace("\\", "/") and isinstance(m, dict))
