@@ -1,14 +1,13 @@
 """Stage submit: the final ensemble (with blend.experiments: the fitted blend of experiments) predicts
 test.json's images -> submission.csv (+ a gallery), and is registered as an MLflow model."""
-import json
 from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.reports import plot_test_gallery
-from pipeline.evaluation.variants import final_members, models_for_round
-from pipeline.inference.ensemble import Ensemble, load_member
+from pipeline.evaluation.blend import submitted_members
+from pipeline.inference.ensemble import Ensemble
 from pipeline.data.coco import load_test_set
 from pipeline.inference.served import export_ensemble_model
 from pipeline.inference.submission import write_submission
@@ -25,14 +24,8 @@ def main() -> None:
         cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
         classes = cache["classes"]
         images = load_test_set(p.data)
-        if p.blend.experiments:   # the blend stage's members: every experiment's, weighted as fitted
-            blend = json.loads((Path(p.paths.reports) / "blend/blend.json").read_text())
-            members = [(Path(f), w) for f, w in blend["members"]]
-        else:
-            members = final_members(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths))
-        device = pick_device(p.infer.device)
-        ens = Ensemble([(load_member(f, device, p.infer.batch_size)[0], w) for f, w in members], p.infer.tta,
-                       p.infer.scales, device, p.infer.amp)
+        members = submitted_members(p)   # the final ensemble, or the fitted blend of experiments
+        ens = Ensemble.from_files(members, p.infer, pick_device(p.infer.device))
         out = Path(p.paths.submission)
         out.mkdir(parents=True, exist_ok=True)
         kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,

@@ -27,7 +27,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import IGNORE_INDEX, Dataset
-from pipeline.data.masks import palette, read_image, to_rle
+from pipeline.data.masks import palette, read_image, to_rle, unknown_class_index
 from pipeline.io import read_index
 
 def read_oof(oof_dir: str | Path) -> pd.DataFrame:
@@ -87,6 +87,27 @@ def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_a
     images = pd.DataFrame(images, columns=["key", "fold", "disagreement", "unlabelled_share"])
     images = images.sort_values(["disagreement", "unlabelled_share"], ascending=False, kind="stable")
     return suspects, images.reset_index(drop=True)
+
+
+def audit(oof_dir: str | Path, ds: Dataset, a, masks, noise_file: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(suspects, images, metrics) for the `audit` params `a`; UNKNOWN is not judged when `masks.unknown`
+    drops or ignores it. With `noise_file` (the demo's answer key), metrics hold noise_recall."""
+    unknown = unknown_class_index(ds.classes, masks.unknown_name)
+    untrained = {unknown} if unknown is not None and masks.unknown != "keep" else set()
+    suspects, images = find_suspects(oof_dir, ds, a.min_confidence, a.min_area, untrained)
+    metrics: dict = {"suspects": len(suspects), "images": len(images)}
+    if noise_file.exists():
+        oof = read_oof(oof_dir)
+        metrics["noise"] = noise_recall(suspects, pd.read_csv(noise_file), ds, dict(zip(oof.key, oof.width)), a.top_k)
+    return suspects, images, metrics
+
+
+def summary_line(metrics: dict, suspects_csv: Path) -> str:
+    line = f"label audit: {metrics['suspects']} suspects -> {suspects_csv}"
+    n = metrics.get("noise") or {}
+    if n.get("injected"):
+        line += f"; top {n['k']} find {n['found']} of the {n['injected']} labels corrupted on purpose"
+    return line
 
 
 def _bbox(m: np.ndarray) -> str:

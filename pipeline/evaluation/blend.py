@@ -11,6 +11,7 @@ validation or holdout images), the input framing (train.eval_size) and infer's T
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +21,17 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
 from pipeline.config import Params, parse_params
 from pipeline.data.coco import DataError
 from pipeline.data.masks import read_classes, read_image
+from pipeline.io import write_json
 from pipeline.evaluation.audit import read_oof
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
-from pipeline.evaluation.variants import final_members, models_for_round
-from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member
+from pipeline.evaluation.variants import final_members, holdout_table, models_for_round
+from pipeline.inference.ensemble import Ensemble, ImageFiles, at_size
 from pipeline.models.checkpoint import member_dir
 
 HERE = "this experiment"
@@ -154,8 +155,7 @@ def judge_on_holdout(exps: list[Experiment], variants: dict[str, list[float]], h
     """Confusion on the holdout of every variant (weights over `exps`); each experiment's final
     ensemble predicts every image once, the variants mix its probabilities."""
     p = exps[0].params
-    ens = [Ensemble([(load_member(f, device, p.infer.batch_size)[0], w) for f, w in e.members], p.infer.tta,
-                    p.infer.scales, device, p.infer.amp) for e in exps]
+    ens = [Ensemble.from_files(e.members, p.infer, device) for e in exps]
     images, masks = held["image"].tolist(), held["mask"].tolist()
     sizes = list(zip(held.height.astype(int), held.width.astype(int)))
     data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), p.train.eval_size)
@@ -165,9 +165,8 @@ def judge_on_holdout(exps: list[Experiment], variants: dict[str, list[float]], h
         for name, weights in variants.items():
             mix = sum(w * q for w, q in zip(weights, per_exp) if w)
             for q, i in zip(mix, idx.tolist()):
-                if tuple(q.shape[-2:]) != sizes[i]:
-                    q = F.interpolate(q[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
-                cms[name].update(q.argmax(0).cpu(), torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
+                cms[name].update(at_size(q, sizes[i]).argmax(0).cpu(),
+                                 torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
     return {name: cm.numpy() for name, cm in cms.items()}
 
 
@@ -214,3 +213,35 @@ def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Opti
                "best_single": best_single.variant, "best_single_mIoU": float(best_single[key]),
                "blend_mIoU": float(final[key]), "gain_vs_best_single": float(final[key] - best_single[key])}
     return table, summary
+
+
+def blend_experiments(p, device: torch.device) -> tuple[pd.DataFrame, dict]:
+    """The stage's work for params `p` (infer, train, blend, paths): copy the other experiments into
+    paths.blend (afresh), refuse what cannot blend, fit and judge; the summary lists the members."""
+    copies = Path(p.paths.blend)
+    shutil.rmtree(copies, ignore_errors=True)
+    copies.mkdir(parents=True)
+    exps = [this_experiment(p)] + [load_experiment(s, ".", copies) for s in p.blend.experiments]
+    write_json(copies / "experiments.json", {e.name: str(e.root) for e in exps})   # what was copied where
+    check_compatible(exps)
+    table, summary = fit_blend(exps, read_classes(p.paths.masks)["classes"], p.blend.steps,
+                               holdout_table(p.paths.masks, p.paths.split), device)
+    summary["members"] = [[str(f), w] for f, w in blend_members(exps, [x["weight"] for x in summary["experiments"]])]
+    return table, summary
+
+
+def summary_line(summary: dict) -> str:
+    n = len(summary["experiments"])
+    if n == 1:
+        return "blend: no other experiments (blend.experiments); the submission is this experiment's ensemble"
+    return (f"blend of {n} experiments ({summary['judged_on']}): mIoU {summary['blend_mIoU']:.4f} vs best single "
+            f"({summary['best_single']}) {summary['best_single_mIoU']:.4f} ({summary['gain_vs_best_single']:+.4f}); "
+            "weights " + ", ".join(f"{x['name']} {x['weight']:.2f}" for x in summary["experiments"]))
+
+
+def submitted_members(p) -> list[tuple[Path, float]]:
+    """(checkpoint, weight) of what the submission uses: the fitted blend's members with
+    blend.experiments (written by the blend stage), else this experiment's final ensemble."""
+    if p.blend.experiments:
+        return [(Path(f), w) for f, w in json.loads((Path(p.paths.reports) / "blend/blend.json").read_text())["members"]]
+    return final_members(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths))

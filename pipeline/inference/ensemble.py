@@ -68,6 +68,12 @@ class Ensemble:
         self.members = [(m, w / total) for m, w in members]
         self.views, self.scales, self.device, self.amp = list(views), list(scales), device, amp
 
+    @classmethod
+    def from_files(cls, members: list[tuple[Path, float]], infer, device: torch.device) -> "Ensemble":
+        """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp."""
+        return cls([(load_member(f, device, infer.batch_size)[0], w) for f, w in members], infer.tta, infer.scales,
+                   device, infer.amp)
+
     def proba(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, C, S, S) float32 probabilities."""
         x = x.to(self.device)
@@ -81,15 +87,20 @@ class Ensemble:
         for x, idx in DataLoader(dataset, batch_size if dataset.size else 1, num_workers=workers):
             probs = self.proba(x)
             for p, i in zip(probs, idx.tolist()):
-                if tuple(p.shape[-2:]) != tuple(sizes[i]):
-                    p = F.interpolate(p[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
-                yield i, p
+                yield i, at_size(p, sizes[i])
 
     def predict(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
                 workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (index, (H, W) uint8 class map at sizes[index]): the argmax of predict_proba."""
         for i, p in self.predict_proba(dataset, sizes, batch_size, workers):
             yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def at_size(p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) probabilities bilinearly resized to `size` (H, W), as every prediction path does."""
+    if tuple(p.shape[-2:]) == tuple(size):
+        return p
+    return F.interpolate(p[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def member_paths(models_dir: str | Path, folds: list[int], seeds: list[int], checkpoints: list[str]) -> list[Path]:
