@@ -145,6 +145,7 @@ def reference_train(train: list, n_cls: int, epochs: int, seed: int = 0) -> torc
                                               0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
     for epoch in range(epochs):
         model.train()
+        total = 0.0
         for x, y in loader:
             logits = model(x)
             loss = ce(logits, y) + 0.5 * dice(logits, y)
@@ -152,7 +153,8 @@ def reference_train(train: list, n_cls: int, epochs: int, seed: int = 0) -> torc
             loss.backward()
             opt.step()
             sched.step()
-        print(f"  reference epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
+            total += loss.item() * len(x)
+        print(f"  reference epoch {epoch + 1}/{epochs}: train loss {total / (len(loader) * 8):.4f}", flush=True)
     return model.eval()
 
 

@@ -182,16 +182,36 @@ def test_a_broken_test_set_fails_the_masks_stage(tmp_path, monkeypatch):
 
 
 def test_capped_jpeg_decoding_matches_a_full_decode(tmp_path):
-    """JPEGs shrunk 2x or more are decoded at reduced DCT scale: close to full decode + INTER_AREA."""
+    """JPEGs shrunk a lot are decoded at reduced DCT scale, and only where that keeps the detail of a
+    full decode + INTER_AREA: a fine texture (like leaves) keeps >= 90 % of its Laplacian energy at
+    every output size; decoding at any scale that fits (the old rule) kept 75-87 % where a 1.6-2x
+    INTER_AREA was left to do."""
     rng = np.random.default_rng(0)
-    img = cv2.GaussianBlur(rng.integers(0, 255, (600, 803, 3), dtype=np.uint8), (0, 0), 3)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (600, 803, 3), dtype=np.uint8), (0, 0), 1.6)
     cv2.imwrite(str(tmp_path / "a.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
     full = cv2.cvtColor(cv2.imread(str(tmp_path / "a.jpg")), cv2.COLOR_BGR2RGB)
-    for out_hw in [(600, 803), (300, 402), (150, 201), (75, 100), (37, 50)]:
+
+    def detail(x):
+        return np.abs(cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float32), cv2.CV_32F)).mean()
+
+    for out_hw in [(600, 803), (375, 502), (300, 402), (188, 251), (150, 201), (75, 100), (37, 50)]:
         fast = decode_oriented(str(tmp_path / "a.jpg"), 600, 803, out_hw)
         ref = cv2.resize(full, out_hw[::-1], interpolation=cv2.INTER_AREA)
         assert fast.shape == (*out_hw, 3)
-        assert np.abs(fast.astype(int) - ref).mean() < 2.55, out_hw   # within 1 % of the range on average
+        assert np.abs(fast.astype(int) - ref).mean() < 3, out_hw   # about 1 % of the range on average
+        assert detail(fast) >= 0.9 * detail(ref), (out_hw, detail(fast), detail(ref))
+
+
+def test_dct_scale_known_answers():
+    from pipeline.data.masks import dct_scale
+
+    assert dct_scale(1024, 1024, 320, 320)[0] == 1      # 512 would leave a 1.6x INTER_AREA: full decode
+    assert dct_scale(1024, 1024, 256, 256)[0] == 4      # an exact fit: no resize left
+    assert dct_scale(1024, 1024, 160, 160)[0] == 2      # 512 is 3.2x
+    assert dct_scale(3024, 4032, 384, 512)[0] == 2      # 12 MP to 512: 1512x2016, >= 3x
+    assert dct_scale(3024, 4032, 768, 1024)[0] == 1
+    assert dct_scale(1024, 1024, 32, 32)[0] == 8
+    assert dct_scale(1024, 1024, 320, 320, min_factor=1)[0] == 2   # near-dup thumbnails: speed first
 
 
 def test_progress_lines_say_rate_and_eta(monkeypatch):

@@ -47,8 +47,9 @@ RATIO = 0.8             # Lowe's ratio test when matching a candidate pair
 
 def features(path: str, height: int, width: int, side: int, n_features: int) -> dict:
     """pHash (uint64), ORB keypoint positions (N, 2, in pixels of the decoded copy) and descriptors
-    (N, 32 uint8) of one image, decoded (EXIF-aware, JPEG DCT-scaled) with its long side at most `side`."""
-    img = decode_oriented(path, height, width, target_size(height, width, side))
+    (N, 32 uint8) of one image, decoded (EXIF-aware, JPEG DCT-scaled as far as the size allows: the
+    features need no fine detail) with its long side at most `side`."""
+    img = decode_oriented(path, height, width, target_size(height, width, side), dct_min_factor=1)
     grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     bits = imagehash.phash(Image.fromarray(grey)).hash.flatten()
     phash = np.packbits(bits).view(">u8")[0].astype(np.uint64)
