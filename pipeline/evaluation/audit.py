@@ -159,8 +159,8 @@ def plot_suspects(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, path
     plt = _plt()
     fig, axes = plt.subplots(len(top), 3, figsize=(7.5, 2.5 * len(top)), squeeze=False)
     for row, s in zip(axes, top.itertuples()):
-        r = index.loc[s.key]
-        photo = read_image(images.loc[s.key, "path"], (int(images.loc[s.key, "height"]), int(images.loc[s.key, "width"])))
+        r, im = index.loc[s.key], images.loc[s.key]
+        photo = read_image(im["path"], (int(im["height"]), int(im["width"])))   # as its json sees it
         img = cv2.resize(photo, (int(r["width"]), int(r["height"])), interpolation=cv2.INTER_AREA)
         truth = cv2.imread(r["mask"], cv2.IMREAD_UNCHANGED)
         pred = np.load(r["probs"]).argmax(0)

@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 from pipeline.config import Params, parse_params
 from pipeline.data.coco import DataError
 from pipeline.data.masks import read_classes, read_image
-from pipeline.io import write_json
 from pipeline.evaluation.audit import read_oof
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
 from pipeline.evaluation.variants import final_members, holdout_table, models_for_round
 from pipeline.inference.ensemble import Ensemble, ImageFiles, at_size
+from pipeline.io import write_json
 from pipeline.models.checkpoint import member_dir
 
 HERE = "this experiment"

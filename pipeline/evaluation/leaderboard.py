@@ -1,6 +1,7 @@
 """The leaderboard: every DVC experiment (and the workspace) on one line — its name, the params
 that differ between the rows, CV mIoU, the holdout mIoU of what it submits (the final ensemble, or
-the fitted blend when it blends other experiments), the best holdout variant, and training time — read from `dvc exp show --json`, sorted best first.
+the fitted blend when it blends other experiments), the best holdout variant, and training time —
+read from `dvc exp show --json`, sorted best first.
 """
 from __future__ import annotations
 

@@ -1,0 +1,40 @@
+"""What the submit stage writes: the final ensemble's (or, with blend.experiments, the fitted blend's)
+predictions for test.json's images -> submission.csv, a gallery of the first few, and the same
+ensemble as an MLflow model folder a user can take away."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pipeline.data.coco import load_test_set
+from pipeline.data.masks import read_classes
+from pipeline.devices import pick_device
+from pipeline.evaluation.blend import submitted_members
+from pipeline.evaluation.reports import plot_test_gallery
+from pipeline.inference.ensemble import Ensemble
+from pipeline.inference.served import export_ensemble_model
+from pipeline.inference.submission import write_submission
+
+
+@dataclass
+class Submitted:
+    images: int                # test images predicted
+    gallery: Optional[Path]    # gallery.png of the first submit.gallery predictions (None when 0)
+    model: Path                # the MLflow model folder
+
+
+def submit(p, out: Path) -> Submitted:
+    """For params `p` (data, infer, train, blend, submit, paths): write <out>/submission.csv, gallery.png
+    and model/. Test images are prepared as training's were (the mask cache's max_side)."""
+    cache = read_classes(p.paths.masks)
+    classes, max_side = cache["classes"], cache.get("max_side")
+    images = load_test_set(p.data)
+    members = submitted_members(p)
+    ens = Ensemble.from_files(members, p.infer, pick_device(p.infer.device))
+    out.mkdir(parents=True, exist_ok=True)
+    kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,
+                            p.infer.batch_size, keep=p.submit.gallery, max_side=max_side)
+    gallery = plot_test_gallery(images, kept, classes, out / "gallery.png") if kept else None
+    model = export_ensemble_model(out / "model", members, p.infer, p.train.eval_size, max_side, classes)
+    return Submitted(len(images), gallery, model)
