@@ -1,6 +1,7 @@
 """Quality on real photos, side by side: a plain PyTorch + smp reference against the pipeline.
 
-    python -m bench.quality --data /path/to/roboflow-export [--work /tmp/quality] [--epochs 5] [--seeds 0 1]
+    python -m bench.quality --data /path/to/roboflow-export [--work /tmp/quality] [--epochs 5] [--seeds 0 1] [--out r.json]
+    python -m bench.quality --merge r0.json r1.json ...   # one table from runs made apart (e.g. a seed each)
 
 The dataset is a COCO-format export with photos (Roboflow layout: <split>/_annotations.coco.json
 beside its images); every labelled split is pooled (the test split is not used). Validation is fold 0
@@ -20,7 +21,9 @@ Each recipe's final weights (no epoch picked on the validation images) predict t
 at 320x320; one independent scorer, torchmetrics' MulticlassJaccardIndex (macro) over the whole
 validation set, scores them against masks the bench rasterises itself (pycocotools, smaller objects
 painted on top, centre-aligned nearest resize). Time: wall and process CPU seconds of data preparation, training
-and prediction. Prints a markdown table: each recipe's mean over --seeds, and every seed's mIoU.
+and prediction. Prints a markdown table: each recipe's mean over --seeds, every seed's mIoU, and
+its difference from the reference paired by seed with a 95 % t-interval (seed noise is large at 5
+epochs: a difference is only shown when the interval excludes 0).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
+from scipy import stats  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex  # noqa: E402
 
 from pipeline.config import Params  # noqa: E402
@@ -229,7 +233,7 @@ def score(preds: list[np.ndarray], truths: list[np.ndarray], n_cls: int) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="Roboflow-style COCO export (folders with _annotations.coco.json)")
+    ap.add_argument("--data", help="Roboflow-style COCO export (folders with _annotations.coco.json)")
     ap.add_argument("--work", default="/tmp/bench-quality")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--only", default="reference,pipeline,photos", help="recipes to run, comma-separated")
@@ -237,7 +241,12 @@ def main() -> None:
                     help="preset recipe file(s) to run (recipe 'photos')")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table shows each recipe's mean")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only print one table from earlier --out files")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge)
+    if not args.data:
+        ap.error("--data is required (or --merge)")
     torch.set_num_threads(os.cpu_count() or 1)
     root, work = Path(args.data), Path(args.work)
     jsons = sorted(j for j in root.glob("*/_annotations.coco.json") if j.parent.name != "test")
@@ -284,25 +293,60 @@ def main() -> None:
                          **score(preds, truths, n_cls), "wall_s": clock.wall, "cpu_s": clock.cpu})
             print(rows[-1], flush=True)
 
-    table = pd.DataFrame(rows)
-    mean = table.groupby("recipe", sort=False)[["mIoU", "pixel_acc", "wall_s", "cpu_s"]].mean()
-    per_seed = table.groupby("recipe", sort=False)["mIoU"].agg(lambda v: " / ".join(f"{x:.4f}" for x in v))
-    ref = next((r for r in mean.index if r.startswith("reference")), None)
-    print(f"\n{root.name}: {len(train_keys)} training / {len(val_keys)} validation photos, {n_cls} classes, "
-          f"{args.epochs} epochs, {SIDE}x{SIDE}, seeds {args.seeds}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}\n")
-    print("| recipe | mIoU (mean) | per seed | Δ vs reference | pixel acc | wall s | CPU s | CPU × reference |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in mean.iterrows():
-        d = f"{r['mIoU'] - mean.loc[ref, 'mIoU']:+.4f}" if ref else "—"
-        ratio = f"{r['cpu_s'] / mean.loc[ref, 'cpu_s']:.2f}" if ref else "—"
-        print(f"| {name} | {r['mIoU']:.4f} | {per_seed[name]} | {d} | {r['pixel_acc']:.4f} | {r['wall_s']:.0f} | "
-              f"{r['cpu_s']:.0f} | {ratio} |")
-    print("\nper-class IoU (" + ", ".join(names) + "):")
-    for r in rows:
-        print(f"  {r['recipe']}, seed {r['seed']}: {r['IoU']}")
+    meta = {"data": root.name, "train": len(train_keys), "val": len(val_keys), "classes": names,
+            "epochs": args.epochs, "cpus": os.cpu_count(), "torch": torch.__version__}
     if args.out:
-        Path(args.out).write_text(json.dumps({"classes": names, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    report(rows, meta)
+
+
+def paired(table: pd.DataFrame, name: str, ref: str) -> str:
+    """Δ vs the reference over the seeds both ran: mean, and the 95 % t-interval of the paired differences."""
+    a = table[table.recipe == name].set_index("seed")["mIoU"]
+    b = table[table.recipe == ref].set_index("seed")["mIoU"]
+    d = (a - b).dropna()
+    if len(d) < 2:
+        return f"{d.mean():+.4f}" if len(d) else "—"
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}], {int((d > 0).sum())}/{len(d)} seeds above"
+
+
+def report(rows: list[dict], meta: dict) -> None:
+    """The markdown table: each recipe's mean over its seeds, every seed's mIoU, Δ vs the reference
+    (paired by seed, with its 95 % interval), time; then every run's per-class IoU."""
+    table = pd.DataFrame(rows).sort_values(["recipe", "seed"], kind="stable")
+    order = list(dict.fromkeys(r["recipe"] for r in rows))
+    mean = table.groupby("recipe")[["mIoU", "pixel_acc", "wall_s", "cpu_s"]].mean().loc[order]
+    per_seed = table.groupby("recipe")["mIoU"].agg(lambda v: " / ".join(f"{x:.4f}" for x in v))
+    seeds = sorted(set(table.seed))
+    ref = next((r for r in order if r.startswith("reference")), None)
+    print(f"\n{meta.get('data', '?')}: {meta.get('train', '?')} training / {meta.get('val', '?')} validation photos, "
+          f"{len(meta.get('classes', []))} classes, {meta.get('epochs', '?')} epochs, {SIDE}x{SIDE}, seeds {seeds}, "
+          f"{meta.get('cpus', '?')} CPU cores, torch {meta.get('torch', '?')}\n")
+    print("| recipe | seeds | mIoU (mean) | per seed | Δ vs reference (paired by seed, 95 % CI) | pixel acc | "
+          "wall s | CPU s | CPU × reference |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in mean.iterrows():
+        d = paired(table, name, ref) if ref and name != ref else "—"
+        ratio = f"{r['cpu_s'] / mean.loc[ref, 'cpu_s']:.2f}" if ref else "—"
+        n = int((table.recipe == name).sum())
+        print(f"| {name} | {n} | {r['mIoU']:.4f} | {per_seed[name]} | {d} | {r['pixel_acc']:.4f} | "
+              f"{r['wall_s']:.0f} | {r['cpu_s']:.0f} | {ratio} |")
+    print("\nper-class IoU (" + ", ".join(meta.get("classes", [])) + "):")
+    for _, r in table.iterrows():
+        print(f"  {r['recipe']}, seed {r['seed']}: {r['IoU']}")
+
+
+def merge(files: list[str]) -> None:
+    """One table from the --out files of several runs (e.g. one seed per run); a run repeated
+    (same recipe and seed) counts once, the last file winning."""
+    rows, meta = {}, {}
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        meta = {**meta, **{k: v for k, v in data.items() if k != "rows"}}
+        for r in data["rows"]:
+            rows[(r["recipe"], r["seed"])] = r
+    report(list(rows.values()), meta)
 
 
 if __name__ == "__main__":
