@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -133,6 +134,13 @@ class Crops(torch.utils.data.Dataset):
         return out["image"], out["mask"].long()
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """LR factor at optimizer step `step`: linear warmup over `warmup` steps, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def reference_train(train: list, n_cls: int, epochs: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     transform = A.Compose([
@@ -144,12 +152,11 @@ def reference_train(train: list, n_cls: int, epochs: int, seed: int = 0) -> torc
     model = smp.FPN("resnet34", encoder_weights=None, classes=n_cls)
     ce, dice = torch.nn.CrossEntropyLoss(ignore_index=255), smp.losses.DiceLoss("multiclass", ignore_index=255)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    warmup, total = len(loader), len(loader) * epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
-                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=len(loader),
+                                                           total=len(loader) * epochs))
     for epoch in range(epochs):
         model.train()
-        total = 0.0
+        running = 0.0
         for x, y in loader:
             logits = model(x)
             loss = ce(logits, y) + 0.5 * dice(logits, y)
@@ -157,8 +164,8 @@ def reference_train(train: list, n_cls: int, epochs: int, seed: int = 0) -> torc
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(x)
-        print(f"  reference epoch {epoch + 1}/{epochs}: train loss {total / (len(loader) * 8):.4f}", flush=True)
+            running += loss.item() * len(x)
+        print(f"  reference epoch {epoch + 1}/{epochs}: train loss {running / (len(loader) * 8):.4f}", flush=True)
     return model.eval()
 
 

@@ -1,9 +1,34 @@
-"""bench/quality.py's table arithmetic: the paired difference and its interval, and merging runs."""
+"""bench/quality.py's arithmetic: the reference's LR schedule, the paired difference and its
+interval, and merging runs."""
 import json
+import math
+from functools import partial
 
 import pandas as pd
+import pytest
+import torch
 
-from bench.quality import merge, paired
+from bench.quality import merge, paired, warmup_cosine
+
+
+@pytest.mark.parametrize("step, factor", [(0, 1 / 48), (23, 0.5), (47, 1.0), (48, 1.0), (144, 0.5), (239, None)])
+def test_reference_schedule_known_answers(step, factor):
+    expected = factor if factor is not None else 0.5 * (1 + math.cos(math.pi * 191 / 192))
+    assert warmup_cosine(step, warmup=48, total=240) == pytest.approx(expected)
+
+
+def test_reference_schedule_is_what_the_optimizer_sees():
+    # The reference's LambdaLR once closed over a name its epoch loop reused for the running loss,
+    # and lost its cosine; the factor is now a function of its arguments only.
+    opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, warmup=4, total=20))
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([1e-3 * warmup_cosine(s, 4, 20) for s in range(20)])
+    assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]) and seen[12] == pytest.approx(5e-4)
 
 
 def rows(recipe, values, seeds=None):
