@@ -23,7 +23,7 @@ validation set, scores them against masks the bench rasterises itself (pycocotoo
 painted on top, centre-aligned nearest resize). Time: wall and process CPU seconds of data preparation, training
 and prediction. Prints a markdown table: each recipe's mean over --seeds, every seed's mIoU, and
 its difference from the reference paired by seed with a 95 % t-interval (seed noise is large at 5
-epochs: a difference is only shown when the interval excludes 0).
+epochs: read a difference as real only when its interval excludes 0).
 """
 from __future__ import annotations
 

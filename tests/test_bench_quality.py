@@ -55,4 +55,3 @@ def test_merge_counts_a_repeated_run_once(tmp_path, capsys):
     merge([str(a), str(b)])
     out = capsys.readouterr().out
     assert "| ref | 2 | 0.3000 | 0.2000 / 0.4000 |" in out
-

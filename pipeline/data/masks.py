@@ -231,7 +231,7 @@ JPEG_SCALES = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
 # A DCT-scaled decode then INTER_AREA stacks two low-pass filters: with fewer than ~3 decoded pixels
 # per output pixel the result is visibly softer than a full decode + INTER_AREA (1024-px photos to
 # 320: 12 % less Laplacian energy; to 400: 17 %); bench/quality.py's same-recipe pipeline scored
-# 0.0072 mIoU less on it (mean of 3 seeds, lower on each). At >= 3x (or an exact fit) the loss is <= 3 %.
+# 0.0070 mIoU less on it (mean of 3 seeds, lower on each). At >= 3x (or an exact fit) the loss is <= 3 %.
 DCT_MIN_FACTOR = 3
 
 
