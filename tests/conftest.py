@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,9 @@ from PIL import Image
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REPO = Path(__file__).resolve().parents[1]
+# Added to the seeds of every test that trains or draws data (PIPELINE_TEST_SEED=7 make test): the
+# suite must pass whatever the seed, since no test may assert a learnt outcome of a tiny model.
+SEED = int(os.environ.get("PIPELINE_TEST_SEED", "0"))
 
 
 def square(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
@@ -43,6 +47,22 @@ def image(i: int, w: int = 10, h: int = 8, folder: str = "imgs") -> dict:
 
 @pytest.fixture(autouse=True)
 def _mlflow_in_tmp(tmp_path, monkeypatch):
-    """Every test logs to its own sqlite file, never to the repo's mlflow.db."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    """Every test logs to its own sqlite file, never to the repo's mlflow.db. A URI an earlier test set
+    in this process (mlflow.set_tracking_uri outlives the env var) is reset too: with pytest-xdist a
+    worker runs files in any order."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(uri)
     monkeypatch.setenv("PIPELINE_SESSION", f"test-{tmp_path.name}")
+
+
+# The longest files first: under `pytest -n 2 --dist loadfile` (make test) each runs whole on one
+# worker, so the end-to-end DAG starts at once and everything else shares the other core meanwhile.
+LONGEST_FIRST = ("test_e2e.py", "test_distributed.py", "test_interrupt.py", "test_tracking.py", "test_tracking_server.py",
+                 "test_served.py", "test_training.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a file keeps its order

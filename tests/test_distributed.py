@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -36,7 +37,7 @@ def run_stage(tmp, name: str, devices: int) -> dict:
     metrics = json.loads((work / "metrics/train/fold_0_seed_0.json").read_text())["val"]
     history = (work / "plots/train/fold_0_seed_0.csv").read_text().splitlines()
     return {"metrics": metrics, "history": [dict(zip(history[0].split(","), map(float, r.split(",")))) for r in history[1:]],
-            "log": out.stdout + out.stderr}
+            "confusion": np.load(work / "models/fold_0/seed_0/val_confusion.npy"), "log": out.stdout + out.stderr}
 
 
 @pytest.mark.timeout(600)
@@ -45,11 +46,17 @@ def test_two_gloo_processes_match_one(tmp_path):
 
     one, two = run_stage(tmp_path, "one", 1), run_stage(tmp_path, "two", 2)
     assert "torchrun" in two["log"] and two["log"].count("epoch 2/2") == 1   # rank 0 alone reports
+    # The losses differ by float summation order only. Scores come from argmaxes, where a pixel whose
+    # two top logits are that close may flip on some CPU: the validation confusions may differ by a
+    # few pixels (here at most 0.1 %), never in what was counted.
     for a, b in zip(one["history"], two["history"], strict=True):
-        for key in ("train/loss", "val/loss", "val/mIoU", "val/pixel_acc"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key   # float summation order only
-    for key in ("mIoU", "pixel_acc", "mean_acc", "best_epoch", "val_images"):
-        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4, abs=1e-6), key
+        for key in ("train/loss", "val/loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    c1, c2 = one["confusion"], two["confusion"]
+    assert c1.sum() == c2.sum() == 6 * 64 * 64 and (c1.sum(1) == c2.sum(1)).all()   # same pixels, same truth
+    assert np.abs(c1 - c2).sum() / 2 <= 0.001 * c1.sum()
+    for key in ("best_epoch", "val_images"):
+        assert two["metrics"][key] == one["metrics"][key], key
 
     runs = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
     assert sorted(r.info.run_name for r in runs if r.data.tags.get("pipeline.role") == "stage") == ["train@0-0"] * 2
