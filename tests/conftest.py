@@ -57,8 +57,8 @@ def _mlflow_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_SESSION", f"test-{tmp_path.name}")
 
 
-# The longest files first: under `pytest -n 2 --dist loadfile` (make test) each runs whole on one
-# worker, so the end-to-end DAG starts at once and everything else shares the other core meanwhile.
+# The longest files first: under `pytest -n auto --dist loadfile` (make test) each runs whole on one
+# worker, so the end-to-end DAG starts at once and the other workers share the rest meanwhile.
 LONGEST_FIRST = ("test_e2e.py", "test_distributed.py", "test_interrupt.py", "test_tracking.py", "test_tracking_server.py",
                  "test_served.py", "test_training.py", "test_models.py")
 

@@ -39,8 +39,8 @@ def deep_update(d: dict, u: dict) -> dict:
     return d
 
 
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
 
@@ -80,9 +80,7 @@ def workspace(tmp_path_factory):
 def repro(workspace):
     """One real `dvc repro` of the whole DAG, shared by every test below that reads its outputs."""
     ws, env = workspace
-    out = subprocess.run(["dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"dvc repro failed:\n{out.stdout}\n{out.stderr}"
-    return ws, env, out.stdout + out.stderr
+    return ws, env, sh(["dvc", "repro"], ws, env, timeout=900)
 
 
 def read(ws: Path, metrics: str) -> dict:
@@ -118,7 +116,7 @@ def lock_outs(ws: Path, stages) -> dict:
 @pytest.mark.timeout(300)
 def test_the_data_half_is_byte_identical_with_other_thread_counts(repro, tmp_path):
     """demo data, masks, near-duplicates, EDA and split: the same bytes (DVC's md5 of each output)
-    with one thread and one worker process as with the suite's threads and all cores. Training is
+    with another thread count and one worker process as with the suite's threads and all cores. Training is
     deterministic per machine only; the data half must not depend on the machine at all."""
     ws, env, _ = repro
     params = yaml.safe_load((ws / "params.yaml").read_text())
