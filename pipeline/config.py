@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
+CORRECTIONS_DIR = "corrections"   # label fixes live here (data.corrections); dvc.yaml's masks stage depends on it
 
 # Architectures the train stage can build: smp's and the classic ones written in pipeline/models.
 ModelName = Literal[
@@ -65,6 +66,16 @@ class Data(_Section):
     val_json: Optional[str] = None
     test_json: Optional[str] = "test.json"
     strict: bool = True
+    corrections: list[str] = Field(default_factory=list)
+
+    @field_validator("corrections")
+    @classmethod
+    def _under_corrections(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if Path(f).parts[:1] != (CORRECTIONS_DIR,) or not f.endswith((".csv", ".json"))]
+        if bad:
+            raise ValueError(f"corrections {bad}: each must be a .csv or .json under {CORRECTIONS_DIR}/ (the folder "
+                             "DVC hashes for the masks stage)")
+        return v
 
     def images_of(self, role: Literal["train", "val", "test"]) -> str:
         """The folder (under root) holding the images of the train, val or test json."""
@@ -121,6 +132,11 @@ NO_CLASS_WEIGHTS = {"lovasz"}   # losses that take no class weights (tests/test_
 AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "brightness_contrast", "cutout", "gridmask"]
 
 
+class Ema(_Section):
+    decay: float = Field(0.999, gt=0, lt=1)   # per optimizer step
+    warmup: bool = True                      # decay ramps up as min(decay, (1 + n) / (10 + n)) over the first steps
+
+
 class Train(_Section):
     folds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     epochs: int = Field(25, ge=1)
@@ -157,6 +173,8 @@ class Train(_Section):
     devices: int = Field(1, ge=1)
     gallery: int = Field(6, ge=0)
     swa_epochs: int = Field(0, ge=0)
+    ema: Optional[Ema] = None
+    scales: Optional[list[float]] = None
     val_every: int = Field(1, ge=1)
     dropout: Optional[float] = Field(None, ge=0, lt=1)
 
@@ -172,6 +190,17 @@ class Train(_Section):
         """What validation and inference resize images to: image_size, or None for a model trained on
         crops (whole images at the mask cache's resolution, by sliding windows)."""
         return None if self.input == "crop" else self.image_size
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_positive(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and (not v or min(v) <= 0):
+            raise ValueError(f"scales must be a non-empty list of positive factors, got {v}")
+        return v
+
+    def batch_side(self, scale: float) -> int:
+        """The input side of a batch trained at `scale` (train.scales): a multiple of 32, at least 32."""
+        return max(32, int(round(self.image_size * scale / 32)) * 32)
 
     @field_validator("crop_scale")
     @classmethod
@@ -203,18 +232,30 @@ class Train(_Section):
         return self
 
 
+class CrfSection(_Section):
+    enabled: bool = False        # refine the final ensemble's probabilities (submit, predict, MLflow model)
+    iterations: int = Field(5, ge=1)
+    gauss_sxy: float = Field(3.0, gt=0)    # smoothness kernel: reach (pixels) and weight
+    gauss_compat: float = Field(3.0, ge=0)
+    sxy: float = Field(50.0, gt=0)         # appearance kernel: reach (pixels), colour scale, weight
+    srgb: float = Field(13.0, gt=0)
+    compat: float = Field(5.0, ge=0)
+
+
 TtaView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4"]
 
 
 class Infer(_Section):
     tta: list[TtaView] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
-    checkpoints: list[Literal["best", "last", "swa"]] = Field(default_factory=lambda: ["best"], min_length=1)
+    checkpoints: list[Literal["best", "last", "swa", "ema"]] = Field(default_factory=lambda: ["best"], min_length=1)
     fold_weights: Optional[list[float]] = None
     batch_size: int = Field(8, ge=1)
     amp: Literal["off", "bf16", "fp16"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round: Literal[1, 2] = 2
+    postprocess: bool = True     # apply the rules the ensemble stage fits out of fold (none kept: no change)
+    crf: CrfSection = CrfSection()
 
     @field_validator("scales")
     @classmethod
@@ -243,6 +284,14 @@ class Blend(_Section):
     steps: int = Field(25, ge=1)
 
 
+class MetricSection(_Section):
+    kind: Literal["dataset", "per_image"] = "dataset"   # dataset-level mIoU | mean of per-image mIoU
+    size: Literal[256, "native"] = "native"            # 256: maps resized nearest to 256x256 first
+    bootstrap: int = Field(1000, ge=100)               # resamples of the images for 95 % intervals
+    leaderboard_images: int = Field(410, ge=1)         # images per leaderboard half (public, private)
+    seed: int = 0
+
+
 class Submit(_Section):
     size: int = Field(256, ge=1)
     gallery: int = Field(8, ge=0)
@@ -265,6 +314,7 @@ class Params(_Section):
     audit: Audit = Audit()
     blend: Blend = Blend()
     submit: Submit = Submit()
+    metric: MetricSection = MetricSection()
 
     @field_validator("encoder")
     @classmethod
@@ -283,6 +333,12 @@ class Params(_Section):
         if "swa" in i.checkpoints and i.round == 2:
             raise ValueError("infer.checkpoints includes swa but infer.round is 2: round-2 models (fine-tuned on "
                              "pseudo-labels) keep best/last only; use infer.round: 1 for SWA")
+        if "ema" in i.checkpoints and t.ema is None:
+            raise ValueError("infer.checkpoints includes ema but train.ema is null: no ema.pt is written; "
+                             "set train.ema: {decay: 0.999} or drop ema")
+        if "ema" in i.checkpoints and i.round == 2:
+            raise ValueError("infer.checkpoints includes ema but infer.round is 2: round-2 models keep best/last "
+                             "only; use infer.round: 1 for EMA")
         if i.fold_weights is not None and len(i.fold_weights) != len(t.folds):
             raise ValueError(f"infer.fold_weights has {len(i.fold_weights)} weights for {len(t.folds)} folds "
                              f"(train.folds {t.folds})")

@@ -10,7 +10,7 @@ from pipeline.evaluation.blend import blend_experiments, summary_line
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
 
-PARAMS = ("infer", "train", "blend", "paths")
+PARAMS = ("infer", "train", "blend", "metric", "paths")
 
 
 def main() -> None:

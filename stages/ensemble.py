@@ -1,30 +1,38 @@
-"""Stage ensemble: score every variant (TTA, epoch/SWA/seed/k-fold ensembles, round 2) on images none of its members saw."""
+"""Stage ensemble: score every variant (TTA, epoch/SWA/EMA/seed/k-fold ensembles, round 2, CRF and
+post-processing fitted out of fold) on images none of its members saw -> reports/ensemble
+(variants.csv, postprocess.json: what submit, predict and the MLflow model apply)."""
 from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
-from pipeline.evaluation.variants import evaluate_variants, variants_metrics
-from pipeline.io import atomic_dir
-from pipeline.tracking import stage_run
 from pipeline.devices import pick_device
+from pipeline.evaluation.variants import evaluate_variants, submitted_variant, variants_metrics
+from pipeline.io import atomic_dir, write_json
+from pipeline.tracking import stage_run
 
-PARAMS = ("infer", "train", "paths")
+PARAMS = ("infer", "train", "metric", "paths")
 
 
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("ensemble", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
-        table = evaluate_variants(p.infer, p.train.folds, p.train.seeds, p.train.eval_size, classes, p.paths.models,
-                                  p.paths.masks, p.paths.split, pick_device(p.infer.device), p.paths.models_round2)
+        table, refiner, fit_log = evaluate_variants(p, classes, pick_device(p.infer.device))
         with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
             table.to_csv(out / "variants.csv", index=False)
+            write_json(out / "postprocess.json", {**refiner.to_json(), "fitted": fit_log})
         run.log_artifacts(Path(p.paths.reports) / "ensemble", "ensemble")
         variants = variants_metrics(table)
-        run.write_metrics(Path(p.paths.metrics) / "ensemble.json", {"ensemble": variants})
+        submitted = submitted_variant(table, refiner)
+        run.write_metrics(Path(p.paths.metrics) / "ensemble.json", {"ensemble": variants, "submitted": submitted})
         # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
         run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
+        if submitted:
+            print(f"submitted ({submitted['variant']}): holdout {submitted['metric_name']} {submitted['metric']:.4f} "
+                  f"[{submitted['ci95_low']:.4f}, {submitted['ci95_high']:.4f}]")
+        for rule in fit_log[1:]:
+            print(f"post-processing rule kept (out of fold): {rule['rule']} ({rule['gain']:+.4f})")
 
 
 if __name__ == "__main__":

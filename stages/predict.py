@@ -8,6 +8,7 @@ import argparse
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
+from pipeline.evaluation.submit import submitted_refiner
 from pipeline.evaluation.variants import final_ensemble, models_for_round
 from pipeline.inference.submission import predict_folder
 from pipeline.devices import pick_device
@@ -23,6 +24,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
     ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
+    ens.refine = submitted_refiner(p.paths) if submitted_refiner(p.paths).active else None   # as submit applies
     n = predict_folder(ens, args.images, args.out, p.train.eval_size, cache["classes"], p.infer.batch_size,
                        cache.get("max_side"))
     print(f"wrote {n} predictions to {args.out}")

@@ -28,7 +28,7 @@ from pipeline.config import Params, parse_params
 from pipeline.data.coco import DataError
 from pipeline.data.masks import read_classes, read_image
 from pipeline.evaluation.audit import read_oof
-from pipeline.evaluation.metrics import ConfusionMatrix, scores
+from pipeline.evaluation.metrics import Metric, scores
 from pipeline.evaluation.variants import final_members, holdout_table, models_for_round
 from pipeline.inference.ensemble import Ensemble, ImageFiles, at_size
 from pipeline.io import write_json
@@ -120,21 +120,29 @@ def load_oof(exps: list[Experiment]) -> tuple[list[list[np.ndarray]], list[np.nd
     return probs, truths
 
 
-def oof_confusion(probs: list[list[np.ndarray]], truths: list[np.ndarray], weights: list[float], n_cls: int) -> np.ndarray:
-    cm = ConfusionMatrix(n_cls)
+def oof_images(probs: list[list[np.ndarray]], truths: list[np.ndarray], weights: list[float], n_cls: int,
+               metric: Optional[Metric] = None) -> np.ndarray:
+    """(N, C, C) per-image confusions of the weighted mix of the experiments' OOF probabilities."""
+    metric = metric or Metric()
+    out = np.zeros((len(truths), n_cls, n_cls), np.int64)
     for i, truth in enumerate(truths):
         mix = sum(w * probs[e][i].astype(np.float32) for e, w in enumerate(weights) if w)
-        cm.update(torch.from_numpy(mix.argmax(0)), torch.from_numpy(truth))
-    return cm.numpy()
+        out[i] = metric.count(mix.argmax(0), truth, n_cls).numpy()
+    return out
+
+
+def oof_confusion(probs: list[list[np.ndarray]], truths: list[np.ndarray], weights: list[float], n_cls: int) -> np.ndarray:
+    return oof_images(probs, truths, weights, n_cls).sum(0)
 
 
 def hill_climb(probs: list[list[np.ndarray]], truths: list[np.ndarray], classes: list[str],
-               steps: int) -> tuple[list[float], list[dict]]:
-    """Greedy forward selection with replacement: (weights summing to 1, one row per step taken)."""
-    n = len(probs)
+               steps: int, metric: Optional[Metric] = None) -> tuple[list[float], list[dict]]:
+    """Greedy forward selection with replacement, maximising `metric` (default dataset mIoU) out of
+    fold: (weights summing to 1, one row per step taken)."""
+    n, metric = len(probs), metric or Metric()
 
     def miou(counts: list[int]) -> float:
-        return scores(oof_confusion(probs, truths, counts, len(classes)), classes)["mIoU"]
+        return metric.value(oof_images(probs, truths, counts, len(classes), metric))
 
     singles = [miou([int(e == j) for j in range(n)]) for e in range(n)]
     counts = [int(e == int(np.argmax(singles))) for e in range(n)]
@@ -151,23 +159,24 @@ def hill_climb(probs: list[list[np.ndarray]], truths: list[np.ndarray], classes:
 
 
 def judge_on_holdout(exps: list[Experiment], variants: dict[str, list[float]], held: pd.DataFrame,
-                     classes: list[str], device: torch.device) -> dict[str, np.ndarray]:
-    """Confusion on the holdout of every variant (weights over `exps`); each experiment's final
-    ensemble predicts every image once, the variants mix its probabilities."""
+                     classes: list[str], device: torch.device, metric: Optional[Metric] = None) -> dict[str, np.ndarray]:
+    """(N, C, C) per-image confusions on the holdout of every variant (weights over `exps`); each
+    experiment's final ensemble predicts every image once, the variants mix its probabilities."""
+    metric, n_cls = metric or Metric(), len(classes)
     p = exps[0].params
     ens = [Ensemble.from_files(e.members, p.infer, device) for e in exps]
     images, masks = held["image"].tolist(), held["mask"].tolist()
     sizes = list(zip(held.height.astype(int), held.width.astype(int)))
     data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), p.train.eval_size)
-    cms = {name: ConfusionMatrix(len(classes)) for name in variants}
+    cms = {name: np.zeros((len(held), n_cls, n_cls), np.int64) for name in variants}
     for x, idx in DataLoader(data, p.infer.batch_size if data.size else 1):
         per_exp = [e.proba(x) for e in ens]
         for name, weights in variants.items():
             mix = sum(w * q for w, q in zip(weights, per_exp) if w)
             for q, i in zip(mix, idx.tolist()):
-                cms[name].update(at_size(q, sizes[i]).argmax(0).cpu(),
-                                 torch.from_numpy(cv2.imread(masks[i], cv2.IMREAD_UNCHANGED)))
-    return {name: cm.numpy() for name, cm in cms.items()}
+                cms[name][i] = metric.count(at_size(q, sizes[i]).argmax(0).cpu().numpy(),
+                                            cv2.imread(masks[i], cv2.IMREAD_UNCHANGED), n_cls).numpy()
+    return cms
 
 
 def blend_members(exps: list[Experiment], weights: list[float]) -> list[tuple[Path, float]]:
@@ -181,25 +190,27 @@ def blend_members(exps: list[Experiment], weights: list[float]) -> list[tuple[Pa
 
 
 def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Optional[pd.DataFrame],
-              device: torch.device) -> tuple[pd.DataFrame, dict]:
+              device: torch.device, metric: Optional[Metric] = None) -> tuple[pd.DataFrame, dict]:
     """(variant table, summary): every experiment alone, the equal-weight blend and the fitted blend,
-    each with its OOF mIoU and, when there is a holdout, its holdout scores."""
+    each with its OOF mIoU and chosen metric and, when there is a holdout, its holdout scores."""
     probs, truths = load_oof(exps)
-    n = len(exps)
-    fitted, history = hill_climb(probs, truths, classes, steps)
+    n, metric = len(exps), metric or Metric()
+    fitted, history = hill_climb(probs, truths, classes, steps, metric)
     variants = {f"{e.name} alone": [float(j == i) for j in range(n)] for i, e in enumerate(exps)}
     if n > 1:
         variants["equal-weight blend"] = [1.0 / n] * n
         variants["fitted blend (OOF hill-climbing)"] = fitted
-    held_cm = judge_on_holdout(exps, variants, held, classes, device) if held is not None and len(held) else {}
+    held_cm = judge_on_holdout(exps, variants, held, classes, device, metric) if held is not None and len(held) else {}
     rows = []
     for name, w in variants.items():
-        oof = scores(oof_confusion(probs, truths, w, len(classes)), classes)
+        per = oof_images(probs, truths, w, len(classes), metric)
+        oof = scores(per.sum(0), classes)
         row = {"variant": name, "weights": " ".join(f"{e.name}={x:.3f}" for e, x in zip(exps, w)),
-               "oof_mIoU": oof["mIoU"], "oof_images": len(truths)}
+               "oof_mIoU": oof["mIoU"], "oof_metric": metric.value(per), "oof_images": len(truths)}
         if name in held_cm:
-            s = scores(held_cm[name], classes)
-            row.update({"holdout_mIoU": s["mIoU"], "holdout_pixel_acc": s["pixel_acc"], "holdout_images": len(held),
+            s = scores(held_cm[name].sum(0), classes)
+            row.update({"holdout_mIoU": s["mIoU"], "holdout_metric": metric.value(held_cm[name]),
+                        "holdout_pixel_acc": s["pixel_acc"], "holdout_images": len(held),
                         **{f"IoU/{c}": v for c, v in s["IoU"].items()}})
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -225,7 +236,7 @@ def blend_experiments(p, device: torch.device) -> tuple[pd.DataFrame, dict]:
     write_json(copies / "experiments.json", {e.name: str(e.root) for e in exps})   # what was copied where
     check_compatible(exps)
     table, summary = fit_blend(exps, read_classes(p.paths.masks)["classes"], p.blend.steps,
-                               holdout_table(p.paths.masks, p.paths.split), device)
+                               holdout_table(p.paths.masks, p.paths.split), device, Metric.of(p.metric))
     summary["members"] = [[str(f), w] for f, w in blend_members(exps, [x["weight"] for x in summary["experiments"]])]
     return table, summary
 

@@ -5,28 +5,47 @@ it), so for one seed the summed matrix is the dataset-level confusion of the out
 the honest estimate of how the recipe does on unseen images. With several seeds every image is
 counted once per seed: the score of a typical single model (a seed ensemble is scored by the
 ensemble stage).
+
+Beside mIoU: the chosen metric (params `metric`), its 95 % bootstrap interval over the out-of-fold
+images, and the leaderboard's shake-up estimated from them (pipeline/evaluation/stats.py).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline.data.coco import DataError
-from pipeline.evaluation.metrics import scores
+from pipeline.evaluation import stats
+from pipeline.evaluation.metrics import Metric, scores
 from pipeline.models.checkpoint import member_dir
 
 
-def cv_scores(models_dir, folds: list[int], seeds: list[int], classes: list[str]) -> dict:
-    mats = {}
+def cv_scores(models_dir, folds: list[int], seeds: list[int], classes: list[str], metric_params=None) -> dict:
+    """Scores of the summed out-of-fold confusion, and with `metric_params` (params' metric section)
+    the chosen metric, its interval and the shake-up. out['image_confusions']: (N, C, C), every
+    out-of-fold image of every seed (fold-major, then seed), out['image_keys'] their image keys."""
+    mats, images, keys = {}, [], []
     for k in folds:
         for s in seeds:
             f = member_dir(models_dir, k, s) / "val_confusion.npy"
             if not f.exists():
                 raise DataError(f"{f} is missing: run the train@{k}-{s} stage first")
             mats[k, s] = np.load(f)
+            per = f.with_name("val_image_confusions.npz")
+            if per.exists():
+                with np.load(per) as z:
+                    images.append(z["confusions"])
+                    keys.append(z["keys"])
     total = np.sum(list(mats.values()), axis=0)
     out = scores(total, classes)
     out["folds"], out["seeds"] = list(folds), list(seeds)
     out["per_fold_mIoU"] = {str(k): scores(sum(mats[k, s] for s in seeds), classes)["mIoU"] for k in folds}
     out["per_seed_mIoU"] = {str(s): scores(sum(mats[k, s] for k in folds), classes)["mIoU"] for s in seeds}
     out["confusion"] = total.tolist()
+    if metric_params is not None and len(images) == len(mats):
+        m, per_image = Metric.of(metric_params), np.concatenate(images)
+        out["image_confusions"], out["image_keys"] = per_image, np.concatenate(keys)
+        draws, seed = metric_params.bootstrap, metric_params.seed
+        out["metric"] = {"name": m.name, "value": m.value(per_image), "images": len(per_image),
+                         **dict(zip(("ci95_low", "ci95_high"), stats.interval(m, per_image, draws, seed))),
+                         "shakeup": stats.shakeup(m, per_image, metric_params.leaderboard_images, draws, seed)}
     return out

@@ -6,6 +6,9 @@ IGNORE_INDEX (255) are not counted.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import cv2
 import numpy as np
 import torch
 
@@ -95,4 +98,68 @@ def worst_per_class(per_image: np.ndarray, k: int) -> list[tuple[int, int, float
         used.add(int(i))
         if len(out) == k:
             break
+    return out
+
+
+class Metric:
+    """The score a team optimises: what the leaderboard computes (params `metric`).
+
+    kind  dataset:   mIoU of the confusion summed over every image (later competition editions);
+          per_image: the mean over images of each image's own mIoU (classes in neither its truth nor
+                     its prediction left out), as one edition scored.
+    size  None (native): class maps counted at the mask cache's resolution; 256: the prediction and the
+          truth are both resized nearest-neighbour to size x size first, as the submission's
+          PredictionString is scored.
+    Everything is kept as per-image confusions (N, C, C), so either kind, a bootstrap over images and a
+    paired comparison all come from the same counts."""
+
+    def __init__(self, kind: str = "dataset", size: Optional[int] = None):
+        if kind not in ("dataset", "per_image"):
+            raise ValueError(f"metric kind {kind!r}: dataset | per_image")
+        self.kind, self.size = kind, size
+
+    @classmethod
+    def of(cls, section) -> "Metric":
+        """From params' metric section (size 'native' -> None)."""
+        return cls(section.kind, None if section.size == "native" else int(section.size))
+
+    @property
+    def name(self) -> str:
+        return ("mIoU" if self.kind == "dataset" else "per-image mIoU") + (f" @{self.size}" if self.size else "")
+
+    def count(self, pred, truth, num_classes: int) -> torch.Tensor:
+        """(C, C) int64 confusion of one image's class map against its truth (at self.size when set)."""
+        pred, truth = np.asarray(pred), np.asarray(truth)
+        if self.size:
+            pred = cv2.resize(pred.astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+            truth = cv2.resize(truth.astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+        one = ConfusionMatrix(num_classes)
+        one.update(torch.from_numpy(np.ascontiguousarray(pred)), torch.from_numpy(np.ascontiguousarray(truth)))
+        return one.mat
+
+    def value(self, per_image: np.ndarray) -> float:
+        """The metric of (N, C, C) per-image confusions."""
+        return float(self.values(np.ones((1, len(per_image))), per_image)[0])
+
+    def values(self, counts: np.ndarray, per_image: np.ndarray) -> np.ndarray:
+        """The metric of B weighted resamples: counts (B, N) times each image -> (B,) (bootstrap's core)."""
+        m = np.asarray(per_image, dtype=np.float64)
+        counts = np.asarray(counts, dtype=np.float64)
+        if self.kind == "dataset":
+            return batch_miou((counts @ m.reshape(len(m), -1)).reshape(len(counts), *m.shape[1:]))
+        per = np.nanmean(image_ious(m), axis=1) if len(m) else np.zeros(0)   # all-NaN only for all-ignored images
+        ok = ~np.isnan(per)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (counts[:, ok] @ per[ok]) / counts[:, ok].sum(1)
+
+
+def batch_miou(mats: np.ndarray) -> np.ndarray:
+    """(B, C, C) confusions -> (B,) mIoU (classes with no union left out; 0 where none has one)."""
+    tp = np.diagonal(mats, axis1=1, axis2=2)
+    union = mats.sum(2) + mats.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    valid = (~np.isnan(iou)).any(1)
+    out = np.zeros(len(mats))
+    out[valid] = np.nanmean(iou[valid], axis=1)
     return out

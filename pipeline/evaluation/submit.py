@@ -13,6 +13,7 @@ from pipeline.devices import pick_device
 from pipeline.evaluation.blend import submitted_members
 from pipeline.evaluation.reports import plot_test_gallery
 from pipeline.inference.ensemble import Ensemble
+from pipeline.inference.postprocess import Refiner
 from pipeline.inference.served import export_ensemble_model
 from pipeline.inference.submission import write_submission
 
@@ -31,10 +32,21 @@ def submit(p, out: Path) -> Submitted:
     classes, max_side = cache["classes"], cache.get("max_side")
     images = load_test_set(p.data)
     members = submitted_members(p)
-    ens = Ensemble.from_files(members, p.infer, pick_device(p.infer.device))
+    refine = submitted_refiner(p.paths)
+    ens = Ensemble.from_files(members, p.infer, pick_device(p.infer.device), refine)
     out.mkdir(parents=True, exist_ok=True)
     kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,
                             p.infer.batch_size, keep=p.submit.gallery, max_side=max_side)
     gallery = plot_test_gallery(images, kept, classes, out / "gallery.png") if kept else None
-    model = export_ensemble_model(out / "model", members, p.infer, p.train.eval_size, max_side, classes)
+    model = export_ensemble_model(out / "model", members, p.infer, p.train.eval_size, max_side, classes, refine)
     return Submitted(len(images), gallery, model)
+
+
+def submitted_refiner(paths) -> Refiner:
+    """What the ensemble stage decided the submission applies after the probabilities (CRF when
+    infer.crf.enabled, the rules fitted out of fold when infer.postprocess): reports/ensemble/postprocess.json."""
+    f = Path(paths.reports) / "ensemble" / "postprocess.json"
+    if not f.exists():
+        print(f"note: {f} not found (run the ensemble stage): class maps are the plain argmax")
+        return Refiner()
+    return Refiner.load(f)

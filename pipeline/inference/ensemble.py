@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.data.augment import build_transform
 from pipeline.data.coco import DataError
 from pipeline.data.masks import prepare_image
+from pipeline.inference.postprocess import Refiner
 from pipeline.inference.slide import SlidingWindow
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
@@ -60,19 +61,22 @@ def image_files(images: pd.DataFrame, image_size: Optional[int], max_side: Optio
 
 
 class Ensemble:
-    """Members (model, weight); `predict` yields mean softmax probabilities per image."""
+    """Members (model, weight); `predict_proba` yields mean softmax probabilities per image, `predict`
+    class maps: their argmax, or what `refine` (CRF, fitted post-processing rules) makes of them."""
 
     def __init__(self, members: list[tuple[torch.nn.Module, float]], views: list[str], scales: list[float],
-                 device: torch.device, amp: str = "off"):
+                 device: torch.device, amp: str = "off", refine: Optional[Refiner] = None):
         total = sum(w for _, w in members)
         self.members = [(m, w / total) for m, w in members]
         self.views, self.scales, self.device, self.amp = list(views), list(scales), device, amp
+        self.refine = refine if refine is not None and refine.active else None
 
     @classmethod
-    def from_files(cls, members: list[tuple[Path, float]], infer, device: torch.device) -> "Ensemble":
+    def from_files(cls, members: list[tuple[Path, float]], infer, device: torch.device,
+                   refine: Optional[Refiner] = None) -> "Ensemble":
         """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp."""
         return cls([(load_member(f, device, infer.batch_size)[0], w) for f, w in members], infer.tta, infer.scales,
-                   device, infer.amp)
+                   device, infer.amp, refine)
 
     def proba(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, C, S, S) float32 probabilities."""
@@ -91,9 +95,12 @@ class Ensemble:
 
     def predict(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
                 workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (index, (H, W) uint8 class map at sizes[index]): the argmax of predict_proba."""
+        """Yield (index, (H, W) uint8 class map at sizes[index]): the argmax of predict_proba, or refined."""
         for i, p in self.predict_proba(dataset, sizes, batch_size, workers):
-            yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
+            if self.refine is None:
+                yield i, p.argmax(0).to(torch.uint8).cpu().numpy()
+            else:
+                yield i, self.refine(p.cpu().numpy(), lambda i=i: dataset.read(i))
 
 
 def at_size(p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -28,12 +28,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipeline.devices import pick_device
         from pipeline.inference.ensemble import Ensemble, load_member
+        from pipeline.inference.postprocess import Refiner
 
         cfg = json.loads(Path(context.artifacts["config"]).read_text())
         device = pick_device(cfg["device"])
         members = [(load_member(context.artifacts[f"member_{i}"], device, cfg["batch_size"])[0], w)
                    for i, w in enumerate(cfg["weights"])]
-        self.ensemble = Ensemble(members, cfg["tta"], cfg["scales"], device, cfg["amp"])
+        self.ensemble = Ensemble(members, cfg["tta"], cfg["scales"], device, cfg["amp"],
+                                 Refiner.from_json(cfg["refine"]) if cfg.get("refine") else None)
         self.cfg = cfg
 
     def predict(self, context, model_input, params=None) -> list:
@@ -49,23 +51,26 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
 
 def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],
-                          max_side: Optional[int], classes: list[str]) -> Path:
+                          max_side: Optional[int], classes: list[str], refine=None) -> Path:
     """Replace `folder` (atomically) with <folder>/model, the MLflow model folder; return that path."""
     with atomic_dir(folder) as tmp:
-        save_ensemble_model(tmp / "model", members, infer, eval_size, max_side, classes)
+        save_ensemble_model(tmp / "model", members, infer, eval_size, max_side, classes, refine)
     return Path(folder) / "model"
 
 
 def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],
-                        max_side: Optional[int], classes: list[str]) -> Path:
-    """Write the MLflow model folder (`MLmodel`, the checkpoints, ensemble.json, the pipeline code)."""
+                        max_side: Optional[int], classes: list[str], refine=None) -> Path:
+    """Write the MLflow model folder (`MLmodel`, the checkpoints, ensemble.json, the pipeline code).
+    refine: a postprocess.Refiner (CRF, fitted rules) the model applies after the probabilities."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = path.parent / f".{path.name}.{CONFIG}"
     config.write_text(json.dumps({"weights": [w for _, w in members], "tta": list(infer.tta),
                                   "scales": list(infer.scales), "batch_size": infer.batch_size, "amp": infer.amp,
                                   "device": infer.device, "eval_size": eval_size, "max_side": max_side,
-                                  "classes": classes}, indent=1))
+                                  "classes": classes,
+                                  "refine": refine.to_json() if refine is not None and refine.active else None},
+                                 indent=1))
     try:
         mlflow.pyfunc.save_model(
             str(path), python_model=EnsembleModel(),
@@ -73,7 +78,7 @@ def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], inf
             code_paths=[str(Path(__file__).resolve().parents[1])],
             pip_requirements=[f"{m}=={_version(m)}" for m in ("torch", "torchvision", "segmentation-models-pytorch",
                                                             "albumentations", "opencv-python-headless", "pandas",
-                                                            "pycocotools", "timm")])
+                                                            "pycocotools", "timm", "scipy", "pydensecrf2")])
     finally:
         config.unlink(missing_ok=True)
     return path

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, ParamsView
 from pipeline.data.augment import build_transform, train_transform
 from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_init
 from pipeline.data.masks import read_classes
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.evaluation.metrics import ConfusionMatrix, Metric
 from pipeline.inference.slide import SlidingWindow
 from pipeline.models.checkpoint import member_dir
 from pipeline.training import distributed
@@ -115,7 +115,7 @@ class FoldData:
         confusion (N, C, C) — as one process would."""
         f, t = self.f, self.f.p.train
         loss, cm, _, per_image = validate(as_validated(net, t), self.shard, f.val_tab, loss_fn, len(f.classes),
-                                          f.device, t.amp, t.channels_last)
+                                          f.device, t.amp, t.channels_last, metric=Metric.of(f.p.metric))
         n = len(self.shard.dataset)
         total = f.d.sum(torch.tensor([loss * n, n], dtype=torch.float64))
         cm.mat = f.d.sum(cm.mat)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from pipeline.data.dataset import full_masks
 from pipeline.data.mix import cutmix
 from pipeline.devices import autocast
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.evaluation.metrics import ConfusionMatrix, Metric
 
 
 def _bar(it, desc: str, total: int):
@@ -21,13 +21,18 @@ def _bar(it, desc: str, total: int):
 
 
 def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="off", accumulate=1,
-                    clip_grad=None, cutmix_p=0.0, rng=None, channels_last=False, desc="train") -> dict[str, float]:
-    """One pass over `loader`; returns mean loss (and each loss term) per image."""
+                    clip_grad=None, cutmix_p=0.0, rng=None, channels_last=False, desc="train", ema=None,
+                    sides=None) -> dict[str, float]:
+    """One pass over `loader`; returns mean loss (and each loss term) per image.
+    ema: an AveragedModel updated after every optimizer step; sides: input sides (multi-scale
+    training), one drawn per batch from `rng`, the batch resized to it (masks nearest)."""
     model.train()
     sums, n = defaultdict(float), 0
     opt.zero_grad(set_to_none=True)
     for i, (x, y, _) in enumerate(_bar(loader, desc, len(loader))):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if sides:
+            x, y = rescale(x, y, int(sides[rng.integers(len(sides))]))
         if cutmix_p:
             cutmix(x, y, rng, cutmix_p)
         if channels_last:
@@ -49,6 +54,8 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="
             scaler.update()
             opt.zero_grad(set_to_none=True)
             schedule.step_batch()
+            if ema is not None:
+                ema.update_parameters(model)
         sums["loss"] += loss.item() * len(x)
         for k, v in loss_fn.last.items():
             sums[f"loss/{k}"] += v * len(x)
@@ -56,14 +63,25 @@ def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+def rescale(x: torch.Tensor, y: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch resized to side x side: images bilinear, masks nearest (labels stay labels, 255 stays ignored)."""
+    if tuple(x.shape[-2:]) == (side, side):
+        return x, y
+    x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    y = F.interpolate(y[:, None].float(), size=(side, side), mode="nearest")[:, 0].to(y.dtype)
+    return x, y
+
+
 @torch.no_grad()
 def validate(model, loader, table, loss_fn, num_classes, device, amp="off", channels_last=False,
-             keep=()) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray], torch.Tensor]:
+             keep=(), metric: Metric | None = None) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray], torch.Tensor]:
     """Loss at model resolution; confusion matrix at each cached mask's own resolution (softmax
     probabilities upsampled bilinearly, exactly as inference does), so the score does not depend on
     train.image_size and inference reproduces it.
     Returns (mean loss, confusion matrix, {row index: (H, W) uint8 prediction} for rows in `keep`,
-    (len(table), C, C) int64 per-image confusions: zeros for rows the loader does not hold)."""
+    (len(table), C, C) int64 per-image confusions: zeros for rows the loader does not hold).
+    metric: counts at its size (metric.size 256: both maps resized to 256 x 256 first)."""
+    metric = metric or Metric()
     model.eval()
     cm = ConfusionMatrix(num_classes)
     per_image = torch.zeros(len(table), num_classes, num_classes, dtype=torch.int64)
@@ -81,10 +99,8 @@ def validate(model, loader, table, loss_fn, num_classes, device, amp="off", chan
             if prob.shape[-2:] != full.shape:   # probabilities, as the ensembles upsample them
                 prob = F.interpolate(prob[None], size=full.shape, mode="bilinear", align_corners=False)[0]
             pred = prob.argmax(0).to(torch.uint8).cpu()
-            one = ConfusionMatrix(num_classes)
-            one.update(pred, torch.from_numpy(full))
-            per_image[i] = one.mat
-            cm.merge(one)
+            per_image[i] = metric.count(pred.numpy(), full, num_classes)
+            cm.merge(per_image[i])
             if i in keep:
                 kept[i] = pred.numpy()
     return loss_sum / max(n, 1), cm, kept, per_image

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import cli
@@ -29,7 +29,7 @@ from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset
 from pipeline.data.masks import read_image
 from pipeline.devices import pick_device
-from pipeline.evaluation.metrics import flat_scores, scores, worst_per_class
+from pipeline.evaluation.metrics import Metric, flat_scores, scores, worst_per_class
 from pipeline.evaluation.reports import plot_confusion, plot_curves, plot_gallery, plot_iou, write_image_scores
 from pipeline.io import atomic_file, write_json
 from pipeline.models.checkpoint import load_checkpoint, member_dir, member_name, save_checkpoint
@@ -40,7 +40,7 @@ from pipeline.training.fold import FoldData, FoldRun, as_validated, load_fold
 from pipeline.training.loop import train_one_epoch, validate
 from pipeline.training.optim import build_optimizer, build_schedule, use_slow_weights
 
-PARAMS = ("model", "encoder", "encoder_weights", "train", "paths")
+PARAMS = ("model", "encoder", "encoder_weights", "train", "metric", "paths")
 
 
 
@@ -86,30 +86,34 @@ def fit(f: FoldRun) -> dict:
     schedule = build_schedule(opt, t.scheduler, steps * f.epochs, round(t.warmup_epochs * steps))
     scaler = torch.amp.GradScaler("cuda", enabled=f.device.type == "cuda" and t.amp == "fp16")
     swa = AveragedModel(model) if t.swa_epochs and not f.round2 else None
+    ema = AveragedModel(model, multi_avg_fn=ema_average(t.ema.decay, t.ema.warmup), use_buffers=True) \
+        if t.ema and not f.round2 else None
+    metric = Metric.of(f.p.metric)
+    sides = [t.batch_side(x) for x in t.scales] if t.scales else None
     ck = load_checkpoint(last, f.device) if last.exists() else {}
-    if is_finished(f, ck, swa is not None):
+    if is_finished(f, ck, swa is not None, ema is not None):
         f.say(f"{f.name}: already trained with these params, data and code; reusing it")
         f.log(ck["history"])
         return finish_fold(f, model, data.val_dl, loss_fn, ck["history"]) if d.main else ck.get("scores", {})
-    history, best, start = resume(f, ck, model, swa, opt, schedule, scaler)
+    history, best, start = resume(f, ck, model, {"swa": swa, "ema": ema}, opt, schedule, scaler)
 
     for epoch in range(start, f.epochs):
         began = time.perf_counter()
         tr = d.mean(train_one_epoch(trained, data.epoch(epoch), loss_fn, opt, schedule, scaler, f.device, t.amp,
                                     t.accumulate, t.clip_grad, t.cutmix, np.random.default_rng(f.seed * 1000 + epoch),
-                                    t.channels_last, desc=f"{f.name} epoch {epoch + 1}"))
+                                    t.channels_last, desc=f"{f.name} epoch {epoch + 1}", ema=ema, sides=sides))
         use_slow_weights(opt)   # Lookahead: validate, average and save the slow weights
         row = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in tr.items()}}
         if t.validates(epoch, f.epochs):
             val_loss, cm, per_image = data.validate(model, loss_fn)
-            s = scores(cm.numpy(), f.classes)
-            schedule.step_epoch(s["mIoU"])
+            s = {**scores(cm.numpy(), f.classes), "metric": metric.value(per_image.numpy())}
+            schedule.step_epoch(s["metric"])   # plateau, best.pt: by the metric the leaderboard scores
             row.update({"val/loss": val_loss, **flat_scores(s, "val")})
-            if s["mIoU"] > best and d.main:
+            if s["metric"] > best and d.main:
                 save_checkpoint(f.out / "best.pt", model=model.state_dict(), epoch=epoch + 1, classes=f.classes,
                                 params=f.identity(), scores=s, confusion=cm.mat.cpu().clone(),
                                 image_confusions=per_image)
-            best = max(best, s["mIoU"])
+            best = max(best, s["metric"])
         if swa is not None and epoch >= f.epochs - t.swa_epochs:
             swa.update_parameters(model)
         history.append({**row, **{f"lr/{g['name']}": g["lr"] for g in opt.param_groups},
@@ -121,10 +125,12 @@ def fit(f: FoldRun) -> dict:
             save_checkpoint(last, model=model.state_dict(), optimizer=opt.state_dict(), schedule=schedule.state_dict(),
                             scaler=scaler.state_dict(), epoch=epoch + 1, history=history, best_miou=best,
                             rng=torch.get_rng_state(), classes=f.classes, params=f.identity(),
-                            swa=swa.state_dict() if swa is not None else None)
+                            swa=swa.state_dict() if swa is not None else None,
+                            ema=ema.state_dict() if ema is not None else None)
             cli.kept(f"{f.name}: {last} holds epoch {epoch + 1} of {f.epochs}; `dvc repro` resumes from there")
-    if swa is not None:
-        average_weights(f, swa, data, loss_fn)
+    for name, avg in (("swa", swa), ("ema", ema)):
+        if avg is not None:
+            average_weights(f, name, avg, data, loss_fn)
     if not d.main:
         d.barrier()  # rank 0 writes the reports
         return s
@@ -163,18 +169,38 @@ def build_fold_loss(f: FoldRun) -> torch.nn.Module:
                       t.boundary_weight).to(f.device)
 
 
-def is_finished(f: FoldRun, ck: dict, with_swa: bool) -> bool:
-    done = [f.out / "best.pt", f.out / "val_confusion.npy"] + ([f.out / "swa.pt"] if with_swa else [])
+def ema_average(decay: float, warmup: bool):
+    """torch's EMA multi-average function, or the same with timm's warmup (ModelEmaV3): the decay of
+    update n is min(decay, (1 + n) / (10 + n)), so early averages are not dominated by random init.
+    Integer buffers (BN's num_batches_tracked) follow the model."""
+    if not warmup:
+        return get_ema_multi_avg_fn(decay)
+
+    @torch.no_grad()
+    def average(ema_params, params, n_averaged):
+        if not torch.is_floating_point(ema_params[0]):
+            torch._foreach_copy_(ema_params, params)
+            return
+        n = int(n_averaged)
+        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    return average
+
+
+def is_finished(f: FoldRun, ck: dict, with_swa: bool, with_ema: bool) -> bool:
+    done = [f.out / "best.pt", f.out / "val_confusion.npy"] + ([f.out / "swa.pt"] if with_swa else []) + (
+        [f.out / "ema.pt"] if with_ema else [])
     return (ck.get("params") == f.identity() and ck["epoch"] == f.epochs and "optimizer" not in ck
             and all(p.exists() for p in done))
 
 
-def resume(f: FoldRun, ck: dict, model, swa, opt, schedule, scaler) -> tuple[list[dict], float, int]:
-    """(history, best mIoU, epochs done): from an interrupted run of the same identity, or a fresh start."""
+def resume(f: FoldRun, ck: dict, model, averages: dict, opt, schedule, scaler) -> tuple[list[dict], float, int]:
+    """(history, best metric, epochs done): from an interrupted run of the same identity, or a fresh start.
+    averages: {"swa": AveragedModel or None, "ema": ...}, restored from last.pt too."""
     if ck.get("params") == f.identity() and ck["epoch"] < f.epochs:
         model.load_state_dict(ck["model"])
-        if swa is not None:
-            swa.load_state_dict(ck["swa"])
+        for name, avg in averages.items():
+            if avg is not None:
+                avg.load_state_dict(ck[name])
         opt.load_state_dict(ck["optimizer"])
         schedule.load_state_dict(ck["schedule"])
         scaler.load_state_dict(ck["scaler"])
@@ -189,22 +215,26 @@ def resume(f: FoldRun, ck: dict, model, swa, opt, schedule, scaler) -> tuple[lis
     return [], -1.0, 0
 
 
-def average_weights(f: FoldRun, swa: AveragedModel, data: FoldData, loss_fn) -> None:
-    """SWA: BN statistics of the averaged weights from the training images (no augmentation; every
-    rank alike), validated and saved as swa.pt."""
+def average_weights(f: FoldRun, name: str, avg: AveragedModel, data: FoldData, loss_fn) -> None:
+    """The averaged weights (name swa or ema), validated and saved as <name>.pt with
+    val_confusion_<name>.npy. SWA recomputes BN statistics from the training images (no augmentation;
+    every rank alike); EMA averaged the BN buffers along with the weights (use_buffers)."""
     t = f.p.train
-    bn_dl = DataLoader(SegDataset(f.train_tab, build_transform([], t.eval_size)), data.eval_batch)
-    update_bn(bn_dl, swa, f.device)
-    _, cm, _ = data.validate(swa.module, loss_fn)
-    s = scores(cm.numpy(), f.classes)
+    if name == "swa":
+        bn_dl = DataLoader(SegDataset(f.train_tab, build_transform([], t.eval_size)), data.eval_batch)
+        update_bn(bn_dl, avg, f.device)
+    _, cm, per_image = data.validate(avg.module, loss_fn)
+    s = {**scores(cm.numpy(), f.classes), "metric": Metric.of(f.p.metric).value(per_image.numpy())}
     if f.d.main:
-        save_checkpoint(f.out / "swa.pt", model=swa.module.state_dict(), epoch=f.epochs, classes=f.classes,
-                        params=f.identity(), swa_epochs=t.swa_epochs)
-        with atomic_file(f.out / "val_confusion_swa.npy") as tmp:
+        how = {"swa_epochs": t.swa_epochs} if name == "swa" else {"ema_decay": t.ema.decay, "steps": int(avg.n_averaged)}
+        save_checkpoint(f.out / f"{name}.pt", model=avg.module.state_dict(), epoch=f.epochs, classes=f.classes,
+                        params=f.identity(), **how)
+        with atomic_file(f.out / f"val_confusion_{name}.npy") as tmp:
             np.save(tmp, cm.numpy())
-        f.say(f"{f.name} SWA over the last {t.swa_epochs} epochs: val mIoU {s['mIoU']:.4f}")
+        what = f"over the last {t.swa_epochs} epochs" if name == "swa" else f"decay {t.ema.decay}"
+        f.say(f"{f.name} {name.upper()} {what}: val mIoU {s['mIoU']:.4f}")
     if f.run:
-        f.run.log_metrics({f"swa/{k}": v for k, v in flat_scores(s, "val").items()})
+        f.run.log_metrics({f"{name}/{k}": v for k, v in flat_scores(s, "val").items()})
 
 
 def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[dict]) -> dict:
@@ -215,8 +245,8 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
     model.load_state_dict(best["model"])
     net = as_validated(model, t)
     titles = focus = None
-    if "image_confusions" in best:   # the gallery: each class's worst validation image
-        per_image = best["image_confusions"].numpy()
+    per_image = best["image_confusions"].numpy() if "image_confusions" in best else None
+    if per_image is not None:   # the gallery: each class's worst validation image
         worst = worst_per_class(per_image, t.gallery)
         shown = [i for i, _, _ in worst]
         titles = [f"worst {classes[c]}: IoU {v:.2f}" for _, c, v in worst]
@@ -225,18 +255,20 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
     else:
         n_present = (val_tab[[f"px_{c}" for c in range(1, len(classes))]] > 0).sum(axis=1)
         shown = n_present.sort_values(ascending=False, kind="stable").index[: t.gallery].tolist()
-    if "confusion" in best:
+    if "confusion" in best and per_image is not None:
         cm = best["confusion"].numpy()
         gallery = DataLoader(Subset(val_dl.dataset, shown), val_dl.batch_size)
         preds = validate(net, gallery, val_tab, loss_fn, len(classes), f.device, t.amp, t.channels_last,
                          keep=set(shown))[2] if shown else {}
     else:   # a checkpoint written before best.pt kept its confusion
-        _, matrix, preds, _ = validate(net, val_dl, val_tab, loss_fn, len(classes), f.device, t.amp, t.channels_last,
-                                       keep=set(shown))
-        cm = matrix.numpy()
-    s = scores(cm, classes)
+        _, matrix, preds, per_image = validate(net, val_dl, val_tab, loss_fn, len(classes), f.device, t.amp,
+                                               t.channels_last, keep=set(shown), metric=Metric.of(f.p.metric))
+        cm, per_image = matrix.numpy(), per_image.numpy()
+    s = {**scores(cm, classes), "metric": Metric.of(f.p.metric).value(per_image)}
     with atomic_file(out / "val_confusion.npy") as tmp:
         np.save(tmp, cm)
+    with atomic_file(out / "val_image_confusions.npz") as tmp:   # per validation image: cv's bootstrap, paired tests
+        np.savez(tmp, keys=np.asarray(val_tab.key, dtype=str), confusions=per_image)
     reports = out / "reports"
     reports.mkdir(exist_ok=True)
     plot_confusion(cm, classes, reports / "confusion.png", f"{f.name}, best epoch {best['epoch']}")
@@ -252,7 +284,7 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
         pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {"fold": f.fold, "seed": f.seed, "best_epoch": best["epoch"], "val_images": len(val_tab),
                "train_s": round(sum(h.get("time/epoch_s", 0.0) for h in history), 1),   # wall: not reproducible
-               **{k: v for k, v in s.items() if k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU")},
+               **{k: v for k, v in s.items() if k in ("metric", "mIoU", "pixel_acc", "mean_acc", "fwIoU")},
                "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}
     write_json(Path(f.p.paths.metrics) / f.tag / f"{member_name(f.fold, f.seed)}.json", {"val": summary})
     if f.run:

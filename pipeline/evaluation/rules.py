@@ -1,0 +1,58 @@
+"""Post-processing rules fitted out of fold (nnU-Net's rule): a candidate rule (pipeline/inference/
+postprocess.py: a per-class logit bias, removal of small regions, hole filling) is kept only if it
+raises the out-of-fold metric and lowers no class's IoU by more than TOLERANCE. Classes are visited in
+order, biases first, then sizes, then holes: one greedy pass, each step keeping the best value of
+its grid that passes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.evaluation.metrics import Metric, scores
+from pipeline.inference.postprocess import Rules, apply_rules
+
+BIASES = (-1.0, -0.5, 0.5, 1.0)                    # added to log P[c]
+MIN_SIZES = (0.0005, 0.001, 0.002, 0.005, 0.01)    # fractions of the image
+TOLERANCE = 0.002
+
+
+def confusions(probs: list[np.ndarray], truths: list[np.ndarray], rules: Rules, metric: Metric, n_cls: int) -> np.ndarray:
+    """(N, C, C) per-image confusions of `rules` applied to every image."""
+    return np.stack([metric.count(apply_rules(p, rules), t, n_cls).numpy() for p, t in zip(probs, truths)])
+
+
+def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[str], metric: Metric,
+              tolerance: float = TOLERANCE) -> tuple[Rules, list[dict]]:
+    """Greedy search on out-of-fold (C, h, w) float probabilities and their truths: (rules, one row
+    per rule kept: what, the metric before and after)."""
+    n = len(classes)
+    rules = Rules.none(n)
+    per = confusions(probs, truths, rules, metric, n)
+    best, iou = metric.value(per), _ious(per, classes)
+    kept = [{"rule": "none", "metric": best}]
+    candidates = ([("bias", c, b) for c in range(n) for b in BIASES]
+                  + [("min_size", c, s) for c in range(n) for s in MIN_SIZES]
+                  + [("fill_holes", c, True) for c in range(1, n)])
+    groups: dict[tuple[str, int], list] = {}
+    for what, c, v in candidates:
+        groups.setdefault((what, c), []).append(v)
+    for (what, c), values in groups.items():
+        if what != "bias" and not any((t == c).any() for t in truths) and not any((p.argmax(0) == c).any() for p in probs):
+            continue
+        trial = []
+        for v in values:
+            r = rules.changed(c, **{what: v})
+            per = confusions(probs, truths, r, metric, n)
+            value, ious = metric.value(per), _ious(per, classes)
+            worst = max((iou[k] - ious[k] for k in iou if k in ious), default=0.0)
+            if value > best + 1e-9 and worst <= tolerance:
+                trial.append((value, v, r, ious))
+        if trial:
+            value, v, rules, iou = max(trial, key=lambda x: x[0])
+            kept.append({"rule": f"{classes[c]}: {what} = {v}", "metric": value, "gain": value - best})
+            best = value
+    return rules, kept
+
+
+def _ious(per_image: np.ndarray, classes: list[str]) -> dict[str, float]:
+    return {k: v for k, v in scores(per_image.sum(0), classes)["IoU"].items() if v is not None}
