@@ -51,6 +51,7 @@ def test_stage_declares_exactly_its_params_and_code(name):
     assert code == expected | {f"stages/{name}.py"}
     # Stages that read the dataset depend on its folder; every output path comes from `paths`.
     assert ("${data.root}" in stage["deps"]) == ("data" in module.PARAMS)
+    assert ("corrections" in stage["deps"]) == ("data" in module.PARAMS)   # data.corrections live there
     outs = [next(iter(o)) if isinstance(o, dict) else o
             for o in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", [])]
     assert outs and all(str(o).startswith("${paths.") for o in outs)

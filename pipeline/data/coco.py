@@ -475,10 +475,15 @@ def load_dataset(root: str | Path, json_files: Iterable[str], image_dir: str | S
 
 
 def dataset_from_params(data: Any, check_files: bool = True) -> Dataset:
-    """Load the labelled pool named by the `data` params section."""
+    """Load the labelled pool named by the `data` params section, with data.corrections applied."""
     files = [data.train_json] + ([data.val_json] if data.val_json else [])
     dirs = [data.images_of("train")] + ([data.images_of("val")] if data.val_json else [])
-    return load_dataset(data.root, files, dirs, data.strict, check_files)
+    ds = load_dataset(data.root, files, dirs, data.strict, check_files)
+    if getattr(data, "corrections", None):   # a reviewer's label fixes, overlaid (pipeline/data/corrections.py)
+        from pipeline.data.corrections import apply_corrections
+
+        ds = apply_corrections(ds, data.corrections)
+    return ds
 
 
 def load_test_set(data: Any) -> pd.DataFrame:

@@ -64,17 +64,10 @@ def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_a
             found.append({**base, "kind": "looks like another class" if other else "looks like background",
                           "ann_id": a.ann_id, "labelled": classes[c], "predicted": classes[other],
                           "score": float(mean[other] - mean[c]), "pixels": int(m.sum()), "bbox": _bbox(m)})
-        for c in range(1, len(classes)):
-            near_label = cv2.dilate((truth == c).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-            region = (pred == c) & (conf >= min_confidence) & (truth == 0) & ~near_label
-            n, comp, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
-            for j in range(1, n):
-                if stats[j, cv2.CC_STAT_AREA] < min_area:
-                    continue
-                m = comp == j
-                found.append({**base, "kind": "unlabelled object", "ann_id": None, "labelled": classes[0],
-                              "predicted": classes[c], "score": float((probs[c][m] - probs[0][m]).mean()),
-                              "pixels": int(m.sum()), "bbox": _bbox(m)})
+        for c, m in unlabelled_regions(probs, truth, min_confidence, min_area):
+            found.append({**base, "kind": "unlabelled object", "ann_id": None, "labelled": classes[0],
+                          "predicted": classes[c], "score": float((probs[c][m] - probs[0][m]).mean()),
+                          "pixels": int(m.sum()), "bbox": _bbox(m)})
         labelled = (truth != IGNORE_INDEX) & (truth > 0)
         against = labelled & (conf >= min_confidence) & (pred != truth)
         missing = (truth == 0) & (pred > 0) & (conf >= min_confidence)
@@ -87,6 +80,20 @@ def find_suspects(oof_dir: str | Path, ds: Dataset, min_confidence: float, min_a
     images = pd.DataFrame(images, columns=["key", "fold", "disagreement", "unlabelled_share"])
     images = images.sort_values(["disagreement", "unlabelled_share"], ascending=False, kind="stable")
     return suspects, images.reset_index(drop=True)
+
+
+def unlabelled_regions(probs: np.ndarray, truth: np.ndarray, min_confidence: float, min_area: int):
+    """(class, (h, w) bool region) for each connected region predicted as a class with probability >=
+    min_confidence where the truth is Background, at least min_area pixels and more than 2 px from
+    labelled pixels of that class. probs: (C, h, w) float32; truth: (h, w) uint8 at the same size."""
+    pred, conf = probs.argmax(0), probs.max(0)
+    for c in range(1, len(probs)):
+        near_label = cv2.dilate((truth == c).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        region = (pred == c) & (conf >= min_confidence) & (truth == 0) & ~near_label
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(region.astype(np.uint8), connectivity=8)
+        for j in range(1, n):
+            if stats[j, cv2.CC_STAT_AREA] >= min_area:
+                yield c, comp == j
 
 
 def audit(oof_dir: str | Path, ds: Dataset, a, masks, noise_file: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -182,3 +189,73 @@ def _short(key: str, n: int = 30) -> str:
     """A panel title's image name: the file name, its middle elided when long (Roboflow names run to 80)."""
     name = Path(key).name
     return name if len(name) <= n else f"{name[:n // 2 - 1]}…{name[-(n // 2 - 1):]}"
+
+
+REVIEW_COLUMNS = ["rank", "key", "ann_id", "kind", "labelled", "predicted", "score", "bbox", "suggested", "action"]
+
+
+def review_sheet(suspects: pd.DataFrame, ds: Dataset, oof_width: dict[str, int], k: int) -> pd.DataFrame:
+    """The top k suspects as a reviewer's worksheet (reports/audit/review.csv, data.corrections' CSV
+    shape): bbox [x, y, w, h] in the image's json pixels, the action the prediction suggests, and an
+    empty `action` the reviewer fills with relabel:<class> | delete | ok (an unlabelled object is drawn
+    in review_coco.json instead; its row stays empty)."""
+    full_width = dict(zip(ds.images.key, ds.images.width))
+    rows = []
+    for s in suspects.head(k).itertuples():
+        f = full_width[s.key] / oof_width[s.key]
+        bbox = [round(v * f, 1) for v in json.loads(s.bbox)]
+        suggested = {"looks like another class": f"relabel:{s.predicted}", "looks like background": "delete",
+                     "unlabelled object": f"draw {s.predicted} (review_coco.json)"}[s.kind]
+        rows.append({"rank": s.rank, "key": s.key, "ann_id": s.ann_id, "kind": s.kind, "labelled": s.labelled,
+                     "predicted": s.predicted, "score": round(float(s.score), 4), "bbox": json.dumps(bbox),
+                     "suggested": suggested, "action": ""})
+    out = pd.DataFrame(rows, columns=REVIEW_COLUMNS)
+    out["ann_id"] = out["ann_id"].astype("Int64")
+    return out
+
+
+def review_coco(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, a) -> dict:
+    """COCO json of the images of the top `a.top_k` suspects, for CVAT or FiftyOne: categories by the
+    dataset's class names (ids 1..K), and one proposed annotation per 'unlabelled object' suspect (its
+    out-of-fold region as polygons at the image's json size; attributes suspect_rank and score).
+    Edited there (keep the real objects, fix outlines, add missed ones) and exported as COCO into
+    corrections/, it is a data.corrections json: its annotations are added to the labels."""
+    top = suspects.head(a.top_k)
+    index = read_oof(oof_dir).set_index("key")
+    images = ds.images.set_index("key")
+    keys = list(dict.fromkeys(top.key))
+    out = {"info": {"description": "label audit: suspect images and proposed missing objects"},
+           "categories": [{"id": i, "name": n} for i, n in enumerate(ds.classes) if i],
+           "images": [{"id": n + 1, "file_name": str(images.loc[k, "file_name"]), "width": int(images.loc[k, "width"]),
+                       "height": int(images.loc[k, "height"])} for n, k in enumerate(keys)],
+           "annotations": []}
+    image_id = {k: n + 1 for n, k in enumerate(keys)}
+    for key, group in top[top.kind == "unlabelled object"].groupby("key", sort=False):
+        r, im = index.loc[key], images.loc[key]
+        probs = np.load(r["probs"]).astype(np.float32) / 255.0
+        truth = cv2.imread(r["mask"], cv2.IMREAD_UNCHANGED)
+        regions = {(c, _bbox(m)): m for c, m in unlabelled_regions(probs, truth, a.min_confidence, a.min_area)}
+        for s in group.itertuples():
+            m = regions[(ds.classes.index(s.predicted), s.bbox)]
+            polys = _polygons(m, int(im["height"]), int(im["width"]))
+            xs, ys = polys[0][0::2], polys[0][1::2]
+            out["annotations"].append({
+                "id": len(out["annotations"]) + 1, "image_id": image_id[key], "category_id": ds.classes.index(s.predicted),
+                "segmentation": polys, "iscrowd": 0, "area": float(m.sum() * (im["width"] / m.shape[1]) * (im["height"] / m.shape[0])),
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                "attributes": {"suspect_rank": int(s.rank), "score": round(float(s.score), 4)}})
+    return out
+
+
+def _polygons(m: np.ndarray, height: int, width: int) -> list[list[float]]:
+    """A (h, w) bool region's outer outlines as COCO polygons at height x width. The region is upscaled
+    nearest to twice that size, where OpenCV traces the centres of its boundary pixels: halved, the
+    outline lies a quarter pixel inside the region's edge, so it rasterises back to the same pixels."""
+    big = cv2.resize(m.astype(np.uint8), (2 * width, 2 * height), interpolation=cv2.INTER_NEAREST_EXACT)
+    contours, _ = cv2.findContours(big, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polys = [[(float(v) + 0.5) / 2 for v in c.reshape(-1)] for c in sorted(contours, key=cv2.contourArea, reverse=True)
+             if len(c) >= 3]
+    if not polys:   # a sliver: its box
+        x, y, w, h = (v / 2 for v in cv2.boundingRect(big))
+        polys = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    return polys

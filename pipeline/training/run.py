@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import AveragedModel, update_bn
 from torch.utils.data import DataLoader, Subset
 
 from pipeline import cli
@@ -170,19 +170,18 @@ def build_fold_loss(f: FoldRun) -> torch.nn.Module:
 
 
 def ema_average(decay: float, warmup: bool):
-    """torch's EMA multi-average function, or the same with timm's warmup (ModelEmaV3): the decay of
-    update n is min(decay, (1 + n) / (10 + n)), so early averages are not dominated by random init.
-    Integer buffers (BN's num_batches_tracked) follow the model."""
-    if not warmup:
-        return get_ema_multi_avg_fn(decay)
-
+    """AveragedModel's multi-average function for an EMA: each update moves the average 1 - d of the way
+    to the model, d = decay, or with warmup min(decay, (1 + n) / (10 + n)) at update n (TensorFlow's
+    ExponentialMovingAverage num_updates ramp), so early averages are not dominated by random init.
+    Integer buffers (BN's num_batches_tracked) are copied: torch's get_ema_multi_avg_fn would round
+    a blend of counts instead."""
     @torch.no_grad()
     def average(ema_params, params, n_averaged):
         if not torch.is_floating_point(ema_params[0]):
             torch._foreach_copy_(ema_params, params)
             return
         n = int(n_averaged)
-        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        torch._foreach_lerp_(ema_params, params, 1.0 - (min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay))
     return average
 
 
