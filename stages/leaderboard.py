@@ -2,13 +2,14 @@
 
     python -m stages.leaderboard [--sort cv_mIoU|holdout_mIoU] [--md | --csv]
 
-Columns: experiment, CV mIoU, the holdout mIoU of the final ensemble, the best holdout variant,
-training minutes (all folds and seeds), and the params that differ between the rows.
+Columns: experiment, CV mIoU, the CV metric's 95 % interval over images, the paired difference from
+the top row on the same out-of-fold images, the holdout mIoU of the final ensemble, the best holdout
+variant, training minutes (all folds and seeds), and the params that differ between the rows.
 """
 import argparse
 
 from pipeline import cli
-from pipeline.evaluation.leaderboard import dvc_experiments, leaderboard, render
+from pipeline.evaluation.leaderboard import dvc_experiments, dvc_images, leaderboard, render
 
 PARAMS = ()
 
@@ -20,7 +21,7 @@ def main() -> None:
     fmt.add_argument("--md", action="store_const", const="md", dest="fmt", help="a markdown table")
     fmt.add_argument("--csv", action="store_const", const="csv", dest="fmt", help="CSV")
     args = ap.parse_args()
-    print(render(leaderboard(dvc_experiments(), args.sort), args.fmt or "text"))
+    print(render(leaderboard(dvc_experiments(), args.sort, dvc_images()), args.fmt or "text"))
 
 
 if __name__ == "__main__":

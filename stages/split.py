@@ -16,7 +16,7 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     s = p.split
     with stage_run("split", p) as run:
-        ds = dataset_from_params(p.data)
+        ds = dataset_from_params(p.data, corrections=False)   # folds stay put when labels are fixed
         copies = identical_files(ds.images.path)   # the same photo under two names: kept together
         pairs = read_pairs(p.paths.near_dups)      # crops, resizes, re-encodes (stage near_dups)
         near = near_pairs(ds.images.key, pairs) if s.joins_near_dups else []

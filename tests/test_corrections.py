@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 from pipeline.config import Params
 from pipeline.data.coco import DataError, dataset_from_params
 from pipeline.data.corrections import apply_corrections
+from pipeline.data.eda import analyse
 from pipeline.evaluation.audit import REVIEW_COLUMNS, find_suspects, review_coco, review_sheet
 from tests.test_audit import case  # noqa: F401  (fixture: a 20x20 image with known suspects)
 
@@ -62,6 +63,9 @@ def test_the_exports_are_valid_corrections_and_fix_what_the_reviewer_accepts(cas
     assert fixed.annotations.class_idx.iloc[-1] == 2                        # the added bottle
     notes = fixed.issues[fixed.issues.kind == "correction"]
     assert notes.action.tolist() == ["relabelled", "added"] and (notes.severity == "info").all()
+    eda = analyse(fixed, overlap="smaller_on_top")                          # the EDA report records them
+    assert eda.summary["corrections"] == {"relabelled": 1, "added": 1} and eda.summary["issues"]["notes"] == 2
+    assert eda.tables["class_stats"].set_index("class").instances["bottle"] == 2   # 11 is a can now; 12 and the added one
     # Judged again on the same out-of-fold predictions, annotation 11 is no longer a suspect.
     suspects, _ = find_suspects(case[1], fixed, 0.5, 12)
     assert 11 not in suspects.ann_id.dropna().tolist()
@@ -112,3 +116,24 @@ def test_params_accept_only_files_under_corrections_and_the_loader_applies_them(
                                             "corrections": ["corrections/r.csv"]})
     assert 11 not in dataset_from_params(data).annotations.ann_id.tolist()
     assert 11 in dataset_from_params(data.model_copy(update={"corrections": []})).annotations.ann_id.tolist()
+    assert 11 in dataset_from_params(data, corrections=False).annotations.ann_id.tolist()   # the split's view
+
+
+def test_the_simulated_reviewer_accepts_only_what_the_answer_key_confirms():
+    from bench.label_fix import accept
+
+    review = pd.DataFrame([
+        {"kind": "looks like another class", "ann_id": 5, "action": ""},     # injected: relabel back
+        {"kind": "looks like another class", "ann_id": 6, "action": ""},     # a model error: left alone
+        {"kind": "unlabelled object", "ann_id": None, "action": ""}])
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 4, 4]},    # inside deleted 8
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [40, 40, 4, 4]}]}   # nothing there
+    noise = pd.DataFrame([
+        {"ann_id": 5, "file_name": "a.png", "kind": "relabelled", "true_class": "bottle", "bbox": "[0, 0, 5, 5]"},
+        {"ann_id": 8, "file_name": "a.png", "kind": "deleted", "true_class": "bottle", "bbox": "[8, 8, 8, 8]"},
+        {"ann_id": 9, "file_name": "b.png", "kind": "deleted", "true_class": "can", "bbox": "[0, 0, 5, 5]"}])
+    out, added, counts = accept(review, coco, noise)
+    assert out.action.tolist() == ["relabel:bottle", "", ""]
+    assert [(a["id"], a["category_id"]) for a in added["annotations"]] == [(1, 2)]   # the true class
+    assert counts == {"injected": 3, "fixed": 2, "remaining": 1, "relabels": 1, "added": 1}

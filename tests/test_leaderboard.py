@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import io
 
+import pytest
+
 from pipeline.evaluation.leaderboard import leaderboard, render
 
 
@@ -43,10 +45,11 @@ def test_rows_sorted_best_first_with_only_the_params_that_differ():
 def test_formats():
     rows = leaderboard(TREE)
     text = render(rows).splitlines()
-    assert text[0].split() == ["experiment", "cv_mIoU", "holdout_mIoU", "best_holdout", "train_min", "params"]
-    assert len(text) == 5 and "—" in text[-1] and max(map(len, text)) < 120
+    assert text[0].split() == ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "best_holdout", "train_min",
+                               "params"]
+    assert len(text) == 5 and "—" in text[-1] and max(map(len, text)) < 140
     md = render(rows, "md").splitlines()
-    assert md[1] == "|---|---|---|---|---|---|" and md[2].startswith("| pspnet-try | 0.4100 | 0.3800 |")
+    assert md[1] == "|---|---|---|---|---|---|---|---|" and md[2].startswith("| pspnet-try | 0.4100 | — | — | 0.3800 |")
     parsed = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
     assert parsed[0]["experiment"] == "pspnet-try" and float(parsed[0]["cv_mIoU"]) == 0.41
 
@@ -60,3 +63,31 @@ def test_a_blended_experiment_is_ranked_by_its_blend():
     rows = {r["experiment"]: r for r in leaderboard(tree, "holdout_mIoU")}
     assert rows["fpn-unet"]["holdout_mIoU"] == 0.42 and rows["fpn-unet"]["best_holdout"] == "0.4200 blend_of_2_experiments"
     assert rows["fpn"]["holdout_mIoU"] == 0.36
+
+
+def test_intervals_and_paired_differences_from_the_top_row():
+    """cv_ci95 from metrics/cv.json; vs_top on the out-of-fold images both rows scored: a row identical
+    to the top is +0.0000 [+0.0000, +0.0000]; a row wrong on every image is clearly behind."""
+    import numpy as np
+
+    from pipeline.evaluation.metrics import Metric
+
+    rng = np.random.default_rng(0)
+    truths = [rng.integers(0, 2, (8, 8)) for _ in range(30)]
+    m = Metric()
+    good = np.stack([m.count(t, t, 2).numpy() for t in truths])
+    bad = np.stack([m.count(np.where(rng.random(t.shape) < 0.3, 1 - t, t), t, 2).numpy() for t in truths])
+    keys = np.array([f"img{i}" for i in range(30)])
+    tree = [{**node("main", "unet", 0.003, 0.30, 0.35, 60), "experiments": [
+        {"revs": [node("same", "unet", 0.002, 0.30, 0.35, 60, rev="1")]},
+        {"revs": [node("worse", "unet", 0.001, 0.20, 0.30, 60, rev="2")]}]}]
+    tree[0]["data"]["metrics"]["metrics/cv.json"]["data"]["cv"]["metric"] = {
+        "name": "mIoU", "value": 0.3, "ci95_low": 0.25, "ci95_high": 0.35}
+    held = {"main": (keys, good), "same": (keys[::-1], good[::-1]), "worse": (keys[:20], bad[:20])}   # any order, a subset
+    rows = {r["experiment"]: r for r in leaderboard(tree, images=lambda name, params: held.get(name))}
+    assert rows["main"]["cv_ci95"] == "[0.2500, 0.3500]" and rows["main"]["vs_top"] is None
+    assert rows["same"]["vs_top"] == "+0.0000 [+0.0000, +0.0000]"
+    diff, low, high = (float(v.strip("[],")) for v in rows["worse"]["vs_top"].split())
+    assert diff == pytest.approx(m.value(bad[:20]) - 1.0, abs=1e-4) and high < 0
+    no_files = leaderboard(tree, images=lambda name, params: None)
+    assert all(r["vs_top"] is None for r in no_files)

@@ -474,12 +474,14 @@ def load_dataset(root: str | Path, json_files: Iterable[str], image_dir: str | S
                    classes=classes or [BACKGROUND], issues=frame)
 
 
-def dataset_from_params(data: Any, check_files: bool = True) -> Dataset:
-    """Load the labelled pool named by the `data` params section, with data.corrections applied."""
+def dataset_from_params(data: Any, check_files: bool = True, corrections: bool = True) -> Dataset:
+    """Load the labelled pool named by the `data` params section, with data.corrections applied unless
+    `corrections` is False (the split: label fixes never move an image between folds or into the
+    holdout, so runs before and after a fix are judged on the same images and can be blended)."""
     files = [data.train_json] + ([data.val_json] if data.val_json else [])
     dirs = [data.images_of("train")] + ([data.images_of("val")] if data.val_json else [])
     ds = load_dataset(data.root, files, dirs, data.strict, check_files)
-    if getattr(data, "corrections", None):   # a reviewer's label fixes, overlaid (pipeline/data/corrections.py)
+    if corrections and data.corrections:   # a reviewer's label fixes, overlaid (pipeline/data/corrections.py)
         from pipeline.data.corrections import apply_corrections
 
         ds = apply_corrections(ds, data.corrections)

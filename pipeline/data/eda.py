@@ -232,6 +232,8 @@ def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str 
                     "reassigned_pixels": int(sum(lost.values()))},
         "json_area_mismatch": int(ann_table.json_area_mismatch.sum()),
         "issues": {"skipped": int(len(errors)), "notes": int((issues.severity == "info").sum())},
+        # data.corrections applied (pipeline/data/corrections.py): {relabelled, deleted, added: count}
+        "corrections": {str(k): int(v) for k, v in issues[issues.kind == "correction"].action.value_counts().items()},
     }
     tables = {"class_stats": class_table, "annotations": ann_table, "per_image": per_image,
               "overlap_pairs": pair_table, "overlap_images": overlap_images, "issues": issues,

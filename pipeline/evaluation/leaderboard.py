@@ -1,7 +1,8 @@
 """The leaderboard: every DVC experiment (and the workspace) on one line — its name, the params
-that differ between the rows, CV mIoU, the holdout mIoU of what it submits (the final ensemble, or
-the fitted blend when it blends other experiments), the best holdout variant, and training time —
-read from `dvc exp show --json`, sorted best first.
+that differ between the rows, CV mIoU, the CV metric's 95 % bootstrap interval over images, the paired
+difference from the top row on the same out-of-fold images (is it really behind?), the holdout mIoU
+of what it submits (the final ensemble, or the fitted blend when it blends other experiments), the
+best holdout variant, and training time — read from `dvc exp show --json`, sorted best first.
 """
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import csv
 import io
 import json
 import subprocess
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
 
 from pipeline.config import flatten
 
 IGNORED_PARAMS = ("paths.",)   # where outputs go is not a recipe
-COLUMNS = ["experiment", "cv_mIoU", "holdout_mIoU", "best_holdout", "train_min", "params"]
+COLUMNS = ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "best_holdout", "train_min", "params"]
+IMAGES = "cv/image_confusions.npz"   # under paths.plots: stage cv's per-image out-of-fold confusions
 
 
 def dvc_experiments(cwd: Optional[str] = None) -> list[dict]:
@@ -57,21 +62,79 @@ def row(name: str, data: dict) -> dict[str, Any]:
     best = max(holdout, key=holdout.get) if holdout else None
     train_s = sum(m.get("data", {}).get("val", {}).get("train_s", 0.0) for path, m in metrics.items()
                   if "/train/" in path.replace("\\", "/") and isinstance(m, dict))
-    return {"experiment": name, "cv_mIoU": cv.get("mIoU"), "holdout_mIoU": final.get("mIoU"),
-            "best_holdout": f"{holdout[best]:.4f} {best}" if best else None,
+    m = cv.get("metric") or {}
+    ci = f"[{m['ci95_low']:.4f}, {m['ci95_high']:.4f}]" if "ci95_low" in m else None
+    if ci and m.get("name", "mIoU") != "mIoU":
+        ci += f" {m['name']}"
+    return {"experiment": name, "cv_mIoU": cv.get("mIoU"), "cv_ci95": ci, "vs_top": None,
+            "holdout_mIoU": final.get("mIoU"), "best_holdout": f"{holdout[best]:.4f} {best}" if best else None,
             "train_min": round(train_s / 60, 1) if train_s else None, "_params": params}
 
 
-def leaderboard(tree: list[dict], sort: str = "cv_mIoU") -> list[dict]:
-    """Rows sorted by `sort` (best first; rows without it last), params reduced to those that differ."""
+def leaderboard(tree: list[dict], sort: str = "cv_mIoU",
+                images: Optional[Callable[[str, dict], Optional[tuple[np.ndarray, np.ndarray]]]] = None) -> list[dict]:
+    """Rows sorted by `sort` (best first; rows without it last), params reduced to those that differ.
+    images(name, flat params) -> (image keys, (N, C, C) per-image out-of-fold confusions) or None: with
+    it, each row's vs_top is its paired bootstrap difference from the top row on the images both
+    scored ("+0.004 [-0.003, +0.011]": an interval holding 0 means the two are not told apart)."""
     rows = [row(n, d) for n, d in _entries(tree)]
+    rows = sorted(rows, key=lambda r: (r[sort] is None, -(r[sort] or 0.0)))
+    if images is not None and rows:
+        paired_with_top(rows, images)
     keys = sorted({k for r in rows for k in r["_params"]})
     differ = [k for k in keys if not k.startswith(IGNORED_PARAMS)
               and len({json.dumps(r["_params"].get(k), sort_keys=True) for r in rows}) > 1]
     for r in rows:
         p = r.pop("_params")
         r["params"] = " ".join(f"{k}={_short(p.get(k))}" for k in differ)
-    return sorted(rows, key=lambda r: (r[sort] is None, -(r[sort] or 0.0)))
+    return rows
+
+
+def paired_with_top(rows: list[dict], images) -> None:
+    """Fill vs_top: each row minus the first, by the top row's metric, on the out-of-fold images both
+    hold (rows counted at another metric size, or with no image in common, stay empty)."""
+    from pipeline.evaluation import stats
+    from pipeline.evaluation.metrics import Metric
+
+    def metric_of(p: dict) -> tuple[str, Any]:
+        return p.get("metric.kind", "dataset"), p.get("metric.size", "native")
+
+    top_params = rows[0]["_params"]
+    top = images(rows[0]["experiment"], top_params)
+    if top is None:
+        return
+    kind, size = metric_of(top_params)
+    metric = Metric(kind, None if size == "native" else int(size))
+    seed, draws = int(top_params.get("metric.seed", 0)), int(top_params.get("metric.bootstrap", stats.DRAWS))
+    where = {k: i for i, k in enumerate(top[0])}
+    for r in rows[1:]:
+        got = images(r["experiment"], r["_params"]) if metric_of(r["_params"])[1] == size else None
+        if got is None:
+            continue
+        both = [(where[k], i) for i, k in enumerate(got[0]) if k in where]
+        if len(both) < 2:
+            continue
+        a, b = got[1][[i for _, i in both]], top[1][[j for j, _ in both]]
+        r["vs_top"] = stats.fmt_paired(stats.paired(metric, a, b, draws, seed))
+
+
+def dvc_images(cwd: Optional[str] = None):
+    """images() for leaderboard(): each row's stage-cv per-image confusions, from the workspace for
+    'workspace' and from DVC's cache for a commit or an experiment (None where it has none)."""
+    def read(name: str, params: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        rel = f"{params.get('paths.plots', 'plots')}/{IMAGES}"
+        try:
+            if name == "workspace":
+                f = np.load(Path(cwd or ".") / rel)
+            else:
+                from dvc.api import DVCFileSystem
+
+                with DVCFileSystem(cwd or ".", rev=name).open(rel, "rb") as fh:
+                    f = np.load(io.BytesIO(fh.read()))
+            return np.asarray(f["keys"]), np.asarray(f["confusions"])
+        except Exception:  # noqa: BLE001 - an older experiment without the file, an unknown revision
+            return None
+    return read
 
 
 def _short(v: Any) -> str:

@@ -133,9 +133,9 @@ class Metric:
         if self.size:
             pred = cv2.resize(pred.astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
             truth = cv2.resize(truth.astype(np.uint8), (self.size, self.size), interpolation=cv2.INTER_NEAREST)
-        one = ConfusionMatrix(num_classes)
-        one.update(torch.from_numpy(np.ascontiguousarray(pred)), torch.from_numpy(np.ascontiguousarray(truth)))
-        return one.mat
+        keep = truth != IGNORE_INDEX   # numpy's bincount: ~3x torch's for one small map (post-processing search)
+        idx = truth[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
+        return torch.from_numpy(np.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes))
 
     def value(self, per_image: np.ndarray) -> float:
         """The metric of (N, C, C) per-image confusions."""

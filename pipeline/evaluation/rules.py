@@ -9,16 +9,19 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.evaluation.metrics import Metric, scores
-from pipeline.inference.postprocess import Rules, apply_rules
+from pipeline.inference.postprocess import Rules, decide, log_probs
 
 BIASES = (-1.0, -0.5, 0.5, 1.0)                    # added to log P[c]
 MIN_SIZES = (0.0005, 0.001, 0.002, 0.005, 0.01)    # fractions of the image
 TOLERANCE = 0.002
 
 
-def confusions(probs: list[np.ndarray], truths: list[np.ndarray], rules: Rules, metric: Metric, n_cls: int) -> np.ndarray:
-    """(N, C, C) per-image confusions of `rules` applied to every image."""
-    return np.stack([metric.count(apply_rules(p, rules), t, n_cls).numpy() for p, t in zip(probs, truths)])
+def confusions(probs: list[np.ndarray], truths: list[np.ndarray], rules: Rules, metric: Metric, n_cls: int,
+               logps: list[np.ndarray] | None = None) -> np.ndarray:
+    """(N, C, C) per-image confusions of `rules` applied to every image (logps: the probabilities'
+    log_probs, when already computed)."""
+    logps = logps if logps is not None else [log_probs(p) for p in probs]
+    return np.stack([metric.count(decide(lp, rules), t, n_cls).numpy() for lp, t in zip(logps, truths)])
 
 
 def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[str], metric: Metric,
@@ -26,8 +29,8 @@ def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[s
     """Greedy search on out-of-fold (C, h, w) float probabilities and their truths: (rules, one row
     per rule kept: what, the metric before and after)."""
     n = len(classes)
-    rules = Rules.none(n)
-    per = confusions(probs, truths, rules, metric, n)
+    rules, logps = Rules.none(n), [log_probs(p) for p in probs]
+    per = confusions(probs, truths, rules, metric, n, logps)
     best, iou = metric.value(per), _ious(per, classes)
     kept = [{"rule": "none", "metric": best}]
     candidates = ([("bias", c, b) for c in range(n) for b in BIASES]
@@ -42,7 +45,7 @@ def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[s
         trial = []
         for v in values:
             r = rules.changed(c, **{what: v})
-            per = confusions(probs, truths, r, metric, n)
+            per = confusions(probs, truths, r, metric, n, logps)
             value, ious = metric.value(per), _ious(per, classes)
             worst = max((iou[k] - ious[k] for k in iou if k in ious), default=0.0)
             if value > best + 1e-9 and worst <= tolerance:

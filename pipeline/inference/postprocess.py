@@ -58,7 +58,16 @@ class Rules:
 
 def apply_rules(prob: np.ndarray, rules: Rules) -> np.ndarray:
     """(C, H, W) probabilities -> (H, W) uint8 class map under `rules`."""
-    logp = np.log(np.asarray(prob, dtype=np.float32) + EPS)
+    return decide(log_probs(prob), rules)
+
+
+def log_probs(prob: np.ndarray) -> np.ndarray:
+    """(C, H, W) float32 log(P + EPS): what the rules work on (computed once per image by the search)."""
+    return np.log(np.asarray(prob, dtype=np.float32) + EPS)
+
+
+def decide(logp: np.ndarray, rules: Rules) -> np.ndarray:
+    """(C, H, W) log-probabilities -> (H, W) uint8 class map under `rules`."""
     if any(rules.bias):
         logp = logp + np.asarray(rules.bias, dtype=np.float32)[:, None, None]
     pred = logp.argmax(0).astype(np.uint8)
