@@ -170,6 +170,10 @@ def test_oof_audit_and_blend_of_this_experiment_alone(repro):
     audit = read(ws, "audit")
     assert len(pd.read_csv(ws / "data/demo/label_noise.csv")) >= audit["noise"]["injected"]
     assert audit["noise"]["injected"] >= 1 and audit["suspects"] == len(pd.read_csv(ws / "reports/audit/suspects.csv"))
+    review = pd.read_csv(ws / "reports/audit/review.csv")   # the reviewer's worksheet: top_k suspects, actions empty
+    assert len(review) == min(audit["suspects"], 25) and review.action.isna().all()
+    coco = json.loads((ws / "reports/audit/review_coco.json").read_text())
+    assert len(coco["annotations"]) == (review.kind == "unlabelled object").sum()
     blend = json.loads((ws / "reports/blend/blend.json").read_text())
     assert blend["blend_mIoU"] == read(ws, "ensemble")["holdout/final_ensemble_infer_params_round_2"]["mIoU"]
     assert "label audit:" in first and "labels corrupted on purpose" in first

@@ -16,10 +16,9 @@ from pipeline.evaluation.metrics import Metric
 from pipeline.evaluation.rules import fit_rules
 from pipeline.inference.postprocess import Crf, Refiner, Rules, apply_rules, crf_refine
 from pipeline.models.checkpoint import load_checkpoint
-from pipeline.training import fold as fold_module
 from pipeline.training.loop import rescale
 from pipeline.training.run import ema_average, train_fold
-from tests.test_training import easy_workspace, params_for
+from tests.test_training import easy_workspace, killed_in_epoch_2, params_for
 
 # ---------------------------------------------------------------------------------------------- metric
 # Three 2x2 images, classes Background (0) and 1, worked by hand:
@@ -236,19 +235,8 @@ def test_ema_is_validated_saved_and_resumes_to_the_same_weights(easy, monkeypatc
     straight = {k: v.clone() for k, v in ema["model"].items()}
     shutil.rmtree(easy / "models/fold_0")
 
-    real_validate, calls = fold_module.validate, {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_validate(*a, **k)
-
-    monkeypatch.setattr(fold_module, "validate", dies_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train_fold(0, 0, p)
-    assert load_checkpoint(out / "last.pt")["ema"] is not None
-    monkeypatch.setattr(fold_module, "validate", real_validate)
+    killed_in_epoch_2(monkeypatch, lambda: train_fold(0, 0, p))
+    assert load_checkpoint(out / "last.pt")["ema"] is not None and load_checkpoint(out / "last.pt")["epoch"] == 1
     train_fold(0, 0, p)
     resumed = load_checkpoint(out / "ema.pt")
     assert resumed["steps"] == 3 * (18 // 4)

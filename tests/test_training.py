@@ -123,12 +123,9 @@ def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):
         train_fold(0, 0, params_for(prepared, lr=1e-3))
 
 
-def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
-    p = params_for(prepared, epochs=3, cutmix=0.5, augment=["hflip", "color"])
-    straight = train_fold(1, 0, p)
-    straight_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
-    shutil.rmtree(prepared / "models/fold_1")          # or the finished run would be reused
-
+def killed_in_epoch_2(monkeypatch, train) -> None:
+    """Run `train` with its second validation raising KeyboardInterrupt (a run killed after epoch 1
+    was saved), then restore validation."""
     real_validate, calls = fold_module.validate, {"n": 0}
 
     def dies_in_epoch_2(*a, **k):
@@ -139,9 +136,18 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
 
     monkeypatch.setattr(fold_module, "validate", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train_fold(1, 0, p)
-    assert load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["epoch"] == 1
+        train()
     monkeypatch.setattr(fold_module, "validate", real_validate)
+
+
+def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
+    p = params_for(prepared, epochs=3, cutmix=0.5, augment=["hflip", "color"])
+    straight = train_fold(1, 0, p)
+    straight_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
+    shutil.rmtree(prepared / "models/fold_1")          # or the finished run would be reused
+
+    killed_in_epoch_2(monkeypatch, lambda: train_fold(1, 0, p))
+    assert load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["epoch"] == 1
     resumed = train_fold(1, 0, p)
     resumed_hist = load_checkpoint(prepared / "models/fold_1/seed_0/last.pt")["history"]
     assert [h["epoch"] for h in resumed_hist] == [1, 2, 3]

@@ -163,6 +163,12 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
     parts.append("<h2 id='scores'>Cross-validation scores</h2>")
     if cv:
         per_class = pd.DataFrame({"class": list(cv.get("IoU", {})), "IoU": list(cv.get("IoU", {}).values())})
+        if cv.get("metric"):   # the leaderboard's metric, its interval over images, the public/private shake-up
+            mt = cv["metric"]
+            parts.append(f"<p>CV {html.escape(mt['name'])} <b>{mt['value']:.4f}</b> (95 % interval over "
+                         f"{mt['images']} images: [{mt['ci95_low']:.4f}, {mt['ci95_high']:.4f}]); on leaderboards of "
+                         f"{mt['shakeup']['half']} images a half, public and private scores of one model differ by up to "
+                         f"{mt['shakeup']['p95_abs']:.4f} 95 % of the time</p>")
         parts.append(_table(per_class.sort_values("IoU")) + "<div class='grid'>" +
                      _figure(Path(paths.plots) / "cv/iou.png", "per-class IoU, out-of-fold") +
                      _figure(Path(paths.plots) / "cv/confusion.png", "out-of-fold confusion (rows: truth)") + "</div>")
@@ -172,9 +178,17 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
     variants = reports / "ensemble/variants.csv"
     if variants.exists():
         v = pd.read_csv(variants)
-        cols = [c for c in ("variant", "judged_on", "images", "mIoU", "pixel_acc", "mean_acc", "images_per_s") if c in v]
-        parts.append("<p class='muted'>each row judged only on images none of its members trained on</p>" +
+        cols = [c for c in ("variant", "judged_on", "images", "metric", "ci95_low", "ci95_high", "mIoU", "pixel_acc",
+                            "images_per_s", "extra_s_per_image") if c in v]
+        parts.append("<p class='muted'>each row judged only on images none of its members trained on; metric = the "
+                     "leaderboard's (params metric), with its 95 % bootstrap interval over images</p>" +
                      _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
+        refine = _json(reports / "ensemble/postprocess.json")
+        kept = [r for r in refine.get("fitted", []) if r.get("rule") != "none"]
+        if kept:
+            parts.append("<h3>Post-processing rules fitted out of fold</h3><p class='muted'>kept only where the "
+                         "out-of-fold metric rose and no class lost more than 0.002 IoU; applied by submit and predict"
+                         + (" (with the dense CRF)" if refine.get("crf") else "") + "</p>" + _table(pd.DataFrame(kept)))
 
     # blend across experiments
     parts.append("<h2 id='blend'>Blend across experiments</h2>")
@@ -213,6 +227,12 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
         parts.append(f"<p class='muted'>{html.escape(line)}; all in {html.escape(str(audit_dir / 'suspects.csv'))}</p>"
                      + _table(pd.read_csv(audit_dir / "suspects.csv").head(15), "{:.2f}")
                      + _figure(audit_dir / "gallery.png", "most suspicious labels: image | label | out-of-fold prediction"))
+        fixed = eda.get("corrections") or {}
+        parts.append(f"<p>To fix labels: fill the <code>action</code> column of {html.escape(str(audit_dir / 'review.csv'))}, "
+                     f"edit {html.escape(str(audit_dir / 'review_coco.json'))} in CVAT or FiftyOne, put both under "
+                     "<code>corrections/</code> and list them in <code>data.corrections</code> (corrections/README.md). "
+                     + ("Applied in this run: " + html.escape(", ".join(f"{n} {k}" for k, n in sorted(fixed.items())))
+                        if fixed else "No corrections applied in this run.") + "</p>")
 
     # test
     parts.append("<h2 id='test'>Test predictions</h2>" +
