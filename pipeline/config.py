@@ -173,7 +173,7 @@ class Train(_Section):
     devices: int = Field(1, ge=1)
     gallery: int = Field(6, ge=0)
     swa_epochs: int = Field(0, ge=0)
-    ema: Optional[Ema] = None
+    ema: Optional[Ema] = Field(default_factory=Ema)   # null = off
     scales: Optional[list[float]] = None
     val_every: int = Field(1, ge=1)
     dropout: Optional[float] = Field(None, ge=0, lt=1)

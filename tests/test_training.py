@@ -53,7 +53,7 @@ def params_for(tmp, **train):
     raw["paths"].update(masks=str(tmp / "masks"), split=str(tmp / "split"), models=str(tmp / "models"),
                         metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
     raw["train"].update(dict(epochs=6, batch_size=8, image_size=64, lr=3e-3, loss={"ce": 1.0}, augment=["hflip"],
-                             workers=0, gallery=2, warmup_epochs=0.5), **train)
+                             workers=0, gallery=2, warmup_epochs=0.5, ema=None), **train)   # EMA: opt in
     return Params.model_validate(raw).only(*PARAMS)
 
 
