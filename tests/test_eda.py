@@ -126,7 +126,28 @@ def test_zero_length_runs_and_corner_masks_do_not_hang_the_overlap_arithmetic():
     segs = [square(0, 0, 3, 3), square(0, 0, 6, 6), crowd, square(1, 0, 4, 2)]
     classes = [1, 2, 1, 3]
     for rule in ("smaller_on_top", "higher_class_wins"):
-        s = _image_stats(("k", h, w, segs, classes, rule, None, "keep"))
         label = image_label(pd.DataFrame({"segmentation": segs, "class_idx": classes}), h, w, (h, w), rule, None, "keep")
-        assert {v: c for v, c in s["painted"].items() if c} == {int(v): int(c) for v, c in
-                                                                zip(*np.unique(label, return_counts=True))}
+        for dense in (False, True):
+            s = _image_stats(("k", h, w, segs, classes, rule, None, "keep"), dense=dense)
+            assert {v: c for v, c in s["painted"].items() if c} == {int(v): int(c) for v, c in
+                                                                    zip(*np.unique(label, return_counts=True))}
+
+
+def test_crowded_image_takes_the_dense_path_with_the_same_figures():
+    """Above DENSE_ABOVE annotations EDA counts on pixel arrays (linear in annotations); every
+    figure equals the run-length path's, with overlaps, nested objects and every unknown mode."""
+    from pipeline.data import eda
+
+    rng = np.random.default_rng(0)
+    h, w, n = 60, 80, eda.DENSE_ABOVE + 40
+    segs, classes = [], []
+    for _ in range(n):
+        x, y, s = rng.uniform(0, w - 4), rng.uniform(0, h - 4), rng.uniform(2, 12)
+        segs.append([[x, y, x + s, y, x + s * 0.7, y + s, x, y + s * 0.8]])
+        classes.append(int(rng.integers(1, 5)))
+    for rule in ("smaller_on_top", "higher_class_wins"):
+        for unknown in ("keep", "background", "ignore"):
+            task = ("k", h, w, segs, classes, rule, 4, unknown)
+            auto, runs = eda._image_stats(task), eda._image_stats(task, dense=False)
+            assert {k: {a: b for a, b in v.items() if b} if isinstance(v, dict) else v for k, v in runs.items()} == auto
+            assert auto["pairs"] and auto["lost"]

@@ -24,7 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.data.coco import IGNORE_INDEX, Dataset
-from pipeline.data.masks import paint_order, rle_runs, to_rle, union, unknown_class_index
+from pipeline.data.masks import paint_order, rle_runs, rle_spans, span_pixels, to_rle, union, unknown_class_index
 from pipeline.io import parallel_map
 
 # A json `area` is "wrong" when it is off by half the true area *and* by more than the box's
@@ -87,21 +87,84 @@ def _touching_groups(boxes: np.ndarray) -> tuple[int, np.ndarray]:
     return connected_components(coo_matrix(touch), directed=False)
 
 
-def _image_stats(task: tuple) -> dict:
+def _image_stats(task: tuple, dense: Optional[bool] = None) -> dict:
     """One image at full resolution: per-annotation areas and box perimeters, per-class painted
-    pixels, class-pair overlaps and reassigned pixels."""
+    pixels, class-pair overlaps and reassigned pixels.
+    dense: the pixel-array path (linear in annotations; default above DENSE_ABOVE annotations) or
+    the run-length one (no full-image array; the default for the usual few dozen)."""
     key, h, w, segs, classes, rule, unknown_class, unknown = task
     n_px = h * w
-    painted: dict[int, int] = defaultdict(int)
-    pairs: dict[tuple[int, int], int] = defaultdict(int)
-    lost: dict[tuple[int, int], int] = defaultdict(int)
     if not segs:
         return dict(key=key, n_px=n_px, areas=[], perimeters=[], painted={0: n_px}, pairs={}, lost={})
-    rles = [_canonical(to_rle(s, h, w, h, w)) for s in segs]
-    areas = [_area(r) for r in rles]
+    rles = [to_rle(s, h, w, h, w) for s in segs]
     boxes = np.array([mask_utils.toBbox(r) for r in rles]).reshape(-1, 4)
     value: list[Optional[int]] = [None if c == unknown_class and unknown == "background" else
                                   IGNORE_INDEX if c == unknown_class and unknown == "ignore" else c for c in classes]
+    if dense is None:
+        dense = len(segs) > DENSE_ABOVE
+    if dense and len(set(classes)) <= MAX_DENSE_CLASSES:
+        areas, painted, pairs, lost = _dense_overlaps(rles, classes, value, rule, n_px, unknown_class, unknown)
+    else:
+        rles = [_canonical(r) for r in rles]
+        areas = [_area(r) for r in rles]
+        painted, pairs, lost = _rle_overlaps(rles, areas, boxes, classes, value, rule, (h, w), unknown_class, unknown)
+    painted[0] = n_px - sum(painted.values())
+    return dict(key=key, n_px=n_px, areas=areas, perimeters=(2 * boxes[:, 2:].sum(axis=1)).tolist(),
+                painted=dict(painted), pairs=dict(pairs), lost=dict(lost))
+
+
+DENSE_ABOVE = 300        # annotations in one image above which the pixel-array path runs
+MAX_DENSE_CLASSES = 16   # classes present in one image that the dense path's bit codes hold
+
+
+def _dense_overlaps(rles: list[dict], classes: list[int], value: list, rule: str, n_px: int,
+                    unknown_class: Optional[int], unknown: str) -> tuple[list[int], dict, dict, dict]:
+    """(areas, painted, pairs, lost) from one pixel array per image: the top annotation of every
+    pixel (np.maximum.at of paint ranks) and a bit code of the classes covering it, counted in one
+    bincount. Time and memory grow with pixels and annotated area, never with annotation pairs."""
+    start, length, owner = rle_spans(rles)
+    areas = np.bincount(owner, weights=length, minlength=len(rles)).astype(np.int64)
+    order = paint_order(areas.tolist(), classes, rule)
+    rank = np.full(len(rles), -1, np.int64)
+    rank[order] = np.arange(len(order))
+    rank[[v is None for v in value]] = -1                    # unknown as background paints nothing
+    shown_by_rank = np.array([-1 if value[j] is None else value[j] for j in order] + [-1], np.int64)
+    present = sorted(set(classes))
+    bit = np.array([1 << present.index(c) for c in classes], np.int64)
+    px = span_pixels(start, length)
+    who = np.repeat(owner, length)
+    top = np.full(n_px, -1, np.int64)
+    np.maximum.at(top, px, rank[who])
+    code = np.zeros(n_px, np.int64)
+    np.bitwise_or.at(code, px, bit[who])
+    covered = np.flatnonzero(code)
+    shown = shown_by_rank[top[covered]]                      # rank -1 -> the trailing -1: nothing shown
+    n_shown = IGNORE_INDEX + 2
+    counts = np.bincount(code[covered] * n_shown + shown + 1, minlength=n_shown)
+    painted: dict[int, int] = defaultdict(int)
+    pairs: dict[tuple[int, int], int] = defaultdict(int)
+    lost: dict[tuple[int, int], int] = defaultdict(int)
+    for k in np.flatnonzero(counts):
+        cm, v, n = int(k // n_shown), int(k % n_shown) - 1, int(counts[k])
+        members = [present[i] for i in range(len(present)) if cm >> i & 1]
+        if v >= 0:
+            painted[v] += n
+        for i, a in enumerate(members):
+            for b in members[i + 1:]:
+                pairs[(a, b)] += n
+            own = IGNORE_INDEX if a == unknown_class and unknown == "ignore" else a
+            if v >= 0 and v != own:
+                lost[(a, v)] += n
+    return areas.tolist(), painted, pairs, lost
+
+
+def _rle_overlaps(rles: list[dict], areas: list[int], boxes: np.ndarray, classes: list[int], value: list,
+                  rule: str, hw: tuple[int, int], unknown_class: Optional[int], unknown: str) -> tuple[dict, dict, dict]:
+    """(painted, pairs, lost) by run-length arithmetic within groups of touching boxes."""
+    h, w = hw
+    painted: dict[int, int] = defaultdict(int)
+    pairs: dict[tuple[int, int], int] = defaultdict(int)
+    lost: dict[tuple[int, int], int] = defaultdict(int)
     _, group = _touching_groups(boxes)
     for g in np.unique(group):
         members = np.flatnonzero(group == g).tolist()
@@ -132,9 +195,7 @@ def _image_stats(task: tuple) -> dict:
                 n = _area(_intersect(planes[a], r)) if v != own else 0
                 if n:
                     lost[(a, v)] += n
-    painted[0] = n_px - sum(painted.values())
-    return dict(key=key, n_px=n_px, areas=areas, perimeters=(2 * boxes[:, 2:].sum(axis=1)).tolist(),
-                painted=dict(painted), pairs=dict(pairs), lost=dict(lost))
+    return painted, pairs, lost
 
 
 def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str = "UNKNOWN",
@@ -300,7 +361,9 @@ def plot_report(result: EdaResult, out_dir: Path) -> list[Path]:
         axes[0].legend(fontsize=7)
     axes[0].set_title("object area (fraction of the image)")
     per = t["per_image"].annotations
-    axes[1].hist(per, bins=np.arange(per.max() + 2) - 0.5, color="tab:green")
+    # one bar per count while counts are few; 50 bars when an image holds thousands (a bar per
+    # count would draw tens of thousands of patches)
+    axes[1].hist(per, bins=np.arange(per.max() + 2) - 0.5 if per.max() < 60 else 50, color="tab:green")
     axes[1].set_title("annotations per image")
     fig.tight_layout()
     paths.append(out_dir / "area_hist.png")
