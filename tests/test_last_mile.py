@@ -17,7 +17,8 @@ from pipeline.evaluation.rules import fit_rules
 from pipeline.inference.postprocess import Crf, Refiner, Rules, apply_rules, crf_refine
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.loop import rescale
-from pipeline.training.run import ema_average, train_fold
+from pipeline.training.nets import ema_average
+from pipeline.training.run import train_fold
 from tests.test_training import easy_workspace, killed_in_epoch_2, params_for
 
 # ---------------------------------------------------------------------------------------------- metric
@@ -236,7 +237,7 @@ def test_ema_is_validated_saved_and_resumes_to_the_same_weights(easy, monkeypatc
     shutil.rmtree(easy / "models/fold_0")
 
     killed_in_epoch_2(monkeypatch, lambda: train_fold(0, 0, p))
-    assert load_checkpoint(out / "last.pt")["ema"] is not None and load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert load_checkpoint(out / "last.pt")["averages"]["ema"] is not None and load_checkpoint(out / "last.pt")["epoch"] == 1
     train_fold(0, 0, p)
     resumed = load_checkpoint(out / "ema.pt")
     assert resumed["steps"] == 3 * (18 // 4)

@@ -3,7 +3,9 @@ on their pixels. No test here asserts what a tiny model learnt (a score, a confi
 the CPU's floating-point path. Learnt quality is measured in bench/ (bench/quality.py)."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import signal
 
 import albumentations as A
 import numpy as np
@@ -18,7 +20,7 @@ from pipeline.data.folds import make_folds
 from pipeline.data.masks import build_mask_cache
 from pipeline.data.mix import cutmix, paste_classes
 from pipeline.training import fold as fold_module
-from pipeline.training import run as run_module
+from pipeline.training import trainer as trainer_module
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.run import PARAMS, train_fold
 from tests.conftest import SEED, write_coco
@@ -101,7 +103,7 @@ def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):
     def no_training(*a, **k):
         raise RuntimeError("retrained")
 
-    monkeypatch.setattr(run_module, "train_one_epoch", no_training)
+    monkeypatch.setattr(trainer_module, "train_one_epoch", no_training)
     again = train_fold(0, 0, params_for(prepared, folds=[0, 2], seeds=[0, 5]))   # other members: same run
     after = load_checkpoint(prepared / "models/fold_0/seed_0/best.pt")
     assert again["mIoU"] == before["scores"]["mIoU"] and after["epoch"] == before["epoch"]
@@ -156,19 +158,105 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     assert resumed["mIoU"] == pytest.approx(straight["mIoU"], rel=1e-5)
 
 
+class Killed(BaseException):
+    """What the test's SIGUSR1 handler raises: the process dies there, as under a real kill."""
+
+
+def kill_in(monkeypatch, state: str) -> None:
+    """Make the next run receive a signal inside `state` (deterministically, at a fixed point):
+    training — epoch 2 (epoch 1 saved); averaging — the EMA (SWA's average done and saved);
+    finishing — while writing the reports; done — while a finished run's reports are rewritten."""
+    signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(Killed(state)))
+    die = lambda: signal.raise_signal(signal.SIGUSR1)   # noqa: E731
+    calls = {"n": 0}
+    if state == "training":
+        real = trainer_module.train_one_epoch
+
+        def epoch(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                die()
+            return real(*a, **k)
+        monkeypatch.setattr(trainer_module, "train_one_epoch", epoch)
+    elif state == "averaging":
+        real_average = trainer_module.Trainer.on_average
+        monkeypatch.setattr(trainer_module.Trainer, "on_average",
+                            lambda self, name, avg: die() if name == "ema" else real_average(self, name, avg))
+    else:
+        real_finish = trainer_module.finish_fold
+        monkeypatch.setattr(trainer_module, "finish_fold", lambda *a: die() or real_finish(*a))
+
+
+def counting(monkeypatch) -> dict:
+    """Count the epochs trained, the averages computed and the reports written from now on."""
+    n = {"epochs": 0, "averages": [], "finished": 0}
+    epoch, average, finish = trainer_module.train_one_epoch, trainer_module.Trainer.on_average, trainer_module.finish_fold
+    monkeypatch.setattr(trainer_module, "train_one_epoch", lambda *a, **k: n.update(epochs=n["epochs"] + 1) or epoch(*a, **k))
+    monkeypatch.setattr(trainer_module.Trainer, "on_average",
+                        lambda self, name, avg: n["averages"].append(name) or average(self, name, avg))
+    monkeypatch.setattr(trainer_module, "finish_fold", lambda *a: n.update(finished=n["finished"] + 1) or finish(*a))
+    return n
+
+
+def outputs(out) -> dict:
+    """What a finished run leaves: weights of best/swa/ema, the confusions, the history's losses."""
+    got = {name: load_checkpoint(out / f"{name}.pt")["model"] for name in ("best", "swa", "ema")}
+    got.update({f.name: np.load(f) for f in sorted(out.glob("val_confusion*.npy"))})
+    got["losses"] = [h["train/loss"] for h in load_checkpoint(out / "last.pt")["history"]]
+    return got
+
+
+def test_a_run_killed_in_any_state_resumes_in_it_and_equals_an_uninterrupted_one(prepared, monkeypatch):
+    """The run state in last.pt (training -> averaging -> finishing -> done): a run killed in any of
+    them resumes there — no finished epoch is retrained, no finished average recomputed — and
+    leaves what an uninterrupted run leaves."""
+    p = params_for(prepared, epochs=3, swa_epochs=2, ema={"decay": 0.9, "warmup": True})
+    out = prepared / "models/fold_2/seed_0"
+    shutil.rmtree(prepared / "models/fold_2", ignore_errors=True)
+    train_fold(2, 0, p)
+    assert load_checkpoint(out / "last.pt")["state"] == "done"
+    straight = outputs(out)
+    # after the kill: (epochs trained, averages computed, reports written) by the rerun
+    expected = {"training": (2, ["swa", "ema"], 1), "averaging": (0, ["ema"], 1), "finishing": (0, [], 1),
+                "done": (0, [], 1)}
+    for state, (epochs, averages, finished) in expected.items():
+        if state != "done":
+            shutil.rmtree(prepared / "models/fold_2")
+        else:
+            train_fold(2, 0, p)   # a finished run; the kill hits the rewrite of its reports
+        with monkeypatch.context() as m:
+            kill_in(m, state)
+            with pytest.raises(Killed):
+                train_fold(2, 0, p)
+        assert load_checkpoint(out / "last.pt")["state"] == state
+        with monkeypatch.context() as m:
+            n = counting(m)
+            train_fold(2, 0, p)
+        assert (n["epochs"], n["averages"], n["finished"]) == (epochs, averages, finished), state
+        assert load_checkpoint(out / "last.pt")["state"] == "done"
+        resumed = outputs(out)
+        assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5), state
+        for name in ("best", "swa", "ema"):
+            for k, v in straight[name].items():
+                assert torch.allclose(resumed[name][k].float(), v.float(), rtol=1e-4, atol=1e-6), (state, name, k)
+        for f in [k for k in straight if k.startswith("val_confusion")]:
+            assert np.abs(resumed[f] - straight[f]).sum() <= 0.001 * straight[f].sum(), (state, f)
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, monkeypatch):
     p = params_for(prepared, epochs=3)
-    real, calls = run_module.train_one_epoch, {"n": 0}
+    real, calls = trainer_module.train_one_epoch, {"n": 0}
 
-    def poisoned(model, loader, loss_fn, *a, **k):
+    def poisoned(step, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:                                    # epoch 2: the loss blows up
-            real_loss = loss_fn
-            loss_fn = lambda logits, y: real_loss(logits, y) * float("nan")   # noqa: E731
-            loss_fn.last = {}
-        return real(model, loader, loss_fn, *a, **k)
+            real_loss = step.loss_fn
+            poison = lambda logits, y: real_loss(logits, y) * float("nan")   # noqa: E731
+            poison.last = {}
+            step = dataclasses.replace(step, loss_fn=poison)
+        return real(step, *a, **k)
 
-    monkeypatch.setattr(run_module, "train_one_epoch", poisoned)
+    monkeypatch.setattr(trainer_module, "train_one_epoch", poisoned)
     with pytest.raises(FloatingPointError, match=r"fold 3 seed 0 epoch 2: loss is nan at batch 0; the last good"):
         train_fold(3, 0, p)
     out = prepared / "models/fold_3/seed_0"

@@ -26,6 +26,10 @@ AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
     "gridmask": lambda: A.GridDropout(ratio=0.3, fill=0, fill_mask=IGNORE_INDEX, p=0.3),
 }
 
+# Per-channel (mean, std) of RGB in [0, 1]: ImageNet's, what pretrained encoders expect (and
+# albumentations' Normalize default). Checkpoints record it in their InputSpec.
+NORMALISE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
 
 def build_transform(names: list[str], size: Optional[int], seed: int = 0,
                     crop_scale: Optional[tuple[float, float]] = None) -> A.Compose:
@@ -49,7 +53,7 @@ def build_transform(names: list[str], size: Optional[int], seed: int = 0,
         frame = [A.RandomScale((lo - 1, hi - 1), area_for_downscale="image", p=1.0),
                  A.RandomCrop(size, size, pad_if_needed=True, pad_position="random", border_mode=cv2.BORDER_CONSTANT,
                               fill=0, fill_mask=IGNORE_INDEX)]
-    return A.Compose([*frame, *[AUGMENTATIONS[n]() for n in names], A.Normalize(), ToTensorV2()], seed=seed)
+    return A.Compose([*frame, *[AUGMENTATIONS[n]() for n in names], A.Normalize(*NORMALISE), ToTensorV2()], seed=seed)
 
 
 def train_transform(t, seed: int) -> A.Compose:

@@ -18,7 +18,7 @@ from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.metrics import ConfusionMatrix, Metric
 from pipeline.inference.slide import SlidingWindow
-from pipeline.models.checkpoint import member_dir
+from pipeline.models.checkpoint import InputSpec, member_dir
 from pipeline.training import distributed
 from pipeline.training.loop import validate
 
@@ -36,6 +36,7 @@ class FoldRun:
     val_tab: pd.DataFrame       # its validation fold
     epochs: int
     inputs: list[Path]          # files whose content, with the code, fingerprints the run
+    max_side: Optional[int] = None   # the mask cache's cap on the long side (classes.json)
     run: Any = None             # MLflow child run
     d: distributed.Dist = field(default_factory=distributed.Dist)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -58,6 +59,13 @@ class FoldRun:
                 "fold": str(self.fold), "seed": str(self.seed), "data": fingerprint(*self.inputs),
                 "round": "2" if self.round2 else "1"}
 
+    def input_spec(self) -> dict:
+        """How this run's inputs are made (InputSpec), as checkpoints store it."""
+        t = self.p.train
+        crop = t.input == "crop"
+        return InputSpec(tuple(self.classes), self.max_side, t.eval_size, t.image_size if crop else None,
+                         t.slide_overlap if crop else 0.0, crop and t.crop_infer == "whole").to_dict()
+
     def log(self, rows: list[dict]) -> None:
         for row in rows if self.run else []:
             self.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row.get("epoch"))
@@ -77,7 +85,9 @@ def load_fold(fold: int, seed: int, p: ParamsView, round2: bool) -> FoldRun:
         pseudo_index = Path(p.paths.pseudo) / f"fold_{fold}" / "index.csv"
         train_tab = round2_table(train_tab, pseudo_index, set(val_tab.key), set(folds.key[folds.holdout]))
         epochs, inputs = p.pseudo.epochs, inputs + [pseudo_index, member_dir(p.paths.models, fold, seed) / "best.pt"]
-    return FoldRun(fold, seed, p, round2, read_classes(masks)["classes"], train_tab, val_tab, epochs, inputs)
+    cache = read_classes(masks)
+    return FoldRun(fold, seed, p, round2, cache["classes"], train_tab, val_tab, epochs, inputs,
+                   max_side=cache.get("max_side"))
 
 
 class FoldData:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -20,44 +22,66 @@ def _bar(it, desc: str, total: int):
     return tqdm(it, desc=desc, total=total, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def train_one_epoch(model, loader, loss_fn, opt, schedule, scaler, device, amp="off", accumulate=1,
-                    clip_grad=None, cutmix_p=0.0, rng=None, channels_last=False, desc="train", ema=None,
-                    sides=None) -> dict[str, float]:
-    """One pass over `loader`; returns mean loss (and each loss term) per image.
-    ema: an AveragedModel updated after every optimizer step; sides: input sides (multi-scale
-    training), one drawn per batch from `rng`, the batch resized to it (masks nearest)."""
-    model.train()
-    sums, n = defaultdict(float), 0
-    opt.zero_grad(set_to_none=True)
-    for i, (x, y, _) in enumerate(_bar(loader, desc, len(loader))):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if sides:
-            x, y = rescale(x, y, int(sides[rng.integers(len(sides))]))
-        if cutmix_p:
-            cutmix(x, y, rng, cutmix_p)
-        if channels_last:
+@dataclass
+class Step:
+    """What one training micro-batch needs: the model and its loss, the optimizer with its schedule
+    and AMP scaler, and how batches are treated. `__call__` runs one micro-batch (forward, backward,
+    and every `accumulate` micro-batches an optimizer step, then `after_step`: an EMA update)."""
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    opt: torch.optim.Optimizer
+    schedule: Any
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: str = "off"
+    accumulate: int = 1
+    clip_grad: Optional[float] = None
+    cutmix: float = 0.0
+    channels_last: bool = False
+    sides: Optional[list[int]] = None            # multi-scale training: one side drawn per batch
+    after_step: Optional[Callable[[], None]] = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rng, steps: bool) -> torch.Tensor:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.sides:
+            x, y = rescale(x, y, int(self.sides[rng.integers(len(self.sides))]))
+        if self.cutmix:
+            cutmix(x, y, rng, self.cutmix)
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        step = (i + 1) % accumulate == 0 or i + 1 == len(loader)
         # Under DDP, gradients are all-reduced only on the micro-batch that steps.
-        with contextlib.nullcontext() if step or not hasattr(model, "no_sync") else model.no_sync():
-            with autocast(device, amp):
-                logits = model(x)
-            loss = loss_fn(logits, y)
+        with contextlib.nullcontext() if steps or not hasattr(self.model, "no_sync") else self.model.no_sync():
+            with autocast(self.device, self.amp):
+                logits = self.model(x)
+            loss = self.loss_fn(logits, y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at batch {i}; the last good checkpoint is kept")
-            scaler.scale(loss / accumulate).backward()
-        if step:
-            if clip_grad:
-                scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            schedule.step_batch()
-            if ema is not None:
-                ema.update_parameters(model)
+                raise FloatingPointError(f"loss is {loss.item()}")
+            self.scaler.scale(loss / self.accumulate).backward()
+        if steps:
+            if self.clip_grad:
+                self.scaler.unscale_(self.opt)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            self.schedule.step_batch()
+            if self.after_step is not None:
+                self.after_step()
+        return loss
+
+
+def train_one_epoch(step: Step, loader, rng=None, desc: str = "train") -> dict[str, float]:
+    """One pass over `loader`; returns mean loss (and each loss term) per image."""
+    step.model.train()
+    sums, n = defaultdict(float), 0
+    step.opt.zero_grad(set_to_none=True)
+    for i, (x, y, _) in enumerate(_bar(loader, desc, len(loader))):
+        try:
+            loss = step(x, y, rng, (i + 1) % step.accumulate == 0 or i + 1 == len(loader))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{desc}: {e} at batch {i}; the last good checkpoint is kept") from None
         sums["loss"] += loss.item() * len(x)
-        for k, v in loss_fn.last.items():
+        for k, v in step.loss_fn.last.items():
             sums[f"loss/{k}"] += v * len(x)
         n += len(x)
     return {k: v / max(n, 1) for k, v in sums.items()}
