@@ -186,7 +186,8 @@ def pipeline_params(work: Path, recipe: dict) -> Params:
             raw[section].update(values)
         else:
             raw[section] = values
-    raw["train"].update(folds=[0], gallery=0, workers=0)
+    raw["train"].update(folds=[0])
+    raw["runtime"].update(gallery=0, workers=0)
     return Params.model_validate(raw)
 
 

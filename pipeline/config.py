@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 CORRECTIONS_DIR = "corrections"   # label fixes live here (data.corrections); dvc.yaml's masks stage depends on it
@@ -82,27 +82,50 @@ class Data(_Section):
         return self.image_dir if isinstance(self.image_dir, str) else self.image_dir.get(role, "")
 
 
-class Masks(_Section):
+class Runtime(_Section):
+    """How the pipeline runs on this machine, not what it computes: no DVC stage declares this
+    section, so changing it reruns no stage and retrains no model (a run's identity is its recipe).
+    The sections that use a key read it through a property (train.workers is runtime.workers)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # training and inference
+    devices: int = Field(1, ge=1)          # > 1: DDP, that many training processes under torchrun
+    workers: int = Field(0, ge=0)          # training DataLoader processes; 0 = in the training process
+    data_workers: int = Field(0, ge=0)     # masks, eda, near-dups processes; 0 = all cores
+    infer_batch_size: int = Field(8, ge=1)
+    gallery: int = Field(6, ge=0)          # validation images drawn per fold
+
+
+class _UsesRuntime(_Section):
+    """A section some of whose settings live in `runtime:` (Params wires it in after validation)."""
+    _runtime: Runtime = PrivateAttr(default_factory=Runtime)
+
+
+class Masks(_UsesRuntime):
     overlap: Literal["smaller_on_top", "higher_class_wins"] = "smaller_on_top"
     unknown: Literal["keep", "background", "ignore"] = "keep"
     unknown_name: str = "UNKNOWN"
     max_side: Optional[int] = Field(None, ge=32)
     cache_images: bool = True
-    workers: int = Field(0, ge=0)
+
+    @property
+    def workers(self) -> int:
+        return self._runtime.data_workers
 
 
 class Eda(_Section):
     pass
 
 
-class NearDups(_Section):
+class NearDups(_UsesRuntime):
     enabled: bool = True
     hash_distance: int = Field(8, ge=0, le=64)   # pHash bits that may differ (resizes, re-encodes, brightness)
     min_inliers: int = Field(20, ge=4)           # ORB matches agreeing on one affine map (crops)
     side: int = Field(512, ge=64)                # long side the images are looked at
     n_features: int = Field(1000, ge=50)          # ORB keypoints per image
     include_test: bool = True                    # also find test images that repeat labelled ones
-    workers: int = Field(0, ge=0)
+
+    @property
+    def workers(self) -> int:
+        return self._runtime.data_workers
 
 
 class Split(_Section):
@@ -137,7 +160,7 @@ class Ema(_Section):
     warmup: bool = True                      # decay ramps up as min(decay, (1 + n) / (10 + n)) over the first steps
 
 
-class Train(_Section):
+class Train(_UsesRuntime):
     folds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     epochs: int = Field(25, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -168,10 +191,6 @@ class Train(_Section):
     copy_paste_classes: Optional[list[str]] = None
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     deterministic: bool = True
-    workers: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    devices: int = Field(1, ge=1)
-    gallery: int = Field(6, ge=0)
     swa_epochs: int = Field(0, ge=0)
     ema: Optional[Ema] = Field(default_factory=Ema)   # null = off
     scales: Optional[list[float]] = None
@@ -209,6 +228,22 @@ class Train(_Section):
             raise ValueError(f"crop_scale must be [low, high] with 0 < low <= high, got {list(v)}")
         return v
 
+    @property
+    def workers(self) -> int:
+        return self._runtime.workers
+
+    @property
+    def device(self) -> str:
+        return self._runtime.device
+
+    @property
+    def devices(self) -> int:
+        return self._runtime.devices
+
+    @property
+    def gallery(self) -> int:
+        return self._runtime.gallery
+
     def validates(self, epoch: int, epochs: int) -> bool:
         """Whether 0-based `epoch` of `epochs` is validated: every val_every-th, and always the last."""
         return (epoch + 1) % self.val_every == 0 or epoch + 1 == epochs
@@ -245,14 +280,12 @@ class CrfSection(_Section):
 TtaView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4"]
 
 
-class Infer(_Section):
+class Infer(_UsesRuntime):
     tta: list[TtaView] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     checkpoints: list[Literal["best", "last", "swa", "ema"]] = Field(default_factory=lambda: ["best"], min_length=1)
     fold_weights: Optional[list[float]] = None
-    batch_size: int = Field(8, ge=1)
     amp: Literal["off", "bf16", "fp16"] = "bf16"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     round: Literal[1, 2] = 2
     postprocess: bool = True     # apply the rules the ensemble stage fits out of fold (none kept: no change)
     crf: CrfSection = CrfSection()
@@ -263,6 +296,14 @@ class Infer(_Section):
         if min(v) <= 0:
             raise ValueError(f"scales must be positive, got {v}")
         return v
+
+    @property
+    def batch_size(self) -> int:
+        return self._runtime.infer_batch_size
+
+    @property
+    def device(self) -> str:
+        return self._runtime.device
 
 
 class Pseudo(_Section):
@@ -297,6 +338,12 @@ class Submit(_Section):
     gallery: int = Field(8, ge=0)
 
 
+MOVED_TO_RUNTIME = {("train", "workers"): "workers", ("train", "device"): "device", ("train", "devices"): "devices",
+                    ("train", "gallery"): "gallery", ("infer", "batch_size"): "infer_batch_size",
+                    ("infer", "device"): "device", ("masks", "workers"): "data_workers",
+                    ("near_dups", "workers"): "data_workers"}
+
+
 class Params(_Section):
     model: ModelName = "unet"
     encoder: str = "resnet18"
@@ -315,6 +362,23 @@ class Params(_Section):
     blend: Blend = Blend()
     submit: Submit = Submit()
     metric: MetricSection = MetricSection()
+    runtime: Runtime = Runtime()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_runtime(cls, raw: Any) -> Any:
+        moved = [f"{sec}.{key} -> runtime.{new}" for (sec, key), new in MOVED_TO_RUNTIME.items()
+                 if isinstance(raw, dict) and isinstance(raw.get(sec), dict) and key in raw[sec]]
+        if moved:
+            raise ValueError("these settings moved to the runtime section (they change how the pipeline runs, "
+                             f"not what it computes, and rerun nothing): {', '.join(moved)}")
+        return raw
+
+    @model_validator(mode="after")
+    def _wire_runtime(self) -> "Params":
+        for section in (self.masks, self.near_dups, self.train, self.infer):
+            section._runtime = self.runtime
+        return self
 
     @field_validator("encoder")
     @classmethod
@@ -373,7 +437,7 @@ class ParamsView:
         object.__setattr__(self, "sections", tuple(sections))
 
     def __getattr__(self, name: str) -> Any:
-        if name not in self.sections:
+        if name not in self.sections and name != "runtime":   # runtime: every stage may read it, none declares it
             raise ConfigError(
                 f"this stage reads params section {name!r} but declares only {list(self.sections)}; "
                 "add it to the stage's `params:` in dvc.yaml and to its PARAMS"

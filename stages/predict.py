@@ -25,8 +25,9 @@ def main() -> None:
     cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
     ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
     ens.refine = submitted_refiner(p.paths) if submitted_refiner(p.paths).active else None   # as submit applies
-    n = predict_folder(ens, args.images, args.out, p.train.eval_size, cache["classes"], p.infer.batch_size,
-                       cache.get("max_side"))
+    spec = ens.spec   # images are prepared as the models' checkpoints say; params and cache must agree
+    spec.check("stages.predict", eval_size=p.train.eval_size, max_side=cache.get("max_side"), classes=cache["classes"])
+    n = predict_folder(ens, args.images, args.out, spec.eval_size, list(spec.classes), p.infer.batch_size, spec.max_side)
     print(f"wrote {n} predictions to {args.out}")
 
 

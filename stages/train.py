@@ -11,7 +11,7 @@ from pipeline.training.run import PARAMS, train_fold
 def main() -> None:
     fold, seed = cli.member_arguments(__doc__)
     p = load_params().only(*PARAMS)
-    distributed.relaunch(p.train.devices, "stages.train", p.train.device)  # train.devices > 1: this, under torchrun
+    distributed.relaunch(p.train.devices, "stages.train", p.train.device)  # runtime.devices > 1: this, under torchrun
     with stage_run("train", p, fold=fold, seed=seed) if distributed.from_env().main else nullcontext() as run:
         train_fold(fold, seed, p, run)
 

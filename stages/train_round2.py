@@ -13,7 +13,7 @@ PARAMS = PARAMS + ("pseudo",)
 def main() -> None:
     fold, seed = cli.member_arguments(__doc__)
     p = load_params().only(*PARAMS)
-    distributed.relaunch(p.train.devices, "stages.train_round2", p.train.device)  # train.devices > 1: this, under torchrun
+    distributed.relaunch(p.train.devices, "stages.train_round2", p.train.device)  # runtime.devices > 1: this, under torchrun
     with stage_run("train_round2", p, fold=fold, seed=seed) if distributed.from_env().main else nullcontext() as run:
         train_fold(fold, seed, p, run, round2=True)
 

@@ -22,7 +22,7 @@ def test_defaults_equal_the_params_file():
 
 
 @pytest.mark.parametrize("raw, expected", [
-    ({"masks": {"overlapp": "x"}}, "masks.overlapp: unknown key (valid keys here: cache_images, max_side, overlap, unknown, unknown_name, workers)"),
+    ({"masks": {"overlapp": "x"}}, "masks.overlapp: unknown key (valid keys here: cache_images, max_side, overlap, unknown, unknown_name)"),
     ({"modle": "unet"}, "modle: unknown key (valid keys here: audit, blend, data, demo"),
     ({"masks": {"overlap": "largest"}}, "masks.overlap: 'largest' is not a valid choice; expected 'smaller_on_top' or 'higher_class_wins'"),
     ({"model": "unet3"}, "model: 'unet3' is not a valid choice"),
@@ -53,9 +53,9 @@ def test_agreeing_sections_pass():
 
 def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        parse_params({"masks": {"overlap": "x", "workers": -1}, "eda": {"max_sid": 3}})
+        parse_params({"masks": {"overlap": "x"}, "runtime": {"workers": -1}, "eda": {"max_sid": 3}})
     msg = str(err.value)
-    assert "masks.overlap" in msg and "masks.workers" in msg and "eda.max_sid" in msg
+    assert "masks.overlap" in msg and "runtime.workers" in msg and "eda.max_sid" in msg
 
 
 def test_params_are_frozen():

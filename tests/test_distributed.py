@@ -26,7 +26,8 @@ def run_stage(tmp, name: str, devices: int) -> dict:
     raw["paths"].update({k: str(tmp / name / k) for k in ("models", "metrics", "plots")},
                         masks=str(tmp / "masks"), split=str(tmp / "split"))
     raw["train"].update(folds=[0], epochs=2, batch_size=6, image_size=32, optimizer="sgd", lr=0.01, loss={"ce": 1.0},
-                        augment=[], gallery=1, devices=devices, dropout=0.0)
+                        augment=[], dropout=0.0)
+    raw["runtime"].update(gallery=1, devices=devices)
     work = tmp / name
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(), sort_keys=False))

@@ -8,36 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.code import import_closure, module_file
 from tests.conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-
-
-def module_file(name: str) -> Path | None:
-    parts = name.split(".")
-    for candidate in (REPO.joinpath(*parts).with_suffix(".py"), REPO.joinpath(*parts, "__init__.py")):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def pipeline_imports(path: Path, seen: set[Path] | None = None) -> set[Path]:
-    """Every pipeline/ module file that `path` imports, transitively (package __init__s aside)."""
-    seen = set() if seen is None else seen
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            if not name.startswith("pipeline"):
-                continue
-            f = module_file(name)
-            if f and f.name != "__init__.py" and f not in seen:
-                seen.add(f)
-                pipeline_imports(f, seen)
-    return seen
 
 
 @pytest.mark.parametrize("name", sorted(DVC))
@@ -46,8 +20,9 @@ def test_stage_declares_exactly_its_params_and_code(name):
     assert stage["cmd"].split(" --")[0] == f"python -m stages.{name}"
     module = importlib.import_module(f"stages.{name}")
     assert set(stage["params"]) == set(module.PARAMS)
+    assert "runtime" not in stage["params"]   # how it runs here never reruns a stage
     code = {d for d in stage["deps"] if d.endswith(".py")}
-    expected = {str(p.relative_to(REPO)) for p in pipeline_imports(REPO / "stages" / f"{name}.py")}
+    expected = {str(p.relative_to(REPO)) for p in import_closure(REPO / "stages" / f"{name}.py")}
     assert code == expected | {f"stages/{name}.py"}
     # Stages that read the dataset depend on its folder; every output path comes from `paths`.
     assert ("${data.root}" in stage["deps"]) == ("data" in module.PARAMS)
@@ -71,7 +46,7 @@ def test_every_stage_module_is_in_the_dag():
 
 # The library's floors, lowest first: a module imports only from its own floor or below, so a
 # shared leaf (confusion matrix, model-folder layout, autocast) lives below every user.
-LAYERS = [{"io", "config", "devices", "tracking", "presets"}, {"data", "cli"}, {"models"}, {"inference"}, {"evaluation"},
+LAYERS = [{"io", "code", "config", "devices", "tracking", "presets"}, {"data", "cli"}, {"models"}, {"inference"}, {"evaluation"},
           {"training"}]
 
 

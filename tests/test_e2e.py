@@ -23,8 +23,9 @@ from tests.conftest import REPO, SEED
 # and with any PIPELINE_TEST_SEED (tests/conftest.py).
 TINY = {"demo": {"n_train": 24, "n_test": 4, "image_size": 64, "seed": SEED},
         "split": {"n_folds": 3, "holdout": 0.15, "seed": 42 + SEED},
-        "train": {"folds": [0, 1], "seeds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "gallery": 2, "swa_epochs": 1,
+        "train": {"folds": [0, 1], "seeds": [0, 1], "epochs": 2, "image_size": 64, "batch_size": 4, "swa_epochs": 1,
                   "class_weights": "none"},
+        "runtime": {"gallery": 2},
         # Below 1/12 (12 classes): every pixel's top probability clears it, whatever the teacher learnt,
         # so every test image is pseudo-labelled whole, a known answer (tests/test_pseudo.py covers the
         # pixels a threshold drops with a constructed teacher).
@@ -120,7 +121,7 @@ def test_the_data_half_is_byte_identical_with_other_thread_counts(repro, tmp_pat
     deterministic per machine only; the data half must not depend on the machine at all."""
     ws, env, _ = repro
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["masks"]["workers"] = params["near_dups"]["workers"] = 1
+    params["runtime"]["data_workers"] = 1
     other = "1" if env.get("OMP_NUM_THREADS") != "1" else "2"
     env1 = {**env, "OMP_NUM_THREADS": other, "OPENBLAS_NUM_THREADS": other, "MKL_NUM_THREADS": other}
     copy_as_repo(ws, tmp_path / "ws", env1, source_files(ws, untracked=False), params)

@@ -24,8 +24,8 @@ def workdir(tmp, name):
     raw = Params().model_dump()
     raw["paths"].update({k: str(tmp / name / k) for k in ("models", "metrics", "plots")},
                         masks=str(tmp / "masks"), split=str(tmp / "split"))
-    raw["train"].update(folds=[0], epochs=EPOCHS, batch_size=6, image_size=64, augment=["hflip", "color"], cutmix=0.5,
-                        gallery=1)
+    raw["train"].update(folds=[0], epochs=EPOCHS, batch_size=6, image_size=64, augment=["hflip", "color"], cutmix=0.5)
+    raw["runtime"].update(gallery=1)
     (tmp / name).mkdir()
     (tmp / name / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(), sort_keys=False))
     return tmp / name
@@ -75,7 +75,7 @@ def test_ctrl_c_says_in_one_line_what_was_kept(tmp_path):
     easy_workspace(tmp_path, n=24)
     work = workdir(tmp_path, "ctrl_c")
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["train"]["workers"] = 2
+    params["runtime"]["workers"] = 2
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     last = work / "models/fold_0/seed_0/last.pt"
     # as from a terminal: SIGINT handled by default (a suite started in the background, `make test &`,

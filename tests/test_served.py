@@ -14,11 +14,12 @@ from pipeline.config import Infer
 from pipeline.inference.ensemble import Ensemble, load_member
 from pipeline.inference.served import save_ensemble_model
 from pipeline.inference.submission import predict_folder
-from pipeline.models.checkpoint import save_checkpoint
+from pipeline.models.checkpoint import InputSpec, save_checkpoint
 from pipeline.models.factory import build_model
 from pipeline.tracking import stage_run
 
 CLASSES = ["Background", "a", "b"]
+SPEC = InputSpec(tuple(CLASSES), max_side=100, eval_size=64, window=None)
 
 
 def test_registered_ensemble_predicts_in_a_fresh_process_as_predict_does(tmp_path):
@@ -30,7 +31,8 @@ def test_registered_ensemble_predicts_in_a_fresh_process_as_predict_does(tmp_pat
             prm.data.normal_(0, 0.05)
         path = tmp_path / f"m{k}.pt"
         save_checkpoint(path, model=model.state_dict(), classes=CLASSES, epoch=1,
-                        params={"model": "unet", "encoder": "resnet18", "train.input": "resize"})
+                        params={"model": "unet", "encoder": "resnet18", "train.input": "resize"},
+                        input_spec=SPEC.to_dict())
         members.append((path, [1.0, 3.0][k]))
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -38,12 +40,12 @@ def test_registered_ensemble_predicts_in_a_fresh_process_as_predict_does(tmp_pat
     for name, (h, w) in {"a.jpg": (80, 120), "b.png": (64, 64), "sub/c.jpg": (150, 90)}.items():
         (photos / name).parent.mkdir(exist_ok=True)
         cv2.imwrite(str(photos / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    infer = Infer(tta=["identity", "hflip"], scales=[1.0, 1.5], device="cpu")
+    infer = Infer(tta=["identity", "hflip"], scales=[1.0, 1.5])
     ens = Ensemble([(load_member(p, torch.device("cpu"))[0], w) for p, w in members], infer.tta, infer.scales,
                    torch.device("cpu"))
     assert predict_folder(ens, photos, tmp_path / "out", 64, CLASSES, max_side=100) == 3
 
-    save_ensemble_model(tmp_path / "model", members, infer, 64, 100, CLASSES)
+    save_ensemble_model(tmp_path / "model", members, infer, SPEC)
     with stage_run("submit") as run:
         run.log_model(tmp_path / "model", "model", "segmentation-ensemble")
 

@@ -55,7 +55,8 @@ def params_for(tmp, **train):
     raw["paths"].update(masks=str(tmp / "masks"), split=str(tmp / "split"), models=str(tmp / "models"),
                         metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
     raw["train"].update(dict(epochs=6, batch_size=8, image_size=64, lr=3e-3, loss={"ce": 1.0}, augment=["hflip"],
-                             workers=0, gallery=2, warmup_epochs=0.5, ema=None), **train)   # EMA: opt in
+                             warmup_epochs=0.5, ema=None), **train)   # EMA: opt in
+    raw["runtime"].update(workers=0, gallery=2)
     return Params.model_validate(raw).only(*PARAMS)
 
 
@@ -156,6 +157,60 @@ def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
     for a, b in zip(straight_hist, resumed_hist):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
     assert resumed["mIoU"] == pytest.approx(straight["mIoU"], rel=1e-5)
+
+
+def test_runtime_settings_and_non_training_code_retrain_nothing(prepared, monkeypatch):
+    """A run's identity is its recipe, data and training code: other workers, another device, a
+    smaller gallery (runtime:) or an edited report/leaderboard module reuse the finished run."""
+    from pipeline.training.fold import load_fold, training_code
+
+    p = params_for(prepared, epochs=2)
+    shutil.rmtree(prepared / "models/fold_1", ignore_errors=True)
+    train_fold(1, 0, p)
+    raw = Params().model_dump()
+    other = params_for(prepared, epochs=2)._params.model_dump()
+    other["runtime"].update(workers=1, device="cpu", gallery=0, infer_batch_size=3, data_workers=2)
+    other = Params.model_validate(other).only(*PARAMS)
+    assert load_fold(1, 0, other, False).identity() == load_fold(1, 0, p, False).identity()
+    with monkeypatch.context() as m:
+        n = counting(m)
+        train_fold(1, 0, other)
+    assert n == {"epochs": 0, "averages": [], "finished": 1}        # reused: its reports rewritten only
+    code = {str(f.relative_to(f.parents[2])) for f in training_code()}
+    assert {"pipeline/training/trainer.py", "pipeline/models/losses.py", "pipeline/data/augment.py"} <= code
+    assert not code & {"pipeline/evaluation/report.py", "pipeline/evaluation/leaderboard.py",
+                       "pipeline/evaluation/variants.py", "pipeline/tracking.py"}
+    assert raw["runtime"] and "workers" not in raw["train"]
+
+
+def test_checkpoints_carry_their_input_spec_and_a_disagreeing_params_file_stops(prepared):
+    """predict/submit/oof/pseudo/the MLflow model prepare images by the checkpoint's InputSpec; a
+    params.yaml or mask cache that now says otherwise is a clear error, never a silent resize."""
+    from pipeline.config import ConfigError, Infer
+    from pipeline.inference.ensemble import Ensemble
+    from pipeline.models.checkpoint import InputSpec, save_checkpoint
+
+    p = params_for(prepared, epochs=1, image_size=64)
+    shutil.rmtree(prepared / "models/fold_3", ignore_errors=True)
+    train_fold(3, 0, p)
+    out = prepared / "models/fold_3/seed_0"
+    specs = {n: InputSpec.of(out / f"{n}.pt", load_checkpoint(out / f"{n}.pt")) for n in ("best", "last")}
+    assert specs["best"] == specs["last"] == InputSpec(("Background", "square", "disc"), None, 64, None)
+    ens = Ensemble.from_files([(out / "best.pt", 1.0)], Infer(), torch.device("cpu"))
+    assert ens.spec == specs["best"]
+    ens.spec.check("predict", eval_size=64, max_side=None, classes=["Background", "square", "disc"])
+    with pytest.raises(ConfigError, match=r"predict: .*eval_size: trained with 64, now 128.*max_side: trained "
+                                          r"with None, now 512"):
+        ens.spec.check("predict", eval_size=128, max_side=512)
+    other = load_checkpoint(out / "best.pt")
+    other["input_spec"] = {**other["input_spec"], "max_side": 256}
+    save_checkpoint(prepared / "other.pt", **other)
+    with pytest.raises(ConfigError, match="differently prepared inputs"):
+        Ensemble.from_files([(out / "best.pt", 1.0), (prepared / "other.pt", 1.0)], Infer(), torch.device("cpu"))
+    del other["input_spec"]
+    save_checkpoint(prepared / "old.pt", **other)
+    with pytest.raises(ConfigError, match="old.pt: the checkpoint has no input spec"):
+        Ensemble.from_files([(prepared / "old.pt", 1.0)], Infer(), torch.device("cpu"))
 
 
 class Killed(BaseException):

@@ -21,7 +21,7 @@ import torch
 from pipeline.data.dataset import fold_tables
 from pipeline.data.masks import read_classes, read_image, target_size
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
-from pipeline.inference.ensemble import Ensemble, ImageFiles, load_member, member_paths
+from pipeline.inference.ensemble import Ensemble, ImageFiles, member_paths
 from pipeline.io import atomic_dir
 
 
@@ -30,7 +30,8 @@ def write_oof(infer, folds: list[int], seeds: list[int], eval_size: Optional[int
               out_dir: str | Path) -> dict:
     """Write <out_dir> (atomically); return the OOF scores of the per-fold ensembles at the OOF resolution."""
     classes_file = Path(masks_dir) / "classes.json"
-    classes = read_classes(masks_dir)["classes"]
+    cache = read_classes(masks_dir)
+    classes = cache["classes"]
     cm, rows = ConfusionMatrix(len(classes)), []
     with atomic_dir(out_dir) as tmp:
         (tmp / "probs").mkdir()
@@ -39,8 +40,8 @@ def write_oof(infer, folds: list[int], seeds: list[int], eval_size: Optional[int
         for k in folds:
             val = fold_tables(masks_dir, split_dir, k)[1]
             paths = member_paths(models_dir, [k], seeds, infer.checkpoints)
-            ens = Ensemble([(load_member(p, device, infer.batch_size)[0], 1.0) for p in paths], infer.tta,
-                           infer.scales, device, infer.amp)
+            ens = Ensemble.from_files([(p, 1.0) for p in paths], infer, device)
+            ens.spec.check(f"oof, fold {k}", eval_size=eval_size, max_side=cache.get("max_side"), classes=classes)
             cached = list(zip(val.height.astype(int), val.width.astype(int)))
             small = [target_size(h, w, max_side) for h, w in cached]
             data = ImageFiles(lambda i, v=val, c=cached: read_image(v["image"][i], c[i]), len(val), eval_size)

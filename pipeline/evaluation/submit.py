@@ -34,11 +34,13 @@ def submit(p, out: Path) -> Submitted:
     members = submitted_members(p)
     refine = submitted_refiner(p.paths)
     ens = Ensemble.from_files(members, p.infer, pick_device(p.infer.device), refine)
+    spec = ens.spec   # test images are prepared as the checkpoints say; params and the cache must agree
+    spec.check("submit", eval_size=p.train.eval_size, max_side=max_side, classes=classes)
     out.mkdir(parents=True, exist_ok=True)
-    kept = write_submission(ens, images, p.train.eval_size, out / "submission.csv", p.submit.size,
-                            p.infer.batch_size, keep=p.submit.gallery, max_side=max_side)
+    kept = write_submission(ens, images, spec.eval_size, out / "submission.csv", p.submit.size,
+                            p.infer.batch_size, keep=p.submit.gallery, max_side=spec.max_side)
     gallery = plot_test_gallery(images, kept, classes, out / "gallery.png") if kept else None
-    model = export_ensemble_model(out / "model", members, p.infer, p.train.eval_size, max_side, classes, refine)
+    model = export_ensemble_model(out / "model", members, p.infer, spec, refine)
     return Submitted(len(images), gallery, model)
 
 

@@ -22,21 +22,20 @@ from pipeline.inference.postprocess import Refiner
 from pipeline.inference.slide import SlidingWindow
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
-from pipeline.models.checkpoint import load_checkpoint, member_dir
+from pipeline.models.checkpoint import InputSpec, load_checkpoint, member_dir
 from pipeline.devices import autocast
 
 
-def load_member(path: str | Path, device: torch.device, window_batch: int = 8) -> tuple[torch.nn.Module, list[str]]:
-    """A trained model from its checkpoint, in eval mode, and its class names. A model trained on
+def load_member(path: str | Path, device: torch.device, window_batch: int = 8) -> tuple[torch.nn.Module, InputSpec]:
+    """A trained model from its checkpoint, in eval mode, and its InputSpec. A model trained on
     crops comes wrapped in SlidingWindow, exactly as the train stage validated it."""
     ck = load_checkpoint(path, device)
-    p = ck["params"]
-    model = build_model(p["model"], p["encoder"], None, len(ck["classes"]))  # weights come from the checkpoint
+    p, spec = ck["params"], InputSpec.of(path, ck)
+    model = build_model(p["model"], p["encoder"], None, len(spec.classes))  # weights come from the checkpoint
     model.load_state_dict(ck["model"])
-    if p.get("train.input") == "crop":
-        model = SlidingWindow(model, int(p["train.image_size"]), float(p["train.slide_overlap"]), window_batch,
-                              p.get("train.crop_infer") == "whole")
-    return model.to(device).eval(), ck["classes"]
+    if spec.window:
+        model = SlidingWindow(model, spec.window, spec.overlap, window_batch, spec.whole)
+    return model.to(device).eval(), spec
 
 
 class ImageFiles(Dataset):
@@ -64,6 +63,8 @@ class Ensemble:
     """Members (model, weight); `predict_proba` yields mean softmax probabilities per image, `predict`
     class maps: their argmax, or what `refine` (CRF, fitted post-processing rules) makes of them."""
 
+    spec: Optional[InputSpec] = None   # how its members' inputs are made (set by from_files)
+
     def __init__(self, members: list[tuple[torch.nn.Module, float]], views: list[str], scales: list[float],
                  device: torch.device, amp: str = "off", refine: Optional[Refiner] = None):
         total = sum(w for _, w in members)
@@ -74,9 +75,12 @@ class Ensemble:
     @classmethod
     def from_files(cls, members: list[tuple[Path, float]], infer, device: torch.device,
                    refine: Optional[Refiner] = None) -> "Ensemble":
-        """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp."""
-        return cls([(load_member(f, device, infer.batch_size)[0], w) for f, w in members], infer.tta, infer.scales,
-                   device, infer.amp, refine)
+        """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp;
+        `spec`: the InputSpec its members share (they must)."""
+        loaded = [(load_member(f, device, infer.batch_size), w) for f, w in members]
+        ens = cls([(m, w) for (m, _), w in loaded], infer.tta, infer.scales, device, infer.amp, refine)
+        ens.spec = InputSpec.common([s for (_, s), _ in loaded], ", ".join(sorted({str(f) for f, _ in members})))
+        return ens
 
     def proba(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, C, S, S) float32 probabilities."""

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.coco import IGNORE_INDEX
 from pipeline.data.masks import content_digest, prepare_image, target_size
-from pipeline.inference.ensemble import Ensemble, image_files, load_member, member_paths
+from pipeline.inference.ensemble import Ensemble, image_files, member_paths
 from pipeline.io import identical_files
 
 
@@ -96,8 +96,9 @@ def pseudo_label_folds(test: pd.DataFrame, folds: list[int], seeds: list[int], m
     into out/fold_<k>. Returns (per fold and class report, summary for the metrics file)."""
     reports, summary = [], {}
     for k in folds:
-        teacher = Ensemble([(load_member(path, device, infer.batch_size)[0], 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
-                           infer.tta, infer.scales, device, infer.amp)
+        teacher = Ensemble.from_files([(path, 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
+                                      infer, device)
+        teacher.spec.check(f"pseudo, fold {k}", eval_size=image_size, max_side=max_side, classes=classes)
         index, report = pseudo_label(teacher, test, out / f"fold_{k}", image_size, len(classes), threshold, min_kept,
                                      infer.batch_size, final_dir=Path(final_root) / f"fold_{k}", max_side=max_side)
         reports.append(report.assign(fold=k, **{"class": classes}))

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import mlflow.pyfunc
 import pandas as pd
 
 from pipeline.io import atomic_dir
+
+if TYPE_CHECKING:
+    from pipeline.models.checkpoint import InputSpec
 
 CONFIG = "ensemble.json"
 
@@ -29,13 +32,16 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         from pipeline.devices import pick_device
         from pipeline.inference.ensemble import Ensemble, load_member
         from pipeline.inference.postprocess import Refiner
+        from pipeline.models.checkpoint import InputSpec
 
         cfg = json.loads(Path(context.artifacts["config"]).read_text())
         device = pick_device(cfg["device"])
-        members = [(load_member(context.artifacts[f"member_{i}"], device, cfg["batch_size"])[0], w)
-                   for i, w in enumerate(cfg["weights"])]
-        self.ensemble = Ensemble(members, cfg["tta"], cfg["scales"], device, cfg["amp"],
-                                 Refiner.from_json(cfg["refine"]) if cfg.get("refine") else None)
+        loaded = [load_member(context.artifacts[f"member_{i}"], device, cfg["batch_size"]) for i in range(len(cfg["weights"]))]
+        self.ensemble = Ensemble([(m, w) for (m, _), w in zip(loaded, cfg["weights"])], cfg["tta"], cfg["scales"],
+                                 device, cfg["amp"], Refiner.from_json(cfg["refine"]) if cfg.get("refine") else None)
+        self.spec = InputSpec.common([s for _, s in loaded], "the MLflow model's checkpoints")
+        self.spec.check("the MLflow model", **{k: v for k, v in cfg["input_spec"].items()
+                                               if k in ("eval_size", "max_side", "classes")})
         self.cfg = cfg
 
     def predict(self, context, model_input, params=None) -> list:
@@ -44,31 +50,32 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         paths = list(model_input["path"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
         table = image_table(paths)
         out: list = [None] * len(paths)
-        for i, pred in predict_images(self.ensemble, table, self.cfg["eval_size"], self.cfg["batch_size"],
-                                      self.cfg["max_side"]):
+        for i, pred in predict_images(self.ensemble, table, self.spec.eval_size, self.cfg["batch_size"],
+                                      self.spec.max_side):
             out[i] = pred
         return out
 
 
-def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],
-                          max_side: Optional[int], classes: list[str], refine=None) -> Path:
+def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]], infer, spec: InputSpec,
+                          refine=None) -> Path:
     """Replace `folder` (atomically) with <folder>/model, the MLflow model folder; return that path."""
     with atomic_dir(folder) as tmp:
-        save_ensemble_model(tmp / "model", members, infer, eval_size, max_side, classes, refine)
+        save_ensemble_model(tmp / "model", members, infer, spec, refine)
     return Path(folder) / "model"
 
 
-def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer, eval_size: Optional[int],
-                        max_side: Optional[int], classes: list[str], refine=None) -> Path:
+def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer, spec: InputSpec,
+                        refine=None) -> Path:
     """Write the MLflow model folder (`MLmodel`, the checkpoints, ensemble.json, the pipeline code).
-    refine: a postprocess.Refiner (CRF, fitted rules) the model applies after the probabilities."""
+    spec: the members' InputSpec (the served model prepares images by the checkpoints' own spec and
+    checks they still share it); refine: a postprocess.Refiner (CRF, fitted rules) applied after the
+    probabilities."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = path.parent / f".{path.name}.{CONFIG}"
     config.write_text(json.dumps({"weights": [w for _, w in members], "tta": list(infer.tta),
                                   "scales": list(infer.scales), "batch_size": infer.batch_size, "amp": infer.amp,
-                                  "device": infer.device, "eval_size": eval_size, "max_side": max_side,
-                                  "classes": classes,
+                                  "device": infer.device, "input_spec": spec.to_dict(),
                                   "refine": refine.to_json() if refine is not None and refine.active else None},
                                  indent=1))
     try:

@@ -1,6 +1,6 @@
 """Several processes, one model: DistributedDataParallel under torchrun.
 
-`train.devices: N` (N > 1) makes the train stages relaunch themselves under torchrun with N
+`runtime.devices: N` (N > 1) makes the train stages relaunch themselves under torchrun with N
 processes (or start them under torchrun yourself: the usual RANK/WORLD_SIZE/LOCAL_RANK environment
 is honoured). gloo on CPU, NCCL on CUDA (one GPU per process, BatchNorm synchronised).
 

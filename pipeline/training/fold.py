@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from pipeline.code import import_closure
 from pipeline.config import ConfigError, ParamsView
 from pipeline.data.augment import build_transform, train_transform
 from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_init
@@ -139,6 +140,12 @@ def as_validated(net: torch.nn.Module, t) -> torch.nn.Module:
     return SlidingWindow(net, t.image_size, t.slide_overlap, t.batch_size, t.crop_infer == "whole")
 
 
+def training_code() -> list[Path]:
+    """The files of the training code: pipeline/training/run.py and everything it imports."""
+    run = Path(__file__).with_name("run.py")
+    return sorted({run} | import_closure(run))
+
+
 def paste_class_ids(names: Optional[list[str]], classes: list[str], pixels: np.ndarray) -> list[int]:
     """Class ids to copy-paste: the named ones, or the rarest third of present classes by pixels."""
     if names is not None:
@@ -153,8 +160,9 @@ def paste_class_ids(names: Optional[list[str]], classes: list[str], pixels: np.n
 def fingerprint(*files: Path) -> str:
     """What the run was trained on, and with which code: a checkpoint from other data or other
     training code is never resumed or reused. The index files name every image and mask with a
-    digest of their content, so hashing them covers the pixels without rereading them."""
+    digest of their content, so hashing them covers the pixels without rereading them. The code is
+    the training entry's import closure: editing the report or the leaderboard retrains nothing."""
     h = hashlib.md5()
-    for f in [*files, *sorted(Path(__file__).parents[1].rglob("*.py"))]:
+    for f in [*files, *training_code()]:
         h.update(Path(f).read_bytes())
     return h.hexdigest()

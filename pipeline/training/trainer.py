@@ -49,6 +49,7 @@ class Trainer:
     def __init__(self, f: FoldRun):
         self.f, self.t = f, f.p.train
         self.state, self.history, self.best, self.epoch, self.averaged, self.scores = "training", [], -1.0, 0, [], {}
+        self.reused = False   # a finished run: its files stay byte for byte (DVC sees nothing changed)
 
     def fit(self) -> dict:
         self.on_train_start()
@@ -115,7 +116,7 @@ class Trainer:
         self.epoch = epoch + 1
         self.save("training" if self.epoch < f.epochs else "averaging")
         if f.d.main:
-            cli.kept(f"{f.name}: {f.out / 'last.pt'} holds epoch {self.epoch} of {f.epochs}; `dvc repro` resumes there")
+            cli.kept(f"{f.name}: {f.out / 'last.pt'} holds epoch {self.epoch} of {f.epochs}; `dvc repro` resumes from there")
 
     def on_average(self, name: str, avg: AveragedModel) -> None:
         """The averaged weights validated and saved as <name>.pt with val_confusion_<name>.npy. SWA
@@ -143,7 +144,8 @@ class Trainer:
         """State finishing: the best checkpoint's reports and metrics (rank 0), then done."""
         if self.f.d.main:
             self.scores = finish_fold(self.f, self.model, self.data.val_dl, self.step.loss_fn, self.history)
-            self.save("done")
+            if not self.reused:
+                self.save("done")
         self.f.d.barrier()
         self.state = "done"
 
@@ -209,9 +211,9 @@ class Trainer:
         f.log(self.history)   # a resumed run still shows its whole curve
         if self.state == "done":
             f.say(f"{f.name}: already trained with these params, data and code; reusing it")
-            self.state = "finishing"   # its reports and metrics again: DVC removed them before the stage ran
+            self.state, self.reused = "finishing", True   # its reports and metrics again: DVC removed them before the stage ran
         else:
-            f.say(f"{f.name}: resuming in state {self.state} after epoch {self.epoch}"
+            f.say(f"{f.name}: resuming after epoch {self.epoch}, in state {self.state}"
                   + (f" (averages done: {', '.join(self.averaged)})" if self.averaged else ""))
 
 
