@@ -9,7 +9,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.data.coco import IGNORE_INDEX, load_dataset
+from pipeline.data.coco import load_dataset
+from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import build_mask_cache, image_label, target_size, unknown_class_index
 from tests.conftest import image, square, write_coco
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import Data
-from pipeline.data.coco import MAX_CLASSES, DataError, load_dataset, load_test_set
+from pipeline.data.coco import DataError, load_dataset, load_test_set
+from pipeline.labels import MAX_CLASSES
 from pipeline.data.eda import analyse
 from pipeline.data.masks import build_mask_cache, decode_oriented, image_label
 from tests.conftest import square, write_coco

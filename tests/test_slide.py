@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.data.augment import build_transform
-from pipeline.data.coco import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 from pipeline.inference.slide import SlidingWindow, window_starts
 from pipeline.inference.tta import predict_proba
 

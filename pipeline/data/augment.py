@@ -11,7 +11,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from pipeline.data.coco import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
     "hflip": lambda: A.HorizontalFlip(p=0.5),

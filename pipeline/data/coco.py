@@ -26,9 +26,8 @@ from typing import Any, Iterable, Optional, Sequence
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-BACKGROUND = "Background"
-IGNORE_INDEX = 255
-MAX_CLASSES = IGNORE_INDEX - 1   # foreground classes a uint8 mask holds beside background (0) and ignore (255)
+from pipeline.labels import BACKGROUND, IGNORE_INDEX, MAX_CLASSES
+
 MAX_SIDE_PX = 1_000_000          # a json width/height beyond this is a typo or an attack, not a photo
 ISSUE_COLUMNS = ["severity", "kind", "file", "image_id", "ann_id", "detail", "action"]
 

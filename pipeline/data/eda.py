@@ -23,7 +23,8 @@ from pycocotools import mask as mask_utils
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.data.coco import IGNORE_INDEX, Dataset
+from pipeline.data.coco import Dataset
+from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import paint_order, rle_runs, rle_spans, span_pixels, to_rle, union, unknown_class_index
 from pipeline.io import parallel_map
 

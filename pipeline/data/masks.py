@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pipeline.data.coco import IGNORE_INDEX, DataError, Dataset
+from pipeline.data.coco import DataError, Dataset
+from pipeline.labels import IGNORE_INDEX
 from pipeline.io import atomic_dir, parallel_map
 
 cv2.setNumThreads(1)  # the pool provides the parallelism

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pipeline.data.coco import IGNORE_INDEX, Dataset
+from pipeline.data.coco import Dataset
+from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import palette, read_image, to_rle, unknown_class_index
 from pipeline.io import read_index
 

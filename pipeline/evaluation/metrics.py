@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.data.coco import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 
 class ConfusionMatrix:

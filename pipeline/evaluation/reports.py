@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.data.coco import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import palette, read_image
 from pipeline.evaluation.metrics import image_ious
 from pipeline.io import atomic_file

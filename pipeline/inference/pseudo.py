@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.data.coco import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import content_digest, prepare_image, target_size
 from pipeline.inference.ensemble import Ensemble, image_files, member_paths
 from pipeline.io import identical_files

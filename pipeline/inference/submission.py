@@ -7,7 +7,6 @@ to size x size, flattened row by row, as space-separated integers.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ import pandas as pd
 from pipeline.data.coco import DataError
 from pipeline.data.masks import palette
 from pipeline.inference.ensemble import Ensemble, image_files
+from pipeline.io import atomic_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -38,14 +38,11 @@ def write_submission(ens: Ensemble, images: pd.DataFrame, image_size: Optional[i
         preds[i] = " ".join(map(str, small.ravel().tolist()))
         if i < keep:
             kept[i] = pred
-    out_csv = Path(out_csv)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(out_csv) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "PredictionString"])
         for i, image_id in enumerate(images.image_id):
             w.writerow([image_id, preds[i]])
-    os.replace(tmp, out_csv)
     return kept
 
 

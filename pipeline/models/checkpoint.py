@@ -5,7 +5,6 @@ resume: optimizer, schedule, AMP scaler, epoch, history, best score and RNG stat
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -14,15 +13,13 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.augment import NORMALISE
+from pipeline.io import atomic_file
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
-from pipeline.data.coco import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX
 
 
 class BoundaryCE(nn.Module):
