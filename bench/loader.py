@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 
 from pipeline.data.coco import load_dataset
 from pipeline.data.demo import make_demo
+from pipeline.config import Masks
 from pipeline.data.masks import build_mask_cache, read_image
 
 cv2.setNumThreads(1)
@@ -73,7 +74,7 @@ def main() -> None:
         make_demo(root, args.images, 0, args.size, seed=0)
         ds = load_dataset(root, ["train.json"])
         t = time.perf_counter()
-        index = build_mask_cache(ds, Path(tmp) / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=0)
+        index = build_mask_cache(ds, Path(tmp) / "masks", Masks(), workers=0)
         build_s = time.perf_counter() - t
         n = len(index) * args.epochs
         list(cached_items(index, 1))  # warm the page cache for both

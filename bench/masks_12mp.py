@@ -85,12 +85,12 @@ def plain_loop(root: Path, out: Path, max_side: int | None) -> float:
 
 def stage_work(root: Path, out: Path, max_side: int | None) -> float:
     from pipeline.data.coco import load_dataset
+    from pipeline.config import Masks
     from pipeline.data.masks import build_mask_cache
 
     t = time.perf_counter()
     ds = load_dataset(root, ["train.json"])
-    build_mask_cache(ds, out, "smaller_on_top", "keep", "UNKNOWN", max_side, workers=0,
-                     cache_images=max_side is not None)
+    build_mask_cache(ds, out, Masks(max_side=max_side, cache_images=max_side is not None), workers=0)
     return time.perf_counter() - t
 
 

@@ -112,7 +112,7 @@ def main() -> None:
         feats = nd.extract(images, cfg.side, cfg.n_features)
         t_feat = time.perf_counter() - start
         start = time.perf_counter()
-        pairs = nd.find_pairs(images, hash_distance=cfg.hash_distance, min_inliers=cfg.min_inliers, feats=feats)
+        pairs = nd.find_pairs(images, cfg, feats=feats)
         t_match = time.perf_counter() - start
     recall, precision, wrong = score(images, pairs)
     n = len(images)

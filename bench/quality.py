@@ -49,7 +49,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from scipy import stats  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex  # noqa: E402
 
-from pipeline.config import Params  # noqa: E402
+from pipeline.config import Masks, Params  # noqa: E402
 from pipeline.data.coco import load_dataset  # noqa: E402
 from pipeline.data.folds import make_folds, near_pairs  # noqa: E402
 from pipeline.data.masks import build_mask_cache, read_classes  # noqa: E402
@@ -206,8 +206,7 @@ def run_pipeline(name: str, recipe: dict, ds, folds: pd.DataFrame, work: Path, v
     work.mkdir(parents=True, exist_ok=True)
     p = pipeline_params(work, {**recipe, "train": {**recipe["train"], "seeds": [seed]}})
     with Clock() as clock:
-        build_mask_cache(ds, p.paths.masks, p.masks.overlap, p.masks.unknown, p.masks.unknown_name, p.masks.max_side, 1,
-                         p.masks.cache_images)
+        build_mask_cache(ds, p.paths.masks, p.masks, workers=1)
         (work / "split").mkdir(exist_ok=True)
         folds.to_csv(work / "split/folds.csv", index=False)
         print(f"{name}: training", flush=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.config import Masks, Train
 from pipeline.data.augment import build_transform
 from pipeline.data.coco import load_dataset
 from pipeline.data.dataset import SegDataset, worker_init
@@ -33,7 +34,7 @@ from pipeline.models.factory import build_model, encoder_of
 from pipeline.models.losses import build_loss
 from pipeline.inference.ensemble import Ensemble
 from pipeline.devices import autocast
-from pipeline.training.loop import train_one_epoch
+from pipeline.training.loop import Step, train_one_epoch
 from pipeline.training.optim import build_optimizer, build_schedule
 
 AUGMENT = ["hflip", "vflip", "scale_rotate", "color"]
@@ -61,7 +62,7 @@ def make_loop(model_name: str, encoder: str, device: torch.device, fast: bool, c
     if fast:
         model = model.to(memory_format=torch.channels_last)
     trained = torch.compile(model) if compile_ else model
-    opt = build_optimizer(model, encoder_of(model), "adamw", 1e-3, None, 1e-4)
+    opt = build_optimizer(model, encoder_of(model), Train(optimizer="adamw", lr=1e-3, weight_decay=1e-4))
     return model, trained, opt, build_loss({"ce": 1.0, "dice": 0.5}).to(device)
 
 
@@ -76,8 +77,10 @@ def loop_rates(table, args, device: torch.device, fast: bool) -> tuple[float, fl
     schedule = build_schedule(opt, "cosine", len(dl) * (args.epochs + 1), 0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
 
+    step = Step(trained, loss_fn, opt, schedule, scaler, device, amp, channels_last=fast)
+
     def epoch():
-        train_one_epoch(trained, dl, loss_fn, opt, schedule, scaler, device, amp, channels_last=fast, desc="bench")
+        train_one_epoch(step, dl, desc="bench")
 
     epoch()  # warm-up: cuDNN autotuning, allocator, compilation, first worker start
     seconds = timed(lambda: [epoch() for _ in range(args.epochs)], cuda)
@@ -141,7 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_demo(Path(tmp) / "data", args.images, 0, args.size, seed=0)
         ds = load_dataset(Path(tmp) / "data", ["train.json"])
-        table = build_mask_cache(ds, Path(tmp) / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=0)
+        table = build_mask_cache(ds, Path(tmp) / "masks", Masks(), workers=0)
         load = loader_rate(table, args.size, args.batch, args.workers, batches=max(4, args.steps))
         plain = loop_rates(table, args, device, fast=False)
         fast = loop_rates(table, args, device, fast=True)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 import pandas as pd
 
 T = TypeVar("T")
+INDEX = "index.csv"   # every table of files (mask cache, pseudo-labels, out-of-fold) is <folder>/index.csv
 
 
 @contextmanager
@@ -54,7 +55,7 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return Path(path)
 
 
-def read_index(folder: str | Path, file_columns: Iterable[str], name: str = "index.csv") -> pd.DataFrame:
+def read_index(folder: str | Path, file_columns: Iterable[str], name: str = INDEX) -> pd.DataFrame:
     """<folder>/index.csv with the file paths of `file_columns` (stored relative to the folder) made whole."""
     folder = Path(folder)
     index = pd.read_csv(folder / name)
@@ -104,11 +105,12 @@ def _worker_init(initializer: Optional[Callable[..., None]], *args) -> None:
 
 
 def parallel_map(fn: Callable[[Any], T], tasks: list, label: str, workers: int = 0, serial_below: int = 16,
-                 initializer: Optional[Callable[..., None]] = None, initargs: tuple = ()) -> list[T]:
+                 init: Optional[tuple[Callable[..., None], tuple]] = None) -> list[T]:
     """[fn(t) for t in tasks], in order, across `workers` processes (0 = all cores; in this process
-    for fewer than `serial_below` tasks), with progress lines. `initializer(*initargs)` runs once
-    per process that runs tasks. Workers ignore Ctrl-C; on Ctrl-C the tasks not started are
-    cancelled instead of run to the end, so the stage stops at once."""
+    for fewer than `serial_below` tasks), with progress lines. init = (initializer, args):
+    `initializer(*args)` runs once per process that runs tasks. Workers ignore Ctrl-C; on Ctrl-C the
+    tasks not started are cancelled instead of run to the end, so the stage stops at once."""
+    initializer, initargs = init or (None, ())
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(tasks) < serial_below:
         if initializer is not None:

@@ -6,7 +6,8 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.evaluation.audit import audit, plot_suspects, read_oof, review_coco, review_sheet, summary_line
+from pipeline.evaluation.audit import audit, plot_suspects, review_coco, review_sheet, summary_line
+from pipeline.evaluation.oof import read_oof
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
 

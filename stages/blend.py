@@ -9,6 +9,7 @@ from pipeline.devices import pick_device
 from pipeline.evaluation.blend import blend_experiments, summary_line
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
+from pipeline.workspace import Workspace
 
 PARAMS = ("infer", "train", "blend", "metric", "paths")
 
@@ -17,11 +18,12 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("blend", p) as run:
         table, summary = blend_experiments(p, pick_device(p.infer.device))
-        with atomic_dir(Path(p.paths.reports) / "blend") as out:
-            table.to_csv(out / "variants.csv", index=False)
-            write_json(out / "blend.json", summary)
-        run.log_artifacts(Path(p.paths.reports) / "blend", "blend")
-        run.write_metrics(Path(p.paths.metrics) / "blend.json", {"blend": {
+        ws = Workspace(p.paths)
+        with atomic_dir(ws.blend_reports) as out:
+            table.to_csv(out / ws.blend_variants_csv.name, index=False)
+            write_json(out / ws.blend_json.name, summary)
+        run.log_artifacts(ws.blend_reports, "blend")
+        run.write_metrics(ws.metrics_json("blend"), {"blend": {
             "experiments": len(summary["experiments"]), "mIoU": summary["blend_mIoU"],
             "best_single_mIoU": summary["best_single_mIoU"], "gain_vs_best_single": summary["gain_vs_best_single"]}},
             parent=True)

@@ -11,7 +11,9 @@ from pipeline.evaluation.cv import cv_scores
 from pipeline.evaluation.metrics import flat_scores
 from pipeline.evaluation.reports import plot_confusion, plot_iou
 from pipeline.io import atomic_dir
+from pipeline.models.checkpoint import ModelSet
 from pipeline.tracking import stage_run
+from pipeline.workspace import Workspace
 
 PARAMS = ("train", "metric", "paths")
 
@@ -20,10 +22,11 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("cv", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
-        s = cv_scores(p.paths.models, p.train.folds, p.train.seeds, classes, p.metric)
-        with atomic_dir(Path(p.paths.plots) / "cv") as out:
+        ws = Workspace(p.paths)
+        s = cv_scores(ModelSet(ws.models(1), tuple(p.train.folds), tuple(p.train.seeds)), classes, p.metric)
+        with atomic_dir(ws.cv_image_confusions.parent) as out:
             if "image_confusions" in s:   # every out-of-fold image: the leaderboard's paired comparisons
-                np.savez(out / "image_confusions.npz", keys=s["image_keys"], confusions=s["image_confusions"])
+                np.savez(out / ws.cv_image_confusions.name, keys=s["image_keys"], confusions=s["image_confusions"])
             plot_confusion(s["confusion"], classes, out / "confusion.png", "out-of-fold confusion, all folds and seeds")
             plot_iou(s["IoU"], out / "iou.png", f"CV mIoU {s['mIoU']:.3f}")
         run.log_artifacts(Path(p.paths.plots) / "cv", "cv")

@@ -10,6 +10,7 @@ from pipeline.devices import pick_device
 from pipeline.evaluation.variants import evaluate_variants, submitted_variant, variants_metrics
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
+from pipeline.workspace import Workspace
 
 PARAMS = ("infer", "train", "metric", "paths")
 
@@ -19,13 +20,14 @@ def main() -> None:
     with stage_run("ensemble", p) as run:
         classes = read_classes(p.paths.masks)["classes"]
         table, refiner, fit_log = evaluate_variants(p, classes, pick_device(p.infer.device))
-        with atomic_dir(Path(p.paths.reports) / "ensemble") as out:
-            table.to_csv(out / "variants.csv", index=False)
-            write_json(out / "postprocess.json", {**refiner.to_json(), "fitted": fit_log})
-        run.log_artifacts(Path(p.paths.reports) / "ensemble", "ensemble")
+        ws = Workspace(p.paths)
+        with atomic_dir(ws.ensemble_reports) as out:
+            table.to_csv(out / ws.variants_csv.name, index=False)
+            write_json(out / ws.postprocess_json.name, {**refiner.to_json(), "fitted": fit_log})
+        run.log_artifacts(ws.ensemble_reports, "ensemble")
         variants = variants_metrics(table)
         submitted = submitted_variant(table, refiner)
-        run.write_metrics(Path(p.paths.metrics) / "ensemble.json", {"ensemble": variants, "submitted": submitted})
+        run.write_metrics(ws.metrics_json("ensemble"), {"ensemble": variants, "submitted": submitted})
         # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
         run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
         if submitted:

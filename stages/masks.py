@@ -17,7 +17,7 @@ def main() -> None:
         start = time.perf_counter()
         ds = dataset_from_params(p.data)
         test = load_test_set(p.data) if p.data.test_json else []   # a broken test set fails now, not after training
-        index = build_mask_cache(ds, p.paths.masks, **p.masks.model_dump())
+        index = build_mask_cache(ds, p.paths.masks, p.masks, p.masks.workers)
         run.log_metrics({"masks/images_per_s": len(index) / (time.perf_counter() - start)})  # MLflow only: not reproducible
         run.write_metrics(Path(p.paths.metrics) / "masks.json", {"masks": {
             "images": len(index), "resized": int((index.height != index.orig_height).sum()),

@@ -20,7 +20,7 @@ def main() -> None:
     with stage_run("near_dups", p) as run:
         test = load_test_set(p.data) if n.include_test and p.data.test_json else None
         images = with_test_images(dataset_from_params(p.data, corrections=False).images, test)
-        pairs = (find_pairs(images, **n.model_dump(exclude={"enabled", "include_test"})) if n.enabled
+        pairs = (find_pairs(images, n, n.workers) if n.enabled
                  else pd.DataFrame(columns=PAIR_COLUMNS))
         cluster = clusters(images.key.tolist(), pairs)
         with atomic_dir(p.paths.near_dups) as out:

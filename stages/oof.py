@@ -6,8 +6,9 @@ from pipeline import cli
 from pipeline.config import load_params
 from pipeline.devices import pick_device
 from pipeline.evaluation.oof import write_oof
-from pipeline.evaluation.variants import models_for_round
+from pipeline.models.checkpoint import ModelSet
 from pipeline.tracking import stage_run
+from pipeline.workspace import Workspace
 
 PARAMS = ("infer", "train", "audit", "paths")
 
@@ -15,8 +16,7 @@ PARAMS = ("infer", "train", "audit", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("oof", p) as run:
-        s = write_oof(p.infer, p.train.folds, p.train.seeds, p.train.eval_size, models_for_round(p.infer, p.paths),
-                      p.paths.masks, p.paths.split, p.audit.max_side, pick_device(p.infer.device), p.paths.oof)
+        s = write_oof(ModelSet.final(p.infer, p.train, Workspace(p.paths)), p, pick_device(p.infer.device))
         print(f"out-of-fold (final ensemble's members per fold, TTA, at most {p.audit.max_side} px): "
               f"mIoU {s['mIoU']:.4f} -> {p.paths.oof}")
         run.write_metrics(Path(p.paths.metrics) / "oof.json", {"oof": {

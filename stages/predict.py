@@ -9,7 +9,9 @@ from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.submit import submitted_refiner
-from pipeline.evaluation.variants import final_ensemble, models_for_round
+from pipeline.evaluation.variants import final_ensemble
+from pipeline.models.checkpoint import ModelSet
+from pipeline.workspace import Workspace
 from pipeline.inference.submission import predict_folder
 from pipeline.devices import pick_device
 
@@ -23,11 +25,11 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params().only(*PARAMS)
     cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
-    ens = final_ensemble(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths), pick_device(p.infer.device))
+    ens = final_ensemble(p.infer, ModelSet.final(p.infer, p.train, Workspace(p.paths)), pick_device(p.infer.device))
     ens.refine = submitted_refiner(p.paths) if submitted_refiner(p.paths).active else None   # as submit applies
     spec = ens.spec   # images are prepared as the models' checkpoints say; params and cache must agree
     spec.check("stages.predict", eval_size=p.train.eval_size, max_side=cache.get("max_side"), classes=cache["classes"])
-    n = predict_folder(ens, args.images, args.out, spec.eval_size, list(spec.classes), p.infer.batch_size, spec.max_side)
+    n = predict_folder(ens, args.images, args.out, p.infer.batch_size)
     print(f"wrote {n} predictions to {args.out}")
 
 

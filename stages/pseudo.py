@@ -6,10 +6,10 @@ import pandas as pd
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import load_test_set
-from pipeline.data.masks import read_classes
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
+from pipeline.workspace import Workspace
 from pipeline.devices import pick_device
 
 PARAMS = ("data", "infer", "train", "pseudo", "paths")
@@ -18,13 +18,9 @@ PARAMS = ("data", "infer", "train", "pseudo", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("pseudo", p) as run:
-        test, left_out = unlabelled(load_test_set(p.data),
-                                    Path(p.paths.split) / "folds.csv", Path(p.data.root))
-        cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
+        test, left_out = unlabelled(load_test_set(p.data), Workspace(p.paths).folds_csv, Path(p.data.root))
         with atomic_dir(p.paths.pseudo) as out:
-            report, summary = pseudo_label_folds(
-                test, p.train.folds, p.train.seeds, Path(p.paths.models), out, Path(p.paths.pseudo), p.infer, p.pseudo.threshold,
-                p.pseudo.min_kept, p.train.eval_size, cache["classes"], pick_device(p.infer.device), cache.get("max_side"))
+            report, summary = pseudo_label_folds(test, p, out, pick_device(p.infer.device))
             report.to_csv(out / "report.csv", index=False)
             pd.Series(left_out, name="file_name").to_csv(out / "left_out.csv", index=False)
         run.log_artifact(Path(p.paths.pseudo) / "report.csv", "pseudo")

@@ -8,6 +8,7 @@ from pipeline.data.folds import balance_report, make_folds, near_pairs, plot_bal
 from pipeline.data.near_dups import read_pairs
 from pipeline.io import atomic_dir, identical_files
 from pipeline.tracking import stage_run
+from pipeline.workspace import FOLDS_CSV
 
 PARAMS = ("data", "split", "paths")
 
@@ -23,7 +24,7 @@ def main() -> None:
         folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json, copies, near)
         table, balance = balance_report(ds, folds, s.strategy, s.n_folds, s.group, s.seed)
         with atomic_dir(p.paths.split) as out:
-            folds.to_csv(out / "folds.csv", index=False)
+            folds.to_csv(out / FOLDS_CSV, index=False)
             table.to_csv(out / "balance.csv", index=False)
             plot_balance(ds, folds, out / "fold_balance.png")
         run.log_artifacts(p.paths.split, "split")

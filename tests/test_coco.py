@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.config import Masks
 from pipeline.data.masks import build_mask_cache
 from pipeline.data.coco import DataError, load_dataset
 from tests.conftest import image, square, write_coco
@@ -147,8 +148,7 @@ def test_loading_never_modifies_the_dataset(tmp_path):
         p.chmod(p.stat().st_mode & ~0o222)
     try:
         ds = load_dataset(tmp_path, ["train.json"], strict=False)
-        build_mask_cache(ds, tmp_path.parent / f"{tmp_path.name}-cache", "smaller_on_top", "keep", "UNKNOWN", None,
-                         workers=1)
+        build_mask_cache(ds, tmp_path.parent / f"{tmp_path.name}-cache", Masks(), workers=1)
     finally:
         for p, mode in modes.items():
             p.chmod(mode)

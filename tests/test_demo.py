@@ -69,7 +69,7 @@ def test_every_class_has_its_own_colour(demo):
     for r in ds.images.itertuples():
         if r.key not in by_key:
             continue
-        label = image_label(by_key[r.key], r.height, r.width, (r.height, r.width), "smaller_on_top", None, "keep")
+        label = image_label(by_key[r.key], (r.height, r.width), (r.height, r.width), "smaller_on_top", None, "keep")
         img = cv2.imread(r.path).astype(float)
         for c in np.unique(label[label > 0]):
             s = sums.setdefault(int(c), [np.zeros(3), 0])

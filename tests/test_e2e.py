@@ -142,11 +142,11 @@ def test_each_member_trains_and_cv_and_the_variants_are_scored(repro):
     assert set(cv["per_fold_mIoU"]) == {"0", "1"} and set(cv["per_seed_mIoU"]) == {"0", "1"} and 0 <= cv["mIoU"] <= 1
     ens = read(ws, "ensemble")
     # Two routes, one answer: single-model rows use the first seed, which cv scores on its own too.
-    assert ens["out_of_fold/fold_model"]["mIoU"] == pytest.approx(cv["per_seed_mIoU"]["0"])
-    assert {"holdout/k_fold_ensemble", "holdout/k_fold_ensemble_TTA", "out_of_fold/fold_model_TTA",
-            "out_of_fold/fold_model_SWA", "out_of_fold/fold_model_SWA_TTA", "out_of_fold/round_2_fold_model_pseudo_labels",
-            "holdout/round_2_k_fold_ensemble_pseudo_labels", "holdout/final_ensemble_infer_params_round_2",
-            "out_of_fold/fold_model_seed_ensemble_2_seeds", "holdout/k_fold_x_seed_ensemble_2_seeds"} <= set(ens)
+    assert ens["out_of_fold/fold"]["mIoU"] == pytest.approx(cv["per_seed_mIoU"]["0"])
+    assert {"holdout/kfold", "holdout/kfold_tta", "out_of_fold/fold_tta",
+            "out_of_fold/fold_swa", "out_of_fold/fold_swa_tta", "out_of_fold/fold_round2",
+            "holdout/kfold_round2", "holdout/final",
+            "out_of_fold/fold_seeds", "holdout/kfold_seeds"} <= set(ens)
 
 
 def test_pseudo_labels_keep_what_the_threshold_implies(repro):
@@ -176,7 +176,7 @@ def test_oof_audit_and_blend_of_this_experiment_alone(repro):
     coco = json.loads((ws / "reports/audit/review_coco.json").read_text())
     assert len(coco["annotations"]) == (review.kind == "unlabelled object").sum()
     blend = json.loads((ws / "reports/blend/blend.json").read_text())
-    assert blend["blend_mIoU"] == read(ws, "ensemble")["holdout/final_ensemble_infer_params_round_2"]["mIoU"]
+    assert blend["blend_mIoU"] == read(ws, "ensemble")["holdout/final"]["mIoU"]
     assert "label audit:" in first and "labels corrupted on purpose" in first
 
 
@@ -213,7 +213,7 @@ def test_dvc_plots_and_the_leaderboard(repro):
     board = {r["experiment"]: r for r in csv.DictReader(out.stdout.splitlines())}
     assert float(board["workspace"]["cv_mIoU"]) == pytest.approx(read(ws, "cv")["mIoU"], abs=1e-4), out.stdout + out.stderr
     assert float(board["workspace"]["holdout_mIoU"]) == pytest.approx(
-        read(ws, "ensemble")["holdout/final_ensemble_infer_params_round_2"]["mIoU"], abs=1e-4)
+        read(ws, "ensemble")["holdout/final"]["mIoU"], abs=1e-4)
     assert float(board["workspace"]["train_min"]) > 0
 
 
@@ -248,7 +248,7 @@ def test_a_rerun_reuses_finished_training_and_mlflow_records_each_repro(repro):
                                                    "blend", *(f"train@{m}" for m in MEMBERS),
                                                    *(f"train_round2@{m}" for m in MEMBERS)])
     assert kids[parents[1].info.run_id] == ["train@1-1"]
-    assert "ensemble/holdout/k_fold_ensemble/mIoU" in parents[0].data.metrics
+    assert "ensemble/holdout/kfold/mIoU" in parents[0].data.metrics
     # CV lands on the parent run, so experiments compare side by side in the MLflow UI.
     assert 0 <= parents[0].data.metrics["cv/mIoU"] <= 1
     for parent in parents:   # a reused run still shows the whole curve

@@ -126,7 +126,7 @@ def test_zero_length_runs_and_corner_masks_do_not_hang_the_overlap_arithmetic():
     segs = [square(0, 0, 3, 3), square(0, 0, 6, 6), crowd, square(1, 0, 4, 2)]
     classes = [1, 2, 1, 3]
     for rule in ("smaller_on_top", "higher_class_wins"):
-        label = image_label(pd.DataFrame({"segmentation": segs, "class_idx": classes}), h, w, (h, w), rule, None, "keep")
+        label = image_label(pd.DataFrame({"segmentation": segs, "class_idx": classes}), (h, w), (h, w), rule, None, "keep")
         for dense in (False, True):
             s = _image_stats(("k", h, w, segs, classes, rule, None, "keep"), dense=dense)
             assert {v: c for v, c in s["painted"].items() if c} == {int(v): int(c) for v, c in

@@ -14,7 +14,7 @@ from torch import nn
 
 from tests.conftest import image, square, write_coco
 
-from pipeline.config import TtaView
+from pipeline.config import Masks, TtaView
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.masks import build_mask_cache
 from pipeline.evaluation.variants import score
@@ -22,6 +22,7 @@ from pipeline.inference.ensemble import Ensemble
 from pipeline.config import Data
 from pipeline.data.coco import load_test_set
 from pipeline.inference.submission import check_output_dir, predict_folder, write_submission
+from pipeline.models.checkpoint import InputSpec
 from pipeline.inference.tta import D4, TTA, expand, predict_proba
 
 
@@ -110,9 +111,10 @@ def test_score_counts_every_pixel_of_every_size_once(tmp_path):
             {"image_id": 1, "category_id": 1, "segmentation": square(2, 2, 12, 10)},
             {"image_id": 2, "category_id": 0, "segmentation": square(0, 0, 7, 3)}]
     write_coco(tmp_path / "data", images, anns, ["a", "b"])
-    table = build_mask_cache(load_dataset(tmp_path / "data", ["train.json"]), tmp_path / "masks", "smaller_on_top",
-                             "keep", "UNKNOWN", None, workers=1)
-    cm, rate = score(Ensemble([(ConstantModel(2), 1.0)], ["identity"], [1.0], torch.device("cpu")), table, 3, 32, 2)
+    table = build_mask_cache(load_dataset(tmp_path / "data", ["train.json"]), tmp_path / "masks", Masks(), workers=1)
+    ens = Ensemble([(ConstantModel(2), 1.0)], ["identity"], [1.0], torch.device("cpu"))
+    ens.spec = InputSpec(("bg", "a", "b"), None, 32, None)
+    cm, rate = score(ens, table, 2)
     mat = cm.numpy()
     assert mat.sum() == 80 + 240 + 105 and rate > 0
     assert mat[:, [0, 1]].sum() == 0 and mat[:, 2].tolist() == [table[f"px_{c}"].sum() for c in range(3)]
@@ -141,7 +143,8 @@ def test_submission_format(test_set, tmp_path, framing):
     model = PixelModel(classes=12).eval()
     member, size = (model, 64) if framing == "resize" else (SlidingWindow(model, 32, 1 / 3), None)
     ens = Ensemble([(member, 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
-    kept = write_submission(ens, images, size, tmp_path / "submission.csv", size=256, keep=2)
+    ens.spec = InputSpec(tuple(f"c{i}" for i in range(12)), None, size, None)
+    kept = write_submission(ens, images, tmp_path / "submission.csv", size=256, keep=2)
     csv.field_size_limit(10**7)   # a row holds 65,536 numbers: more than csv's default field limit
     rows = list(csv.reader(open(tmp_path / "submission.csv")))
     assert rows[0] == ["image_id", "PredictionString"]
@@ -163,7 +166,8 @@ def test_predict_refuses_to_write_into_its_inputs(test_set, tmp_path):
         with pytest.raises(DataError, match="overlaps --images"):
             check_output_dir(test_set / "test", out) if out != tmp_path else check_output_dir(tmp_path / "data", out)
     ens = Ensemble([(PixelModel(classes=3).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
-    n = predict_folder(ens, test_set / "test", tmp_path / "out", 64, ["bg", "a", "b"])
+    ens.spec = InputSpec(("bg", "a", "b"), None, 64, None)
+    n = predict_folder(ens, test_set / "test", tmp_path / "out")
     assert n == 3
     pred = cv2.imread(str(tmp_path / "out/1.png"), cv2.IMREAD_UNCHANGED)
     assert pred.shape == (64, 96) and pred.max() < 3 and (tmp_path / "out/1_overlay.jpg").exists()
@@ -174,7 +178,7 @@ def test_predict_refuses_names_that_would_overwrite_each_other(test_set, tmp_pat
     cv2.imwrite(str(test_set / "test/0.png"), np.zeros((8, 8, 3), np.uint8))
     ens = Ensemble([(PixelModel(classes=3).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
     with pytest.raises(DataError, match=r"0\.jpg, 0\.png differ only by extension"):
-        predict_folder(ens, test_set / "test", tmp_path / "out", 64, ["bg", "a", "b"])
+        predict_folder(ens, test_set / "test", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -199,8 +203,7 @@ def test_test_time_images_are_prepared_exactly_as_validation_images(tmp_path):
     write_coco(root, [{"id": 0, "file_name": "p.jpg", "width": 160, "height": 96}],
                [{"image_id": 0, "category_id": 1, "segmentation": square(10, 10, 60, 50)}], ["a", "b"],
                write_images=False)
-    index = build_mask_cache(load_dataset(root, ["train.json"]), tmp_path / "cache", "smaller_on_top", "keep",
-                             "UNKNOWN", max_side=64, workers=1)
+    index = build_mask_cache(load_dataset(root, ["train.json"]), tmp_path / "cache", Masks(max_side=64), workers=1)
     validation = SegDataset(index, build_transform([], 32)).load(0)[0]
     test = pd.DataFrame({"path": [str(root / "p.jpg")], "height": [96], "width": [160]})
     assert torch.equal(image_files(test, 32, 64)[0][0], validation)

@@ -14,9 +14,9 @@ def node(name, model, lr, cv, holdout, train_s, rev="abc1234def"):
                                        "paths": {"models": f"models-{name}"}}}}
     metrics = {"metrics/cv.json": {"data": {"cv": {"mIoU": cv}}},
                "metrics/ensemble.json": {"data": {"ensemble": {
-                   **({"holdout/final_ensemble_infer_params_round_2": {"mIoU": holdout}} if holdout else {}),
-                   **({"holdout/k_fold_ensemble": {"mIoU": holdout - 0.01}} if holdout else {}),
-                   "out_of_fold/fold_model": {"mIoU": 0.99}}}},
+                   **({"holdout/final": {"mIoU": holdout}} if holdout else {}),
+                   **({"holdout/kfold": {"mIoU": holdout - 0.01}} if holdout else {}),
+                   "out_of_fold/fold": {"mIoU": 0.99}}}},
                "metrics/train/fold_0_seed_0.json": {"data": {"val": {"train_s": train_s}}},
                "metrics/train/fold_1_seed_0.json": {"data": {"val": {"train_s": train_s}}}}
     return {"rev": rev, "name": name, "data": {"params": params, "metrics": metrics}}
@@ -36,7 +36,7 @@ def test_rows_sorted_best_first_with_only_the_params_that_differ():
     assert [r["experiment"] for r in rows] == ["pspnet-try", "workspace", "main", "low-lr"]
     top = rows[0]
     assert top["cv_mIoU"] == 0.41 and top["holdout_mIoU"] == 0.38 and top["train_min"] == 1.0
-    assert top["best_holdout"] == "0.3800 final_ensemble_infer_params_round_2"   # out-of-fold rows are not holdout
+    assert top["best_holdout"] == "0.3800 final"   # out-of-fold rows are not holdout
     assert top["params"] == "model=pspnet train.lr=0.003"                        # paths.* and train.loss do not differ
     assert rows[-1]["holdout_mIoU"] is None and rows[-1]["params"] == "model=unet train.lr=0.001"
     assert [r["experiment"] for r in leaderboard(TREE, "holdout_mIoU")] == ["pspnet-try", "workspace", "main", "low-lr"]

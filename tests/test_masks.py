@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import load_dataset
 from pipeline.labels import IGNORE_INDEX
+from pipeline.config import Masks
 from pipeline.data.masks import build_mask_cache, image_label, target_size, unknown_class_index
 from tests.conftest import image, square, write_coco
 
@@ -26,7 +27,7 @@ def label_of(root, anns, cats=CATS, w=10, h=8, overlap="smaller_on_top", unknown
     ds = load_dataset(root, ["train.json"])
     out_hw = target_size(h, w, max_side)
     a = ds.annotations
-    return image_label(a, h, w, out_hw, overlap, unknown_class_index(ds.classes, "UNKNOWN"), unknown), ds
+    return image_label(a, (h, w), out_hw, overlap, unknown_class_index(ds.classes, "UNKNOWN"), unknown), ds
 
 
 def test_class_index_is_list_position_not_raw_id(tmp_path):
@@ -135,7 +136,7 @@ def test_mask_cache_index_and_files(tmp_path):
                 {"image_id": 0, "category_id": 7, "segmentation": square(2, 2, 5, 5)},
                 {"image_id": 1, "category_id": 7, "segmentation": square(0, 0, 20, 10)}], CATS)
     ds = load_dataset(root, ["train.json"])
-    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", max_side=20, workers=1)
+    index = build_mask_cache(ds, tmp_path / "cache", Masks.model_construct(max_side=20), workers=1)
     assert index.px_2.tolist() == [9, 50] and index.px_3.tolist() == [55, 0]
     assert index[["height", "width"]].values.tolist() == [[8, 10], [10, 20]]
     m = cv2.imread(index["mask"][1], cv2.IMREAD_UNCHANGED)
@@ -152,8 +153,7 @@ def test_without_image_cache_only_capped_images_are_stored(tmp_path):
     root = tmp_path / "ds"
     write_coco(root, [image(0), image(1, w=40, h=20)], [], CATS)
     ds = load_dataset(root, ["train.json"])
-    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", max_side=20,
-                             workers=1, cache_images=False)
+    index = build_mask_cache(ds, tmp_path / "cache", Masks.model_construct(max_side=20, cache_images=False), workers=1)
     assert index["image"][0] == str(root / "imgs/000.png")          # read in place
     assert index["image"][1].endswith(".npy") and np.load(index["image"][1]).shape == (10, 20, 3)
 
@@ -170,7 +170,7 @@ def test_exif_rotated_photo_is_cached_as_the_json_sees_it(tmp_path):
     Image.fromarray(stored).save(root / "p.jpg", exif=exif, quality=100)
     ds = load_dataset(root, ["train.json"])
     assert "exif_rotated" in set(ds.issues.kind)
-    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    index = build_mask_cache(ds, tmp_path / "cache", Masks(), workers=1)
     img = np.load(index["image"][0])
     assert img.shape == (12, 8, 3) and img[:4].mean() > 200 and img[6:].mean() < 50   # white on top after rotating
 
@@ -181,8 +181,8 @@ def test_parallel_cache_equals_serial(tmp_path):
             for i in range(20)]
     write_coco(root, [image(i) for i in range(20)], anns, CATS)
     ds = load_dataset(root, ["train.json"])
-    one = build_mask_cache(ds, tmp_path / "a", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
-    two = build_mask_cache(ds, tmp_path / "b", "smaller_on_top", "keep", "UNKNOWN", None, workers=2)
+    one = build_mask_cache(ds, tmp_path / "a", Masks(), workers=1)
+    two = build_mask_cache(ds, tmp_path / "b", Masks(), workers=2)
     assert one.filter(like="px_").equals(two.filter(like="px_")) and one.digest.equals(two.digest)
 
 
@@ -196,8 +196,7 @@ def test_digest_changes_with_the_image_content_and_nothing_else_does(tmp_path, c
     ds = load_dataset(root, ["train.json"])
 
     def build(out):
-        table = build_mask_cache(ds, tmp_path / out, "smaller_on_top", "keep", "UNKNOWN", None, workers=1,
-                                 cache_images=cache_images)
+        table = build_mask_cache(ds, tmp_path / out, Masks(cache_images=cache_images), workers=1)
         return table.drop(columns=["image", "mask", "digest"]), table.digest.tolist()
 
     (before, d0), (_, d1) = build("a"), build("b")
@@ -236,9 +235,8 @@ def test_exif_photo_read_in_place_matches_its_mask(tmp_path, json_sees):
     exif[0x0112] = 6
     Image.fromarray(stored).save(root / "p.jpg", exif=exif, quality=100)
     ds = load_dataset(root, ["train.json"])
-    in_place = build_mask_cache(ds, tmp_path / "a", "smaller_on_top", "keep", "UNKNOWN", None, workers=1,
-                                cache_images=False)
-    cached = build_mask_cache(ds, tmp_path / "b", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    in_place = build_mask_cache(ds, tmp_path / "a", Masks(cache_images=False), workers=1)
+    cached = build_mask_cache(ds, tmp_path / "b", Masks(), workers=1)
     assert in_place["image"][0].endswith("p.jpg")
     identity = lambda image, mask: {"image": image, "mask": torch.from_numpy(mask)}
     img, mask = SegDataset(in_place, identity).load(0)

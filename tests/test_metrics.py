@@ -70,18 +70,19 @@ def _cm(p, t):
 def test_cv_sums_every_fold_and_seed_and_reports_each(tmp_path):
     from pipeline.data.coco import DataError
     from pipeline.evaluation.cv import cv_scores
-    from pipeline.models.checkpoint import member_dir
+    from pipeline.models.checkpoint import ModelSet
+    from pipeline.workspace import Member
 
     classes = ["Background", "a"]
     right, wrong = np.array([[5, 0], [0, 5]]), np.array([[0, 5], [5, 0]])
     for (k, s), m in {(0, 0): right, (1, 0): right, (0, 1): wrong, (1, 1): right}.items():
-        member_dir(tmp_path, k, s).mkdir(parents=True)
-        np.save(member_dir(tmp_path, k, s) / "val_confusion.npy", m)
-    out = cv_scores(tmp_path, [0, 1], [0, 1], classes)
+        Member.of(tmp_path, k, s).dir.mkdir(parents=True)
+        np.save(Member.of(tmp_path, k, s).val_confusion(), m)
+    out = cv_scores(ModelSet(tmp_path, (0, 1), (0, 1)), classes)
     assert out["per_seed_mIoU"] == {"0": 1.0, "1": pytest.approx(0.5 * (1 / 3 + 1 / 3))}
     assert out["confusion"] == (3 * right + wrong).tolist() and out["per_fold_mIoU"]["1"] == 1.0
     with pytest.raises(DataError, match=r"train@2-0"):
-        cv_scores(tmp_path, [2], [0], classes)
+        cv_scores(ModelSet(tmp_path, (2,), (0,)), classes)
 
 
 def test_per_image_ious_and_each_class_worst_image_known_answer():
@@ -111,8 +112,8 @@ def test_per_image_ious_and_each_class_worst_image_known_answer():
 def test_report_headline_picks_the_best_holdout_variant_and_the_final_ensemble():
     from pipeline.evaluation.report import headline
 
-    ens = {"holdout/k_fold_ensemble": {"mIoU": 0.5}, "holdout/final_ensemble_infer_params_round_1": {"mIoU": 0.45},
-           "out_of_fold/fold_model_TTA": {"mIoU": 0.9}, "holdout/fold_model_mean_over_folds": {"mIoU": 0.4}}
+    ens = {"holdout/kfold": {"mIoU": 0.5}, "holdout/final": {"mIoU": 0.45},
+           "out_of_fold/fold_tta": {"mIoU": 0.9}, "holdout/fold_mean": {"mIoU": 0.4}}
     head = headline({"mIoU": 0.42}, ens)
-    assert head == {"cv_mIoU": 0.42, "best_holdout": ("k_fold_ensemble", 0.5), "final_holdout": 0.45}
+    assert head == {"cv_mIoU": 0.42, "best_holdout": ("kfold", 0.5), "final_holdout": 0.45}
     assert headline({}, {}) == {"cv_mIoU": None, "best_holdout": None, "final_holdout": None}

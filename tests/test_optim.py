@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import Train
+
 from pipeline.training.optim import (OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule, check_groups, param_groups,
                                      use_slow_weights)
 
@@ -24,7 +26,8 @@ class Tiny(nn.Module):
 def test_optimizer_updates_every_parameter(name, lookahead):
     torch.manual_seed(0)
     model = Tiny()
-    opt = build_optimizer(model, model.encoder, name, lr=0.1, encoder_lr=0.01, weight_decay=0.01, lookahead=lookahead)
+    opt = build_optimizer(model, model.encoder, Train(optimizer=name, lr=0.1, encoder_lr=0.01, weight_decay=0.01,
+                                                      lookahead=lookahead))
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):  # Lookahead syncs slow weights every k steps; fast weights move at once
         model(torch.randn(2, 3, 8, 8)).square().mean().backward()
@@ -41,7 +44,8 @@ def test_lookahead_model_is_the_slow_weights_after_an_epoch():
     be the slow weights: after use_slow_weights every parameter equals its slow buffer."""
     torch.manual_seed(0)
     model = Tiny()
-    opt = build_optimizer(model, model.encoder, "adamw", lr=0.1, encoder_lr=0.1, weight_decay=0.0, lookahead=True)
+    opt = build_optimizer(model, model.encoder, Train(optimizer="adamw", lr=0.1, encoder_lr=0.1, weight_decay=0.0,
+                                                      lookahead=True))
     for _ in range(7):
         model(torch.randn(2, 3, 8, 8)).square().mean().backward()
         opt.step()
@@ -49,7 +53,7 @@ def test_lookahead_model_is_the_slow_weights_after_an_epoch():
     assert not all(torch.equal(p, slow(p)) for p in model.parameters())       # fast ran ahead
     use_slow_weights(opt)
     assert all(torch.equal(p, slow(p)) for p in model.parameters())
-    plain = build_optimizer(model, model.encoder, "adamw", lr=0.1, encoder_lr=0.1, weight_decay=0.0)
+    plain = build_optimizer(model, model.encoder, Train(optimizer="adamw", lr=0.1, encoder_lr=0.1, weight_decay=0.0))
     before = [p.detach().clone() for p in model.parameters()]
     use_slow_weights(plain)                                                    # no Lookahead: nothing moves
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))

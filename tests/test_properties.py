@@ -25,7 +25,7 @@ def load(anns: list[dict], strict: bool = False):
         write_coco(Path(tmp), [image(0, W, H)], anns, CATS)
         ds = load_dataset(Path(tmp), ["train.json"], strict=strict)
     a = ds.annotations
-    label = image_label(a, H, W, (H, W), "smaller_on_top", unknown_class_index(ds.classes, "UNKNOWN"), "keep")
+    label = image_label(a, (H, W), (H, W), "smaller_on_top", unknown_class_index(ds.classes, "UNKNOWN"), "keep")
     return label, ds
 
 
@@ -101,7 +101,7 @@ def test_eda_pixels_and_overlaps_equal_the_painted_masks(data):
     unknown = data.draw(st.sampled_from(["keep", "background", "ignore"]))
     s = _image_stats(("k", h, w, segs, classes, rule, 3, unknown), dense=False)
     assert nonzero(_image_stats(("k", h, w, segs, classes, rule, 3, unknown), dense=True)) == nonzero(s)
-    label = image_label(pd.DataFrame({"segmentation": segs, "class_idx": classes}), h, w, (h, w), rule, 3, unknown)
+    label = image_label(pd.DataFrame({"segmentation": segs, "class_idx": classes}), (h, w), (h, w), rule, 3, unknown)
     assert {v: c for v, c in s["painted"].items() if c} == {int(v): int(c) for v, c in zip(*np.unique(label, return_counts=True))}
     planes = {}
     for seg, c in zip(segs, classes):

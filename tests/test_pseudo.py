@@ -14,8 +14,11 @@ from pipeline.data.coco import DataError
 from pipeline.inference.ensemble import Ensemble
 from pipeline.data.dataset import round2_table
 from pipeline.inference.pseudo import pseudo_label, unlabelled
-from pipeline.config import Data
+from pipeline.config import Data, Pseudo
 from pipeline.data.coco import load_test_set
+from pipeline.models.checkpoint import InputSpec
+
+SPEC = InputSpec(("Background", "a", "b"), max_side=None, eval_size=64, window=None)
 
 
 class FixedLogits(nn.Module):
@@ -46,7 +49,8 @@ def test_set(tmp_path):
 def test_tta_disagreement_is_not_confident(test_set, tmp_path, min_kept, kept_images):
     """With hflip, each half averages with the other's mirror: no pixel reaches 0.9."""
     teacher = Ensemble([(FixedLogits(), 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
-    index, report = pseudo_label(teacher, test_set, tmp_path / "p", 64, 3, threshold=0.9, min_kept=min_kept)
+    teacher.spec = SPEC
+    index, report = pseudo_label(teacher, test_set, tmp_path / "p", Pseudo(threshold=0.9, min_kept=min_kept))
     assert len(index) == kept_images
     assert report.set_index("class_idx").kept_fraction[1] == pytest.approx(0.0)   # hflip averages the halves
     if kept_images:
@@ -56,7 +60,8 @@ def test_tta_disagreement_is_not_confident(test_set, tmp_path, min_kept, kept_im
 
 def test_identity_tta_keeps_the_confident_half(test_set, tmp_path):
     teacher = Ensemble([(FixedLogits(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
-    index, _ = pseudo_label(teacher, test_set, tmp_path / "tmp", 64, 3, threshold=0.9, min_kept=0.4,
+    teacher.spec = SPEC
+    index, _ = pseudo_label(teacher, test_set, tmp_path / "tmp", Pseudo(threshold=0.9, min_kept=0.4),
                             final_dir=tmp_path / "final")
     assert index["mask"][0].startswith(str(tmp_path / "final"))     # where the folder lives after the rename
     (tmp_path / "tmp").rename(tmp_path / "final")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import Data
+from pipeline.config import Masks, Data
 from pipeline.data.coco import DataError, load_dataset, load_test_set
 from pipeline.labels import MAX_CLASSES
 from pipeline.data.eda import analyse
@@ -37,9 +37,9 @@ def test_an_image_with_300_annotations_is_painted_exactly(tmp_path):
     anns.append({"image_id": 0, "category_id": 0, "segmentation": [square(0, 0, 1, 1)[0] for _ in range(260)]})  # 260 parts
     write_coco(tmp_path, [{"id": 0, "file_name": "a.png", "width": 60, "height": 20}], anns, ["a", "b"])
     ds = load_dataset(tmp_path, ["train.json"])
-    label = image_label(ds.annotations, 20, 60, (20, 60), "smaller_on_top", None, "keep")
+    label = image_label(ds.annotations, (20, 60), (20, 60), "smaller_on_top", None, "keep")
     assert np.count_nonzero(label == 1) == 600 and np.count_nonzero(label == 2) == 600
-    index = build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    index = build_mask_cache(ds, tmp_path / "cache", Masks(), workers=1)
     assert index.px_1.iloc[0] == 600 and index.px_2.iloc[0] == 600 and index.n_annotations.iloc[0] == 301
     eda = analyse(ds, "smaller_on_top")
     assert eda.summary["annotations_per_image"]["max"] == 301
@@ -103,8 +103,7 @@ def test_names_differing_only_by_extension_are_two_images(tmp_path):
               {"id": 2, "file_name": "0001.png", "width": 16, "height": 8}]
     write_coco(tmp_path, images, [{"image_id": 1, "category_id": 0, "segmentation": square(0, 0, 4, 4)},
                                   {"image_id": 2, "category_id": 1, "segmentation": square(0, 0, 8, 8)}], ["a", "b"])
-    index = build_mask_cache(load_dataset(tmp_path, ["train.json"]), tmp_path / "cache", "smaller_on_top", "keep",
-                             "UNKNOWN", None, workers=1).set_index("key")
+    index = build_mask_cache(load_dataset(tmp_path, ["train.json"]), tmp_path / "cache", Masks(), workers=1).set_index("key")
     assert index["mask"].nunique() == 2 and index["image"].nunique() == 2
     assert (index.px_1["0001.jpg"], index.px_2["0001.png"]) == (16, 64)
     assert cv2.imread(index["mask"]["0001.png"], cv2.IMREAD_UNCHANGED).max() == 2
@@ -233,7 +232,7 @@ def test_the_cache_stops_before_writing_when_the_disk_is_too_small(tmp_path, mon
     ds = load_dataset(tmp_path, ["train.json"])
     monkeypatch.setattr(masks.shutil, "disk_usage", lambda p: type("u", (), {"free": 5000})())
     with pytest.raises(DataError, match=r"the cache needs about 0 MB but only 0 MB are free.*masks.max_side"):
-        build_mask_cache(ds, tmp_path / "cache", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+        build_mask_cache(ds, tmp_path / "cache", Masks(), workers=1)
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("cache.tmp-*"))
     assert masks.cache_bytes(pd.DataFrame({"height": [40, 40], "width": [48, 48], "image": ["a.npy", "b.jpg"]})) == \
         (40 * 48 * 3 + 128, int(2 * 40 * 48 * masks.MASK_BYTES_PER_PX))

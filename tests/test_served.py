@@ -41,9 +41,9 @@ def test_registered_ensemble_predicts_in_a_fresh_process_as_predict_does(tmp_pat
         (photos / name).parent.mkdir(exist_ok=True)
         cv2.imwrite(str(photos / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     infer = Infer(tta=["identity", "hflip"], scales=[1.0, 1.5])
-    ens = Ensemble([(load_member(p, torch.device("cpu"))[0], w) for p, w in members], infer.tta, infer.scales,
-                   torch.device("cpu"))
-    assert predict_folder(ens, photos, tmp_path / "out", 64, CLASSES, max_side=100) == 3
+    ens = Ensemble.from_files(members, infer, torch.device("cpu"))
+    assert ens.spec == SPEC
+    assert predict_folder(ens, photos, tmp_path / "out") == 3
 
     save_ensemble_model(tmp_path / "model", members, infer, SPEC)
     with stage_run("submit") as run:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import Params
+from pipeline.config import Masks, Params
 from pipeline.data.augment import AUGMENTATIONS
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.folds import make_folds
@@ -64,7 +64,7 @@ def easy_workspace(tmp, n=48):
     """The easy dataset under tmp/data, its mask cache (tmp/masks) and 4 random folds (tmp/split)."""
     easy_dataset(tmp / "data", n=n)
     ds = load_dataset(tmp / "data", ["train.json"])
-    build_mask_cache(ds, tmp / "masks", "smaller_on_top", "keep", "UNKNOWN", None, workers=1)
+    build_mask_cache(ds, tmp / "masks", Masks(), workers=1)
     (tmp / "split").mkdir()
     make_folds(ds, "random", 4, None, 0.0, seed=SEED).to_csv(tmp / "split/folds.csv", index=False)
     return tmp
@@ -423,11 +423,13 @@ def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing, cro
     s = train_fold(2, 0, p)
     best = load_checkpoint(prepared / "models/fold_2/seed_0/best.pt")
     assert best["params"]["train.input"] == framing and s["mIoU"] == best["scores"]["mIoU"]
-    model, _ = load_member(prepared / "models/fold_2/seed_0/best.pt", torch.device("cpu"), p.train.batch_size)
+    model, spec = load_member(prepared / "models/fold_2/seed_0/best.pt", torch.device("cpu"), p.train.batch_size)
     assert isinstance(model, SlidingWindow) == (framing == "crop")
     assert getattr(model, "whole", False) == (framing == "crop" and crop_infer == "whole")
     val = fold_tables(prepared / "masks", prepared / "split", 2)[1]
-    cm, _ = score(Ensemble([(model, 1.0)], ["identity"], [1.0], torch.device("cpu")), val, 3, p.train.eval_size,
-                  p.train.batch_size)
+    ens = Ensemble([(model, 1.0)], ["identity"], [1.0], torch.device("cpu"))
+    ens.spec = spec
+    assert spec.eval_size == p.train.eval_size
+    cm, _ = score(ens, val, p.train.batch_size)
     assert p.train.eval_size == (None if framing == "crop" else 32) and cm.numpy().sum() == len(val) * 64 * 64
     assert np.array_equal(cm.numpy(), best["confusion"].numpy())

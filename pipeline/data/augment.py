@@ -5,13 +5,16 @@ are labelled IGNORE_INDEX, so the model is never taught that a black square is a
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
 from pipeline.labels import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from pipeline.config import Train
 
 AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
     "hflip": lambda: A.HorizontalFlip(p=0.5),
@@ -56,6 +59,6 @@ def build_transform(names: list[str], size: Optional[int], seed: int = 0,
     return A.Compose([*frame, *[AUGMENTATIONS[n]() for n in names], A.Normalize(*NORMALISE), ToTensorV2()], seed=seed)
 
 
-def train_transform(t, seed: int) -> A.Compose:
+def train_transform(t: "Train", seed: int) -> A.Compose:
     """Training input for `train` params: whole images resized, or random-scale crops (train.input)."""
     return build_transform(t.augment, t.image_size, seed, t.crop_scale if t.input == "crop" else None)

@@ -66,10 +66,10 @@ class _Issues:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, severity: str, kind: str, file: str, detail: str, image_id: Any = None,
-            ann_id: Any = None, action: str = "skipped") -> None:
+    def add(self, severity: str, kind: str, file: str, detail: str, image_id: Any = None, ann_id: Any = None) -> None:
+        """An error (the record is skipped, or the load stops when strict) or an info note."""
         self.rows.append(dict(severity=severity, kind=kind, file=file, image_id=image_id,
-                              ann_id=ann_id, detail=detail, action=action if severity == "error" else "noted"))
+                              ann_id=ann_id, detail=detail, action="skipped" if severity == "error" else "noted"))
 
     def frame(self) -> pd.DataFrame:
         """Ids stay as the json wrote them (object dtype): 1, not 1.0; missing ones are empty, not NaN."""

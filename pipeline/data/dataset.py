@@ -14,13 +14,14 @@ from pipeline.data.coco import DataError
 from pipeline.data.masks import read_image
 from pipeline.data.mix import paste_classes
 from pipeline.io import ignore_sigint
+from pipeline.workspace import FOLDS_CSV, INDEX
 
 
 def fold_tables(masks_dir: str | Path, split_dir: str | Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train rows, validation rows) of the mask index for one fold: train = not this fold and
     not holdout; validation = this fold. Validation and holdout images never reach training."""
-    index = pd.read_csv(Path(masks_dir) / "index.csv")
-    folds = pd.read_csv(Path(split_dir) / "folds.csv")[["key", "fold", "holdout"]]
+    index = pd.read_csv(Path(masks_dir) / INDEX)
+    folds = pd.read_csv(Path(split_dir) / FOLDS_CSV)[["key", "fold", "holdout"]]
     table = index.merge(folds, on="key", how="inner", validate="one_to_one")
     if len(table) != len(index):
         raise DataError(f"folds.csv and the mask index disagree on {len(index) - len(table)} images: rerun split")

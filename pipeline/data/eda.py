@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
@@ -103,29 +103,45 @@ def _image_stats(task: tuple, dense: Optional[bool] = None) -> dict:
                                   IGNORE_INDEX if c == unknown_class and unknown == "ignore" else c for c in classes]
     if dense is None:
         dense = len(segs) > DENSE_ABOVE
+    paint = Painting(classes, value, rule, unknown_class, unknown == "ignore")
     if dense and len(set(classes)) <= MAX_DENSE_CLASSES:
-        areas, painted, pairs, lost = _dense_overlaps(rles, classes, value, rule, n_px, unknown_class, unknown)
+        areas, painted, pairs, lost = _dense_overlaps(rles, paint, n_px)
     else:
         rles = [_canonical(r) for r in rles]
         areas = [_area(r) for r in rles]
-        painted, pairs, lost = _rle_overlaps(rles, areas, boxes, classes, value, rule, (h, w), unknown_class, unknown)
+        painted, pairs, lost = _rle_overlaps(rles, areas, boxes, paint, (h, w))
     painted[0] = n_px - sum(painted.values())
     return dict(key=key, n_px=n_px, areas=areas, perimeters=(2 * boxes[:, 2:].sum(axis=1)).tolist(),
                 painted=dict(painted), pairs=dict(pairs), lost=dict(lost))
+
+
+class Painting(NamedTuple):
+    """One image's annotations as the masks stage paints them: class per annotation, the value it
+    paints (None: nothing, unknown as background), the overlap rule, and the unknown class with
+    whether its pixels are ignored (unknown: ignore)."""
+    classes: list[int]
+    value: list[Optional[int]]
+    rule: str
+    unknown_class: Optional[int]
+    ignore_unknown: bool
+
+    def own(self, c: int) -> int:
+        """The value class c's own pixels show; pixels of c showing another value were reassigned."""
+        return IGNORE_INDEX if c == self.unknown_class and self.ignore_unknown else c
 
 
 DENSE_ABOVE = 300        # annotations in one image above which the pixel-array path runs
 MAX_DENSE_CLASSES = 16   # classes present in one image that the dense path's bit codes hold
 
 
-def _dense_overlaps(rles: list[dict], classes: list[int], value: list, rule: str, n_px: int,
-                    unknown_class: Optional[int], unknown: str) -> tuple[list[int], dict, dict, dict]:
+def _dense_overlaps(rles: list[dict], paint: Painting, n_px: int) -> tuple[list[int], dict, dict, dict]:
     """(areas, painted, pairs, lost) from one pixel array per image: the top annotation of every
     pixel (np.maximum.at of paint ranks) and a bit code of the classes covering it, counted in one
     bincount. Time and memory grow with pixels and annotated area, never with annotation pairs."""
+    classes, value = paint.classes, paint.value
     start, length, owner = rle_spans(rles)
     areas = np.bincount(owner, weights=length, minlength=len(rles)).astype(np.int64)
-    order = paint_order(areas.tolist(), classes, rule)
+    order = paint_order(areas.tolist(), classes, paint.rule)
     rank = np.full(len(rles), -1, np.int64)
     rank[order] = np.arange(len(order))
     rank[[v is None for v in value]] = -1                    # unknown as background paints nothing
@@ -153,16 +169,15 @@ def _dense_overlaps(rles: list[dict], classes: list[int], value: list, rule: str
         for i, a in enumerate(members):
             for b in members[i + 1:]:
                 pairs[(a, b)] += n
-            own = IGNORE_INDEX if a == unknown_class and unknown == "ignore" else a
-            if v >= 0 and v != own:
+            if v >= 0 and v != paint.own(a):
                 lost[(a, v)] += n
     return areas.tolist(), painted, pairs, lost
 
 
-def _rle_overlaps(rles: list[dict], areas: list[int], boxes: np.ndarray, classes: list[int], value: list,
-                  rule: str, hw: tuple[int, int], unknown_class: Optional[int], unknown: str) -> tuple[dict, dict, dict]:
+def _rle_overlaps(rles: list[dict], areas: list[int], boxes: np.ndarray, paint: Painting,
+                  hw: tuple[int, int]) -> tuple[dict, dict, dict]:
     """(painted, pairs, lost) by run-length arithmetic within groups of touching boxes."""
-    h, w = hw
+    (h, w), classes, value = hw, paint.classes, paint.value
     painted: dict[int, int] = defaultdict(int)
     pairs: dict[tuple[int, int], int] = defaultdict(int)
     lost: dict[tuple[int, int], int] = defaultdict(int)
@@ -173,7 +188,7 @@ def _rle_overlaps(rles: list[dict], areas: list[int], boxes: np.ndarray, classes
             if value[members[0]] is not None:
                 painted[value[members[0]]] += areas[members[0]]
             continue
-        order = [members[i] for i in paint_order([areas[i] for i in members], [classes[i] for i in members], rule)]
+        order = [members[i] for i in paint_order([areas[i] for i in members], [classes[i] for i in members], paint.rule)]
         shown: dict[int, dict] = {}                     # painted value -> pixels showing it
         covered = None
         for j in reversed(order):                       # from the top: what is not yet covered shows j
@@ -191,9 +206,8 @@ def _rle_overlaps(rles: list[dict], areas: list[int], boxes: np.ndarray, classes
                 both = _area(_intersect(planes[a], planes[b]))
                 if both:
                     pairs[(a, b)] += both
-            own = IGNORE_INDEX if a == unknown_class and unknown == "ignore" else a
             for v, r in shown.items():
-                n = _area(_intersect(planes[a], r)) if v != own else 0
+                n = _area(_intersect(planes[a], r)) if v != paint.own(a) else 0
                 if n:
                     lost[(a, v)] += n
     return painted, pairs, lost

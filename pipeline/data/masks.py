@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -24,6 +24,10 @@ from pycocotools import mask as mask_utils
 from pipeline.data.coco import DataError, Dataset
 from pipeline.labels import IGNORE_INDEX
 from pipeline.io import atomic_dir, parallel_map
+from pipeline.workspace import CLASSES_JSON, INDEX
+
+if TYPE_CHECKING:
+    from pipeline.config import Masks
 
 cv2.setNumThreads(1)  # the pool provides the parallelism
 
@@ -246,12 +250,13 @@ def palette(n: int) -> np.ndarray:
 
 
 
-def image_label(anns: pd.DataFrame | None, height: int, width: int, out_hw: tuple[int, int], rule: str,
+def image_label(anns: pd.DataFrame | None, size: tuple[int, int], out_hw: tuple[int, int], rule: str,
                 unknown_class: Optional[int], unknown: str) -> np.ndarray:
-    """All annotations of one image (rows with segmentation, class_idx) -> (H, W) uint8 class map."""
+    """All annotations of one image (rows with segmentation, class_idx) of json size (height, width)
+    -> (H, W) = out_hw uint8 class map."""
     if anns is None or anns.empty:
         return np.zeros(out_hw, dtype=np.uint8)
-    rles = [to_rle(s, height, width, *out_hw) for s in anns.segmentation]
+    rles = [to_rle(s, *size, *out_hw) for s in anns.segmentation]
     return paint(rles, list(anns.class_idx), rule, out_hw, unknown_class, unknown)
 
 
@@ -335,7 +340,7 @@ def _cache_one(task: dict) -> dict:
     The digest covers the mask's PNG bytes and the source image file's bytes (read once, for
     decoding too): what a training item is made of, without hashing decoded pixels."""
     out_hw = (task["out_h"], task["out_w"])
-    label = image_label(task["anns"], task["height"], task["width"], out_hw, task["rule"],
+    label = image_label(task["anns"], (task["height"], task["width"]), out_hw, task["rule"],
                         task["unknown_class"], task["unknown"])
     # Level 1: decodes ~3x faster than OpenCV's default level, for a few % more bytes.
     ok, png = cv2.imencode(".png", label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
@@ -382,8 +387,7 @@ def check_disk(index: pd.DataFrame, out_dir: Path, log=print) -> None:
             "(training then decodes the dataset's own files every epoch), or free some space")
 
 
-def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: str, unknown_name: str,
-                     max_side: Optional[int], workers: int = 0, cache_images: bool = True) -> pd.DataFrame:
+def build_mask_cache(ds: Dataset, out_dir: str | Path, m: "Masks", workers: int = 0) -> pd.DataFrame:
     """Rasterise every labelled image once into `out_dir` and return the index table.
 
     Layout: out_dir/masks/<key>.png (uint8 class map; key = the image's path under data.root,
@@ -397,12 +401,13 @@ def build_mask_cache(ds: Dataset, out_dir: str | Path, overlap: str, unknown: st
     """
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        return _build(ds, out_dir, tmp, overlap, unknown, unknown_name, max_side, workers, cache_images)
+        return _build(ds, (out_dir, tmp), m, workers)
 
 
-def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, unknown_name: str,
-           max_side: Optional[int], workers: int, cache_images: bool) -> pd.DataFrame:
-    unknown_class = unknown_class_index(ds.classes, unknown_name)
+def _build(ds: Dataset, dirs: tuple[Path, Path], m: "Masks", workers: int) -> pd.DataFrame:
+    """The cache's files into tmp, their paths as they will be under out_dir: dirs = (out_dir, tmp)."""
+    (out_dir, tmp), overlap, unknown, max_side, cache_images = dirs, m.overlap, m.unknown, m.max_side, m.cache_images
+    unknown_class = unknown_class_index(ds.classes, m.unknown_name)
     by_key = ds.annotations_by_key()
     tasks, rows = [], []
     for r in ds.images.itertuples(index=False):
@@ -427,12 +432,13 @@ def _build(ds: Dataset, out_dir: Path, tmp: Path, overlap: str, unknown: str, un
     for c in range(ds.num_classes):
         index[f"px_{c}"] = px[:, c]
     index[f"px_{IGNORE_INDEX}"] = px[:, IGNORE_INDEX]
-    index.to_csv(tmp / "index.csv", index=False)
+    index.to_csv(tmp / INDEX, index=False)
     meta = dict(classes=ds.classes, ignore_index=IGNORE_INDEX, overlap=overlap, unknown=unknown,
                 unknown_class=unknown_class, max_side=max_side)
-    (tmp / "classes.json").write_text(json.dumps(meta, indent=2))
+    (tmp / CLASSES_JSON).write_text(json.dumps(meta, indent=2))
     return index
 
 
 def read_classes(cache_dir: str | Path) -> dict:
-    return json.loads((Path(cache_dir) / "classes.json").read_text())
+    """The cache's classes.json: class names, overlap rule, unknown handling, max_side."""
+    return json.loads((Path(cache_dir) / CLASSES_JSON).read_text())

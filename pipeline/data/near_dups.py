@@ -33,6 +33,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pipeline.config import NearDups
 from pipeline.data.masks import decode_oriented, target_size
 from pipeline.io import parallel_map
 
@@ -158,15 +159,17 @@ def _verify(pair: tuple[int, int]) -> int:
 def verify(feats: list[dict], pairs: list[tuple[int, int]], workers: int = 0) -> list[int]:
     """affine_inliers of each pair, across `workers` processes (0 = all cores); the features go to
     each worker once (initializer), not with every pair."""
-    return parallel_map(_verify, pairs, "near_dups check", workers, serial_below=64,
-                        initializer=_verify_init, initargs=(feats,))
+    return parallel_map(_verify, pairs, "near_dups check", workers, serial_below=64, init=(_verify_init, (feats,)))
 
 
-def find_pairs(images: pd.DataFrame, *, hash_distance: int = 8, min_inliers: int = 20, side: int = 512, n_features: int = 1000, workers: int = 0,
+def find_pairs(images: pd.DataFrame, settings: Optional[NearDups] = None, workers: int = 0,
                feats: Optional[list[dict]] = None) -> pd.DataFrame:
     """Near-duplicate pairs among `images` (columns key, path, height, width): PAIR_COLUMNS.
+    settings: the near_dups section (hash_distance, min_inliers, side, n_features; default its defaults).
     method: 'hash' (pHash within hash_distance bits), 'orb' (keypoints), or 'both' (found by each)."""
-    feats = feats if feats is not None else extract(images, side, n_features, workers)
+    n = settings or NearDups()
+    hash_distance, min_inliers = n.hash_distance, n.min_inliers
+    feats = feats if feats is not None else extract(images, n.side, n.n_features, workers)
     keys = images.key.tolist()
     hashes = np.array([f["phash"] for f in feats], np.uint64)
     found = {(i, j): dict(method="hash", hash_distance=d, inliers=0) for i, j, d in hash_pairs(hashes, hash_distance)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
@@ -29,12 +29,10 @@ from pycocotools import mask as mask_utils
 from pipeline.data.coco import Dataset
 from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import palette, read_image, to_rle, unknown_class_index
-from pipeline.io import read_index
+from pipeline.evaluation.oof import read_oof
 
-def read_oof(oof_dir: str | Path) -> pd.DataFrame:
-    """The out-of-fold index (layout: pipeline/evaluation/oof.py) with whole file paths; no torch needed."""
-    return read_index(oof_dir, ("probs", "mask"))
-
+if TYPE_CHECKING:
+    from pipeline.config import Audit, Masks
 
 SUSPECT_COLUMNS = ["rank", "key", "kind", "ann_id", "labelled", "predicted", "score", "pixels", "bbox", "fold"]
 
@@ -97,7 +95,7 @@ def unlabelled_regions(probs: np.ndarray, truth: np.ndarray, min_confidence: flo
                 yield c, comp == j
 
 
-def audit(oof_dir: str | Path, ds: Dataset, a, masks, noise_file: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def audit(oof_dir: str | Path, ds: Dataset, a: "Audit", masks: "Masks", noise_file: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(suspects, images, metrics) for the `audit` params `a`; UNKNOWN is not judged when `masks.unknown`
     drops or ignores it. With `noise_file` (the demo's answer key), metrics hold noise_recall."""
     unknown = unknown_class_index(ds.classes, masks.unknown_name)

@@ -15,7 +15,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
@@ -27,12 +27,16 @@ from torch.utils.data import DataLoader
 from pipeline.config import Params, parse_params
 from pipeline.data.coco import DataError
 from pipeline.data.masks import read_classes, read_image
-from pipeline.evaluation.audit import read_oof
+from pipeline.evaluation.oof import read_oof
 from pipeline.evaluation.metrics import Metric, scores
-from pipeline.evaluation.variants import final_members, holdout_table, models_for_round
+from pipeline.evaluation.variants import holdout_table
 from pipeline.inference.ensemble import Ensemble, ImageFiles, at_size
 from pipeline.io import write_json
-from pipeline.models.checkpoint import member_dir
+from pipeline.models.checkpoint import ModelSet
+from pipeline.workspace import Workspace
+
+if TYPE_CHECKING:
+    from pipeline.config import ParamsView
 
 HERE = "this experiment"
 
@@ -47,10 +51,13 @@ class Experiment:
         return self.root / p
 
     @property
+    def ws(self) -> Workspace:
+        return Workspace(self.params.paths, self.root)
+
+    @property
     def members(self) -> list[tuple[Path, float]]:
         """(checkpoint, weight) of its final ensemble (folds x seeds x checkpoints, fold-weighted)."""
-        p = self.params
-        return final_members(p.infer, p.train.folds, p.train.seeds, self.path(models_for_round(p.infer, p.paths)))
+        return ModelSet.final(self.params.infer, self.params.train, self.ws).weighted()
 
 
 def this_experiment(p: Params) -> Experiment:
@@ -74,10 +81,9 @@ def load_experiment(spec: str, repo: str | Path, cache: str | Path) -> Experimen
                         f"revision of this repository (`dvc exp show` lists experiments): {e}") from None
     exp = Experiment(spec, Path(cache) / spec.replace("/", "_"), parse_params(raw, f"params.yaml of {spec}"))
     shutil.rmtree(exp.root, ignore_errors=True)
-    p, t, i = exp.params.paths, exp.params.train, exp.params.infer
-    models = models_for_round(i, p)
-    files = [f"{p.split}/folds.csv"] + [str(member_dir(models, k, s) / f"{c}.pt")
-                                        for k in t.folds for s in t.seeds for c in i.checkpoints]
+    p, here = exp.params.paths, Workspace(exp.params.paths)   # paths inside the experiment's repo
+    final = ModelSet.final(exp.params.infer, exp.params.train, here)
+    files = [str(here.folds_csv)] + [str(final.member(k, s).checkpoint(c)) for k, s, c in final.keys()]
     try:
         fs.get(p.oof, str(exp.root / p.oof), recursive=True)
         for f in files:
@@ -94,7 +100,7 @@ def check_compatible(exps: list[Experiment]) -> None:
     base = exps[0]
 
     def facts(e: Experiment) -> dict:
-        folds = pd.read_csv(e.path(e.params.paths.split) / "folds.csv")[["key", "fold", "holdout"]]
+        folds = pd.read_csv(e.ws.folds_csv)[["key", "fold", "holdout"]]
         return {"classes and max_side": read_classes(e.path(e.params.paths.oof)),
                 "split (folds.csv)": folds.sort_values("key").reset_index(drop=True),
                 "train.eval_size": e.params.train.eval_size,
@@ -189,6 +195,9 @@ def blend_members(exps: list[Experiment], weights: list[float]) -> list[tuple[Pa
     return out
 
 
+LABELS = {"equal": "equal-weight blend", "fitted": "fitted blend (OOF hill-climbing)"}   # ids alone/<name>: "<name> alone"
+
+
 def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Optional[pd.DataFrame],
               device: torch.device, metric: Optional[Metric] = None) -> tuple[pd.DataFrame, dict]:
     """(variant table, summary): every experiment alone, the equal-weight blend and the fitted blend,
@@ -196,16 +205,16 @@ def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Opti
     probs, truths = load_oof(exps)
     n, metric = len(exps), metric or Metric()
     fitted, history = hill_climb(probs, truths, classes, steps, metric)
-    variants = {f"{e.name} alone": [float(j == i) for j in range(n)] for i, e in enumerate(exps)}
+    variants = {f"alone/{e.name}": [float(j == i) for j in range(n)] for i, e in enumerate(exps)}
     if n > 1:
-        variants["equal-weight blend"] = [1.0 / n] * n
-        variants["fitted blend (OOF hill-climbing)"] = fitted
+        variants["equal"] = [1.0 / n] * n
+        variants["fitted"] = fitted
     held_cm = judge_on_holdout(exps, variants, held, classes, device, metric) if held is not None and len(held) else {}
     rows = []
     for name, w in variants.items():
         per = oof_images(probs, truths, w, len(classes), metric)
         oof = scores(per.sum(0), classes)
-        row = {"variant": name, "weights": " ".join(f"{e.name}={x:.3f}" for e, x in zip(exps, w)),
+        row = {"id": name, "variant": LABELS.get(name, name.removeprefix("alone/") + " alone"), "weights": " ".join(f"{e.name}={x:.3f}" for e, x in zip(exps, w)),
                "oof_mIoU": oof["mIoU"], "oof_metric": metric.value(per), "oof_images": len(truths)}
         if name in held_cm:
             s = scores(held_cm[name].sum(0), classes)
@@ -215,7 +224,7 @@ def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Opti
         rows.append(row)
     table = pd.DataFrame(rows)
     key = "holdout_mIoU" if "holdout_mIoU" in table else "oof_mIoU"
-    singles = table[table.variant.str.endswith(" alone")]
+    singles = table[table["id"].str.startswith("alone/")]
     best_single = singles.loc[singles[key].idxmax()]
     table["vs_best_single"] = table[key] - best_single[key]   # > 0: the blend beat every experiment alone
     final = table.iloc[-1]
@@ -226,7 +235,7 @@ def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Opti
     return table, summary
 
 
-def blend_experiments(p, device: torch.device) -> tuple[pd.DataFrame, dict]:
+def blend_experiments(p: "ParamsView", device: torch.device) -> tuple[pd.DataFrame, dict]:
     """The stage's work for params `p` (infer, train, blend, paths): copy the other experiments into
     paths.blend (afresh), refuse what cannot blend, fit and judge; the summary lists the members."""
     copies = Path(p.paths.blend)
@@ -236,7 +245,7 @@ def blend_experiments(p, device: torch.device) -> tuple[pd.DataFrame, dict]:
     write_json(copies / "experiments.json", {e.name: str(e.root) for e in exps})   # what was copied where
     check_compatible(exps)
     table, summary = fit_blend(exps, read_classes(p.paths.masks)["classes"], p.blend.steps,
-                               holdout_table(p.paths.masks, p.paths.split), device, Metric.of(p.metric))
+                               holdout_table(Workspace(p.paths)), device, Metric.of(p.metric))
     summary["members"] = [[str(f), w] for f, w in blend_members(exps, [x["weight"] for x in summary["experiments"]])]
     return table, summary
 
@@ -250,9 +259,9 @@ def summary_line(summary: dict) -> str:
             "weights " + ", ".join(f"{x['name']} {x['weight']:.2f}" for x in summary["experiments"]))
 
 
-def submitted_members(p) -> list[tuple[Path, float]]:
+def submitted_members(p: "ParamsView") -> list[tuple[Path, float]]:
     """(checkpoint, weight) of what the submission uses: the fitted blend's members with
     blend.experiments (written by the blend stage), else this experiment's final ensemble."""
     if p.blend.experiments:
-        return [(Path(f), w) for f, w in json.loads((Path(p.paths.reports) / "blend/blend.json").read_text())["members"]]
-    return final_members(p.infer, p.train.folds, p.train.seeds, models_for_round(p.infer, p.paths))
+        return [(Path(f), w) for f, w in json.loads(Workspace(p.paths).blend_json.read_text())["members"]]
+    return ModelSet.final(p.infer, p.train, Workspace(p.paths)).weighted()

@@ -11,26 +11,32 @@ images, and the leaderboard's shake-up estimated from them (pipeline/evaluation/
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import numpy as np
 
 from pipeline.data.coco import DataError
 from pipeline.evaluation import stats
 from pipeline.evaluation.metrics import Metric, scores
-from pipeline.models.checkpoint import member_dir
+from pipeline.models.checkpoint import ModelSet
+
+if TYPE_CHECKING:
+    from pipeline.config import MetricSection
 
 
-def cv_scores(models_dir, folds: list[int], seeds: list[int], classes: list[str], metric_params=None) -> dict:
+def cv_scores(models: ModelSet, classes: list[str], metric_params: Optional["MetricSection"] = None) -> dict:
     """Scores of the summed out-of-fold confusion, and with `metric_params` (params' metric section)
     the chosen metric, its interval and the shake-up. out['image_confusions']: (N, C, C), every
     out-of-fold image of every seed (fold-major, then seed), out['image_keys'] their image keys."""
     mats, images, keys = {}, [], []
+    folds, seeds = models.folds, models.seeds
     for k in folds:
         for s in seeds:
-            f = member_dir(models_dir, k, s) / "val_confusion.npy"
+            f = models.member(k, s).val_confusion()
             if not f.exists():
                 raise DataError(f"{f} is missing: run the train@{k}-{s} stage first")
             mats[k, s] = np.load(f)
-            per = f.with_name("val_image_confusions.npz")
+            per = models.member(k, s).image_confusions
             if per.exists():
                 with np.load(per) as z:
                     images.append(z["confusions"])

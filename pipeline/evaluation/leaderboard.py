@@ -11,15 +11,16 @@ import io
 import json
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from pipeline.config import flatten
+from pipeline.workspace import FINAL_VARIANT, Workspace
 
 IGNORED_PARAMS = ("paths.",)   # where outputs go is not a recipe
 COLUMNS = ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "best_holdout", "train_min", "params"]
-IMAGES = "cv/image_confusions.npz"   # under paths.plots: stage cv's per-image out-of-fold confusions
 
 
 def dvc_experiments(cwd: Optional[str] = None) -> list[dict]:
@@ -53,7 +54,7 @@ def row(name: str, data: dict) -> dict[str, Any]:
     metrics = data.get("metrics") or {}
     cv = _metric(metrics, "metrics/cv.json").get("cv", {})
     variants = _metric(metrics, "metrics/ensemble.json").get("ensemble", {})
-    final = next((v for k, v in variants.items() if k.startswith("holdout/final_ensemble")), {})
+    final = variants.get(FINAL_VARIANT, {})
     holdout = {k.split("/", 1)[1]: v["mIoU"] for k, v in variants.items() if k.startswith("holdout/") and "mIoU" in v}
     blend = _metric(metrics, "metrics/blend.json").get("blend", {})
     if blend.get("experiments", 1) > 1:   # the submission is the blend of experiments (stage blend)
@@ -122,7 +123,7 @@ def dvc_images(cwd: Optional[str] = None):
     """images() for leaderboard(): each row's stage-cv per-image confusions, from the workspace for
     'workspace' and from DVC's cache for a commit or an experiment (None where it has none)."""
     def read(name: str, params: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        rel = f"{params.get('paths.plots', 'plots')}/{IMAGES}"
+        rel = str(Workspace(SimpleNamespace(plots=params.get("paths.plots", "plots"))).cv_image_confusions)
         try:
             if name == "workspace":
                 f = np.load(Path(cwd or ".") / rel)

@@ -6,13 +6,16 @@ IGNORE_INDEX (255) are not counted.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import cv2
 import numpy as np
 import torch
 
 from pipeline.labels import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from pipeline.config import MetricSection
 
 
 class ConfusionMatrix:
@@ -119,7 +122,7 @@ class Metric:
         self.kind, self.size = kind, size
 
     @classmethod
-    def of(cls, section) -> "Metric":
+    def of(cls, section: "MetricSection") -> "Metric":
         """From params' metric section (size 'native' -> None)."""
         return cls(section.kind, None if section.size == "native" else int(section.size))
 

@@ -17,11 +17,15 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pandas as pd
 
 from pipeline.io import atomic_file
+from pipeline.workspace import FINAL_VARIANT, Workspace
+
+if TYPE_CHECKING:
+    from pipeline.config import Paths
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1em 2em; color: #222; }
@@ -97,18 +101,19 @@ def headline(cv: dict, ensemble: dict) -> dict[str, Any]:
     """{'cv_mIoU', 'best_holdout': (variant, mIoU) or None, 'final_holdout': mIoU or None}."""
     holdout = {k.split("/", 1)[1]: v["mIoU"] for k, v in ensemble.items() if k.startswith("holdout/") and "mIoU" in v}
     best = max(holdout, key=holdout.get) if holdout else None
-    final = next((v for k, v in holdout.items() if k.startswith("final_ensemble")), None)
+    final = holdout.get(FINAL_VARIANT.split("/", 1)[1])
     return {"cv_mIoU": cv.get("mIoU"), "best_holdout": (best, holdout[best]) if best else None, "final_holdout": final}
 
 
-def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> tuple[Path, dict]:
+def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = None) -> tuple[Path, dict]:
     """Build the page from the outputs under `paths` (the params' paths section); returns (path, headline)."""
     m, reports = Path(paths.metrics), Path(paths.reports)
     eda, near, split = _json(m / "eda.json").get("eda", {}), _json(m / "near_dups.json").get("near_dups", {}), \
         _json(m / "split.json").get("split", {})
     cv, ens = _json(m / "cv.json").get("cv", {}), _json(m / "ensemble.json").get("ensemble", {})
     head = headline(cv, ens)
-    blend, audit = _json(reports / "blend/blend.json"), _json(m / "audit.json").get("audit", {})
+    ws = Workspace(paths)
+    blend, audit = _json(ws.blend_json), _json(m / "audit.json").get("audit", {})
     if len(blend.get("experiments", [])) > 1:
         head["blend"] = (len(blend["experiments"]), blend["judged_on"], blend["blend_mIoU"], blend["gain_vs_best_single"])
     if audit:
@@ -175,7 +180,7 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
 
     # ensembles
     parts.append("<h2 id='ensembles'>Ensembles and tricks</h2>")
-    variants = reports / "ensemble/variants.csv"
+    variants = ws.variants_csv
     if variants.exists():
         v = pd.read_csv(variants)
         cols = [c for c in ("variant", "judged_on", "images", "metric", "ci95_low", "ci95_high", "mIoU", "pixel_acc",
@@ -183,7 +188,7 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
         parts.append("<p class='muted'>each row judged only on images none of its members trained on; metric = the "
                      "leaderboard's (params metric), with its 95 % bootstrap interval over images</p>" +
                      _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
-        refine = _json(reports / "ensemble/postprocess.json")
+        refine = _json(ws.postprocess_json)
         kept = [r for r in refine.get("fitted", []) if r.get("rule") != "none"]
         if kept:
             parts.append("<h3>Post-processing rules fitted out of fold</h3><p class='muted'>kept only where the "
@@ -193,7 +198,7 @@ def write_report(paths, recipe: dict[str, Any], out: Optional[Path] = None) -> t
     # blend across experiments
     parts.append("<h2 id='blend'>Blend across experiments</h2>")
     if blend:
-        b = pd.read_csv(reports / "blend/variants.csv")
+        b = pd.read_csv(ws.blend_variants_csv)
         cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc", "vs_best_single") if c in b]
         parts.append(f"<p class='muted'>weights fitted on out-of-fold predictions, judged on the {blend['judged_on']}: "
                      f"blend {blend['blend_mIoU']:.4f} vs best single ({html.escape(blend['best_single'])}) "

@@ -89,12 +89,16 @@ def plot_curves(history: list[dict], path: Path) -> Path:
     return path
 
 
+GALLERY_CLASSES = 6   # per-class panels in a gallery row
+
+
 def plot_gallery(images: list[np.ndarray], truths: list[np.ndarray], preds: list[np.ndarray],
-                 names: list[str], path: Path, max_classes: int = 6, titles: list[str] | None = None,
-                 focus: list[int] | None = None) -> Path:
+                 names: list[str], path: Path, rows: list[tuple[str, int]] | None = None) -> Path:
     """One row per image: image | truth | prediction | then, per class present in truth or
-    prediction (the row's `focus` class first), a panel with true positives green, false positives
-    red, false negatives blue. `titles` label the rows (on the image panel)."""
+    prediction (the row's focus class first), a panel with true positives green, false positives
+    red, false negatives blue. rows: (title on the image panel, focus class) per row."""
+    titles, focus = ([t for t, _ in rows], [c for _, c in rows]) if rows else (None, None)
+    max_classes = GALLERY_CLASSES
     plt = _plt()
     pal = palette(len(names))
     ncols = 3 + max_classes

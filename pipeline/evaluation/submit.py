@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.data.coco import load_test_set
 from pipeline.data.masks import read_classes
@@ -16,6 +16,10 @@ from pipeline.inference.ensemble import Ensemble
 from pipeline.inference.postprocess import Refiner
 from pipeline.inference.served import export_ensemble_model
 from pipeline.inference.submission import write_submission
+from pipeline.workspace import Workspace
+
+if TYPE_CHECKING:
+    from pipeline.config import ParamsView, Paths
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Submitted:
     model: Path                # the MLflow model folder
 
 
-def submit(p, out: Path) -> Submitted:
+def submit(p: "ParamsView", out: Path) -> Submitted:
     """For params `p` (data, infer, train, blend, submit, paths): write <out>/submission.csv, gallery.png
     and model/. Test images are prepared as training's were (the mask cache's max_side)."""
     cache = read_classes(p.paths.masks)
@@ -37,17 +41,16 @@ def submit(p, out: Path) -> Submitted:
     spec = ens.spec   # test images are prepared as the checkpoints say; params and the cache must agree
     spec.check("submit", eval_size=p.train.eval_size, max_side=max_side, classes=classes)
     out.mkdir(parents=True, exist_ok=True)
-    kept = write_submission(ens, images, spec.eval_size, out / "submission.csv", p.submit.size,
-                            p.infer.batch_size, keep=p.submit.gallery, max_side=spec.max_side)
+    kept = write_submission(ens, images, out / "submission.csv", p.submit.size, p.infer.batch_size, p.submit.gallery)
     gallery = plot_test_gallery(images, kept, classes, out / "gallery.png") if kept else None
     model = export_ensemble_model(out / "model", members, p.infer, spec, refine)
     return Submitted(len(images), gallery, model)
 
 
-def submitted_refiner(paths) -> Refiner:
+def submitted_refiner(paths: "Paths") -> Refiner:
     """What the ensemble stage decided the submission applies after the probabilities (CRF when
     infer.crf.enabled, the rules fitted out of fold when infer.postprocess): reports/ensemble/postprocess.json."""
-    f = Path(paths.reports) / "ensemble" / "postprocess.json"
+    f = Workspace(paths).postprocess_json
     if not f.exists():
         print(f"note: {f} not found (run the ensemble stage): class maps are the plain argmax")
         return Refiner()

@@ -7,7 +7,7 @@ windows), so any ensemble can be rebuilt without the params that trained it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -22,8 +22,11 @@ from pipeline.inference.postprocess import Refiner
 from pipeline.inference.slide import SlidingWindow
 from pipeline.inference.tta import predict_proba
 from pipeline.models.factory import build_model
-from pipeline.models.checkpoint import InputSpec, load_checkpoint, member_dir
+from pipeline.models.checkpoint import InputSpec, load_checkpoint
 from pipeline.devices import autocast
+
+if TYPE_CHECKING:
+    from pipeline.config import Infer
 
 
 def load_member(path: str | Path, device: torch.device, window_batch: int = 8) -> tuple[torch.nn.Module, InputSpec]:
@@ -73,7 +76,7 @@ class Ensemble:
         self.refine = refine if refine is not None and refine.active else None
 
     @classmethod
-    def from_files(cls, members: list[tuple[Path, float]], infer, device: torch.device,
+    def from_files(cls, members: list[tuple[Path, float]], infer: "Infer", device: torch.device,
                    refine: Optional[Refiner] = None) -> "Ensemble":
         """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp;
         `spec`: the InputSpec its members share (they must)."""
@@ -112,20 +115,3 @@ def at_size(p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(p.shape[-2:]) == tuple(size):
         return p
     return F.interpolate(p[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-def member_paths(models_dir: str | Path, folds: list[int], seeds: list[int], checkpoints: list[str]) -> list[Path]:
-    """Checkpoint files of folds x seeds x checkpoints (in that order); an error names the missing ones."""
-    paths = [member_dir(models_dir, k, s) / f"{c}.pt" for k in folds for s in seeds for c in checkpoints]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise DataError(f"missing checkpoints {missing}: run the train stages first")
-    return paths
-
-
-def fold_weights(folds: list[int], weights: Optional[list[float]]) -> list[float]:
-    if weights is None:
-        return [1.0] * len(folds)
-    if len(weights) != len(folds) or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"infer.fold_weights {weights} must be {len(folds)} non-negative numbers, not all 0")
-    return list(weights)

@@ -20,11 +20,14 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import cv2
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from pipeline.config import CrfSection
 
 
 EPS = 1e-4
@@ -143,6 +146,6 @@ class Refiner:
         return self.crf is not None or (self.rules is not None and self.rules.active)
 
 
-def crf_of(section) -> Crf:
+def crf_of(section: "CrfSection") -> Crf:
     """params' infer.crf section -> its Crf settings (whether or not it is enabled)."""
     return Crf(**section.model_dump(exclude={"enabled"}))

@@ -13,7 +13,7 @@ mask, height, width, digest, px_<c>), so round-2 training reads them exactly lik
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -22,20 +22,29 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.labels import IGNORE_INDEX
-from pipeline.data.masks import content_digest, prepare_image, target_size
-from pipeline.inference.ensemble import Ensemble, image_files, member_paths
+from pipeline.config import Pseudo
+from pipeline.data.masks import content_digest, prepare_image, read_classes, target_size
+from pipeline.inference.ensemble import Ensemble, image_files
 from pipeline.io import identical_files
+from pipeline.labels import IGNORE_INDEX
+from pipeline.models.checkpoint import ModelSet
+from pipeline.workspace import INDEX, Workspace
+
+if TYPE_CHECKING:
+    from pipeline.config import ParamsView
 
 
-def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_size: Optional[int], n_classes: int,
-                 threshold: float, min_kept: float, batch_size: int = 8,
-                 final_dir: Path | None = None, max_side: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, keep: Pseudo, batch_size: int = 8,
+                 final_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write one fold's pseudo-labelled images into out_dir; return (index table, per-class report).
+    Images are prepared as the teacher's checkpoints say (teacher.spec: size, max_side, classes);
+    keep: the pseudo section (threshold, min_kept).
 
     The index records paths under `final_dir` (default out_dir): where the folder will live once an
     atomic write has renamed it."""
     final_dir = final_dir or out_dir
+    image_size, max_side, n_classes = teacher.spec.eval_size, teacher.spec.max_side, len(teacher.spec.classes)
+    threshold, min_kept = keep.threshold, keep.min_kept
     data = image_files(images, image_size, max_side)   # as validation images are prepared
     rows, predicted, kept = [], np.zeros(n_classes, np.int64), np.zeros(n_classes, np.int64)
     for x, idx in DataLoader(data, batch_size):
@@ -71,7 +80,7 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, image_s
         [f"px_{IGNORE_INDEX}"]
     index = pd.DataFrame(rows, columns=cols)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index.to_csv(out_dir / "index.csv", index=False)
+    index.to_csv(out_dir / INDEX, index=False)
     return index, report
 
 
@@ -89,19 +98,21 @@ def unlabelled(test: pd.DataFrame, folds_csv: Path, image_root: Path | None = No
     return test[~clash].reset_index(drop=True), sorted(test.image_id[clash])
 
 
-def pseudo_label_folds(test: pd.DataFrame, folds: list[int], seeds: list[int], models_dir: Path, out: Path,
-                       final_root: Path, infer, threshold: float, min_kept: float, image_size: Optional[int],
-                       classes: list[str], device: torch.device, max_side: int | None = None) -> tuple[pd.DataFrame, dict]:
+def pseudo_label_folds(test: pd.DataFrame, p: "ParamsView", out: Path, device: torch.device) -> tuple[pd.DataFrame, dict]:
     """Every fold's pseudo-labels from its own round-1 best models (its seed ensemble + infer's TTA)
-    into out/fold_<k>. Returns (per fold and class report, summary for the metrics file)."""
+    into out/fold_<k> (the folder that becomes paths.pseudo). Returns (per fold and class report,
+    summary for the metrics file). p: params with infer, train, pseudo and paths."""
+    ws = Workspace(p.paths)
+    cache = read_classes(ws.masks)   # how training images were prepared: the teachers' spec must agree
+    round1 = ModelSet(ws.models(1), tuple(p.train.folds), tuple(p.train.seeds))
     reports, summary = [], {}
-    for k in folds:
-        teacher = Ensemble.from_files([(path, 1.0) for path in member_paths(models_dir, [k], seeds, ["best"])],
-                                      infer, device)
-        teacher.spec.check(f"pseudo, fold {k}", eval_size=image_size, max_side=max_side, classes=classes)
-        index, report = pseudo_label(teacher, test, out / f"fold_{k}", image_size, len(classes), threshold, min_kept,
-                                     infer.batch_size, final_dir=Path(final_root) / f"fold_{k}", max_side=max_side)
-        reports.append(report.assign(fold=k, **{"class": classes}))
+    for k in p.train.folds:
+        teacher = Ensemble.from_files([(f, 1.0) for f in round1.only(folds=[k]).files()], p.infer, device)
+        teacher.spec.check(f"pseudo, fold {k}", eval_size=p.train.eval_size, max_side=cache.get("max_side"),
+                           classes=cache["classes"])
+        index, report = pseudo_label(teacher, test, out / f"fold_{k}", p.pseudo, p.infer.batch_size,
+                                     final_dir=ws.pseudo_fold(k))
+        reports.append(report.assign(fold=k, **{"class": cache["classes"]}))
         summary[f"fold_{k}"] = {"images": len(index),
                                 "pixel_kept_fraction": float(index.kept_fraction.mean()) if len(index) else 0.0}
     return pd.concat(reports, ignore_index=True), summary

@@ -19,6 +19,7 @@ import pandas as pd
 from pipeline.io import atomic_dir
 
 if TYPE_CHECKING:
+    from pipeline.config import Infer
     from pipeline.models.checkpoint import InputSpec
 
 CONFIG = "ensemble.json"
@@ -39,7 +40,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         loaded = [load_member(context.artifacts[f"member_{i}"], device, cfg["batch_size"]) for i in range(len(cfg["weights"]))]
         self.ensemble = Ensemble([(m, w) for (m, _), w in zip(loaded, cfg["weights"])], cfg["tta"], cfg["scales"],
                                  device, cfg["amp"], Refiner.from_json(cfg["refine"]) if cfg.get("refine") else None)
-        self.spec = InputSpec.common([s for _, s in loaded], "the MLflow model's checkpoints")
+        self.spec = self.ensemble.spec = InputSpec.common([s for _, s in loaded], "the MLflow model's checkpoints")
         self.spec.check("the MLflow model", **{k: v for k, v in cfg["input_spec"].items()
                                                if k in ("eval_size", "max_side", "classes")})
         self.cfg = cfg
@@ -50,13 +51,12 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         paths = list(model_input["path"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
         table = image_table(paths)
         out: list = [None] * len(paths)
-        for i, pred in predict_images(self.ensemble, table, self.spec.eval_size, self.cfg["batch_size"],
-                                      self.spec.max_side):
+        for i, pred in predict_images(self.ensemble, table, self.cfg["batch_size"]):
             out[i] = pred
         return out
 
 
-def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]], infer, spec: InputSpec,
+def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]], infer: "Infer", spec: InputSpec,
                           refine=None) -> Path:
     """Replace `folder` (atomically) with <folder>/model, the MLflow model folder; return that path."""
     with atomic_dir(folder) as tmp:
@@ -64,7 +64,7 @@ def export_ensemble_model(folder: str | Path, members: list[tuple[Path, float]],
     return Path(folder) / "model"
 
 
-def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer, spec: InputSpec,
+def save_ensemble_model(path: str | Path, members: list[tuple[Path, float]], infer: "Infer", spec: InputSpec,
                         refine=None) -> Path:
     """Write the MLflow model folder (`MLmodel`, the checkpoints, ensemble.json, the pipeline code).
     spec: the members' InputSpec (the served model prepares images by the checkpoints' own spec and

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Optional
 
 import cv2
 import numpy as np
@@ -22,18 +21,19 @@ from pipeline.io import atomic_file
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def predict_images(ens: Ensemble, images: pd.DataFrame, image_size: Optional[int], batch_size: int,
-                   max_side: Optional[int] = None):
-    """Yield (row index, (H, W) uint8 class map at the image's json size)."""
-    yield from ens.predict(image_files(images, image_size, max_side), list(zip(images.height, images.width)), batch_size)
+def predict_images(ens: Ensemble, images: pd.DataFrame, batch_size: int):
+    """Yield (row index, (H, W) uint8 class map at the image's json size); images are prepared as the
+    ensemble's checkpoints say (ens.spec: evaluation size, the mask cache's max_side)."""
+    data = image_files(images, ens.spec.eval_size, ens.spec.max_side)
+    yield from ens.predict(data, list(zip(images.height, images.width)), batch_size)
 
 
-def write_submission(ens: Ensemble, images: pd.DataFrame, image_size: Optional[int], out_csv: str | Path, size: int = 256,
-                     batch_size: int = 8, keep: int = 0, max_side: Optional[int] = None) -> dict[int, np.ndarray]:
+def write_submission(ens: Ensemble, images: pd.DataFrame, out_csv: str | Path, size: int = 256,
+                     batch_size: int = 8, keep: int = 0) -> dict[int, np.ndarray]:
     """Write submission.csv atomically (rows in the test json's order); return `keep` predictions."""
     preds: dict[int, str] = {}
     kept: dict[int, np.ndarray] = {}
-    for i, pred in predict_images(ens, images, image_size, batch_size, max_side):
+    for i, pred in predict_images(ens, images, batch_size):
         small = cv2.resize(pred, (size, size), interpolation=cv2.INTER_NEAREST)
         preds[i] = " ".join(map(str, small.ravel().tolist()))
         if i < keep:
@@ -66,8 +66,7 @@ def image_table(files: list[str | Path]) -> pd.DataFrame:
                          "width": [s[1] for s in sizes]})
 
 
-def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, image_size: Optional[int], classes: list[str],
-                   batch_size: int = 8, max_side: Optional[int] = None) -> int:
+def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, batch_size: int = 8) -> int:
     """Every image under images_dir -> out_dir/<same path>.png (class indices, uint8) and
     <same path>_overlay.jpg (prediction blended over the photo). Returns the number written."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
@@ -81,8 +80,8 @@ def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, i
         raise DataError(f"{images_dir}: {', '.join(clash[:6])} differ only by extension; their predictions would "
                         "overwrite each other (<name>.png): rename or move one of each pair")
     table = image_table(files)
-    pal = palette(len(classes))
-    for i, pred in predict_images(ens, table, image_size, batch_size, max_side):
+    pal = palette(len(ens.spec.classes))
+    for i, pred in predict_images(ens, table, batch_size):
         rel = files[i].relative_to(images_dir).with_suffix("")
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)

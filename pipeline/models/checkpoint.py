@@ -5,15 +5,20 @@ resume: optimizer, schedule, AMP scaler, epoch, history, best score and RNG stat
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from pipeline.config import ConfigError
 from pipeline.data.augment import NORMALISE
+from pipeline.data.coco import DataError
 from pipeline.io import atomic_file
+from pipeline.workspace import Member, Workspace
+
+if TYPE_CHECKING:
+    from pipeline.config import Infer, Train
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:
@@ -27,14 +32,57 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def member_dir(models_dir: str | Path, fold: int, seed: int) -> Path:
-    """Where one trained model lives: <models>/fold_<k>/seed_<s>/ (stage train@<k>-<s>)."""
-    return Path(models_dir) / f"fold_{fold}" / f"seed_{seed}"
+@dataclass(frozen=True)
+class ModelSet:
+    """Trained models that travel together: a models folder, its folds x seeds, the checkpoints used
+    of each, and the folds' weights (the final ensemble's infer.fold_weights; None = equal)."""
+    dir: Path
+    folds: tuple[int, ...]
+    seeds: tuple[int, ...]
+    checkpoints: tuple[str, ...] = ("best",)
+    weights: Optional[tuple[float, ...]] = None
+
+    @classmethod
+    def final(cls, infer: "Infer", train: "Train", ws: Workspace) -> "ModelSet":
+        """The final ensemble's models: infer.round's folder, train.folds x train.seeds x infer.checkpoints."""
+        return cls(ws.models(infer.round), tuple(train.folds), tuple(train.seeds), tuple(infer.checkpoints),
+                   tuple(fold_weights(train.folds, infer.fold_weights)))
+
+    def member(self, fold: int, seed: int) -> Member:
+        return Member.of(self.dir, fold, seed)
+
+    def keys(self) -> list[tuple[int, int, str]]:
+        """(fold, seed, checkpoint) of every member, fold-major."""
+        return [(k, s, c) for k in self.folds for s in self.seeds for c in self.checkpoints]
+
+    def files(self) -> list[Path]:
+        """Checkpoint files of folds x seeds x checkpoints (in that order); an error names the missing ones."""
+        paths = [self.member(k, s).checkpoint(c) for k, s, c in self.keys()]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise DataError(f"missing checkpoints {missing}: run the train stages first")
+        return paths
+
+    def weighted(self) -> list[tuple[Path, float]]:
+        """(checkpoint file, its fold's weight) of every member."""
+        w = dict(zip(self.folds, self.weights or [1.0] * len(self.folds)))
+        return [(f, w[k]) for f, (k, _, _) in zip(self.files(), self.keys())]
+
+    def exists(self) -> bool:
+        return all(self.member(k, s).checkpoint(c).exists() for k, s, c in self.keys())
+
+    def only(self, folds=None, seeds=None, checkpoints=None) -> "ModelSet":
+        """The same models restricted to some folds, seeds or checkpoints (fold weights dropped)."""
+        return replace(self, folds=tuple(folds or self.folds), seeds=tuple(seeds or self.seeds),
+                       checkpoints=tuple(checkpoints or self.checkpoints), weights=None)
 
 
-def member_name(fold: int, seed: int) -> str:
-    """The file stem of a model's metrics and history: fold_<k>_seed_<s>."""
-    return f"fold_{fold}_seed_{seed}"
+def fold_weights(folds: list[int], weights: Optional[list[float]]) -> list[float]:
+    if weights is None:
+        return [1.0] * len(folds)
+    if len(weights) != len(folds) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"infer.fold_weights {weights} must be {len(folds)} non-negative numbers, not all 0")
+    return list(weights)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,13 @@ from pipeline.data.dataset import SegDataset, fold_tables, round2_table, worker_
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.metrics import ConfusionMatrix, Metric
 from pipeline.inference.slide import SlidingWindow
-from pipeline.models.checkpoint import InputSpec, member_dir
+from pipeline.models.checkpoint import InputSpec
+from pipeline.workspace import Member, Workspace
 from pipeline.training import distributed
-from pipeline.training.loop import validate
+from pipeline.training.loop import Evaluation, validate
+
+if TYPE_CHECKING:
+    from pipeline.config import Train
 
 
 @dataclass
@@ -43,8 +47,17 @@ class FoldRun:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
+    def ws(self) -> Workspace:
+        return Workspace(self.p.paths)
+
+    @property
+    def member(self) -> Member:
+        """Its folder and files: <models or models_round2>/fold_<k>/seed_<s>/."""
+        return self.ws.member(self.fold, self.seed, 2 if self.round2 else 1)
+
+    @property
     def out(self) -> Path:
-        return member_dir(self.p.paths.models_round2 if self.round2 else self.p.paths.models, self.fold, self.seed)
+        return self.member.dir
 
     @property
     def name(self) -> str:
@@ -59,6 +72,10 @@ class FoldRun:
         return {**{k: str(v) for k, v in self.p.flat().items() if k not in ("train.folds", "train.seeds")},
                 "fold": str(self.fold), "seed": str(self.seed), "data": fingerprint(*self.inputs),
                 "round": "2" if self.round2 else "1"}
+
+    def evaluation(self) -> Evaluation:
+        t = self.p.train
+        return Evaluation(len(self.classes), self.device, t.amp, t.channels_last, Metric.of(self.p.metric))
 
     def input_spec(self) -> dict:
         """How this run's inputs are made (InputSpec), as checkpoints store it."""
@@ -78,15 +95,14 @@ class FoldRun:
 
 def load_fold(fold: int, seed: int, p: ParamsView, round2: bool) -> FoldRun:
     """The fold's images and the files that fingerprint it (round 2 adds its pseudo-labels and round 1's model)."""
-    masks = Path(p.paths.masks)   # class names and every image's content (digests), then the folds
-    train_tab, val_tab = fold_tables(masks, p.paths.split, fold)
-    epochs, inputs = p.train.epochs, [masks / "index.csv", masks / "classes.json", Path(p.paths.split) / "folds.csv"]
+    ws = Workspace(p.paths)   # class names and every image's content (digests), then the folds
+    train_tab, val_tab = fold_tables(ws.masks, ws.split, fold)
+    epochs, inputs = p.train.epochs, [ws.mask_index, ws.classes_json, ws.folds_csv]
     if round2:
-        folds = pd.read_csv(Path(p.paths.split) / "folds.csv")
-        pseudo_index = Path(p.paths.pseudo) / f"fold_{fold}" / "index.csv"
-        train_tab = round2_table(train_tab, pseudo_index, set(val_tab.key), set(folds.key[folds.holdout]))
-        epochs, inputs = p.pseudo.epochs, inputs + [pseudo_index, member_dir(p.paths.models, fold, seed) / "best.pt"]
-    cache = read_classes(masks)
+        folds = pd.read_csv(ws.folds_csv)
+        train_tab = round2_table(train_tab, ws.pseudo_index(fold), set(val_tab.key), set(folds.key[folds.holdout]))
+        epochs, inputs = p.pseudo.epochs, inputs + [ws.pseudo_index(fold), ws.member(fold, seed).checkpoint("best")]
+    cache = read_classes(ws.masks)
     return FoldRun(fold, seed, p, round2, cache["classes"], train_tab, val_tab, epochs, inputs,
                    max_side=cache.get("max_side"))
 
@@ -125,15 +141,14 @@ class FoldData:
         """Validation over every rank's shard: summed confusion, mean loss and every image's own
         confusion (N, C, C) — as one process would."""
         f, t = self.f, self.f.p.train
-        loss, cm, _, per_image = validate(as_validated(net, t), self.shard, f.val_tab, loss_fn, len(f.classes),
-                                          f.device, t.amp, t.channels_last, metric=Metric.of(f.p.metric))
+        loss, cm, _, per_image = validate(as_validated(net, t), self.shard, f.val_tab, loss_fn, f.evaluation())
         n = len(self.shard.dataset)
         total = f.d.sum(torch.tensor([loss * n, n], dtype=torch.float64))
         cm.mat = f.d.sum(cm.mat)
         return float(total[0] / max(total[1], 1)), cm, f.d.sum(per_image)
 
 
-def as_validated(net: torch.nn.Module, t) -> torch.nn.Module:
+def as_validated(net: torch.nn.Module, t: "Train") -> torch.nn.Module:
     """The model as validation and inference run it: itself, or over sliding windows if it trained on crops."""
     if t.input != "crop":
         return net

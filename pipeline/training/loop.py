@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -96,16 +96,26 @@ def rescale(x: torch.Tensor, y: torch.Tensor, side: int) -> tuple[torch.Tensor, 
     return x, y
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """How validation runs: classes counted, device, autocast, memory format, the metric's counting."""
+    num_classes: int
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+    metric: Metric = field(default_factory=Metric)
+
+
 @torch.no_grad()
-def validate(model, loader, table, loss_fn, num_classes, device, amp="off", channels_last=False,
-             keep=(), metric: Metric | None = None) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray], torch.Tensor]:
+def validate(model, loader, table, loss_fn, ev: Evaluation,
+             keep=()) -> tuple[float, ConfusionMatrix, dict[int, np.ndarray], torch.Tensor]:
     """Loss at model resolution; confusion matrix at each cached mask's own resolution (softmax
     probabilities upsampled bilinearly, exactly as inference does), so the score does not depend on
     train.image_size and inference reproduces it.
     Returns (mean loss, confusion matrix, {row index: (H, W) uint8 prediction} for rows in `keep`,
     (len(table), C, C) int64 per-image confusions: zeros for rows the loader does not hold).
-    metric: counts at its size (metric.size 256: both maps resized to 256 x 256 first)."""
-    metric = metric or Metric()
+    ev.metric counts at its size (metric.size 256: both maps resized to 256 x 256 first)."""
+    metric, num_classes, device = ev.metric, ev.num_classes, ev.device
     model.eval()
     cm = ConfusionMatrix(num_classes)
     per_image = torch.zeros(len(table), num_classes, num_classes, dtype=torch.int64)
@@ -113,9 +123,9 @@ def validate(model, loader, table, loss_fn, num_classes, device, amp="off", chan
     loss_sum, n = 0.0, 0
     for x, y, idx in _bar(loader, "val", len(loader)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
+        if ev.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        with autocast(device, ev.amp):
             logits = model(x)
         loss_sum += loss_fn(logits, y).item() * len(x)
         n += len(x)

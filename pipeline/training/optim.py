@@ -8,11 +8,14 @@ parameter lands in exactly one group — forgetting the decoder (the team notes'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.config import Train
 from torch.optim.lr_scheduler import (CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, PolynomialLR,
                                       ReduceLROnPlateau, SequentialLR)
 
@@ -49,8 +52,11 @@ def check_groups(model: nn.Module, groups: list[dict]) -> None:
                          f"{len(twice)} in several (e.g. {twice[:3]})")
 
 
-def build_optimizer(model: nn.Module, encoder: nn.Module, name: str, lr: float, encoder_lr: Optional[float],
-                    weight_decay: float, lookahead: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, encoder: nn.Module, t: "Train") -> torch.optim.Optimizer:
+    """t.optimizer over every parameter in groups (encoder at t.encoder_lr, the rest at t.lr; no weight
+    decay on norms and biases), wrapped in Lookahead when t.lookahead."""
+    name, lr, weight_decay, lookahead = t.optimizer, t.lr, t.weight_decay, t.lookahead
+    encoder_lr = t.encoder_lr
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(sorted(OPTIMIZERS))}")
     groups = param_groups(model, encoder, lr, encoder_lr or lr, weight_decay)

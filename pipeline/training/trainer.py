@@ -34,7 +34,7 @@ from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset
 from pipeline.evaluation.metrics import Metric, flat_scores, scores
 from pipeline.io import atomic_file
-from pipeline.models.checkpoint import load_checkpoint, member_dir, save_checkpoint
+from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.models.factory import encoder_of
 from pipeline.training.finish import finish_fold
 from pipeline.training.fold import FoldData, FoldRun
@@ -78,8 +78,7 @@ class Trainer:
         seed_everything(f.seed, t.deterministic)
         self.model, trained = build_net(f, self.initial_weights())
         loss_fn = build_fold_loss(f)
-        opt = build_optimizer(self.model, encoder_of(self.model), t.optimizer, t.lr, t.encoder_lr, t.weight_decay,
-                              t.lookahead)
+        opt = build_optimizer(self.model, encoder_of(self.model), t)
         self.data = FoldData(f)
         steps = math.ceil(len(self.data.train_dl) / t.accumulate)
         schedule = build_schedule(opt, t.scheduler, steps * f.epochs, round(t.warmup_epochs * steps))
@@ -89,7 +88,7 @@ class Trainer:
                          t.cutmix, t.channels_last, [t.batch_side(x) for x in t.scales] if t.scales else None,
                          self.on_optimizer_step)
         self.metric = Metric.of(f.p.metric)
-        last = f.out / "last.pt"
+        last = f.member.checkpoint("last")
         self.restore(load_checkpoint(last, f.device) if last.exists() else {})
 
     def on_optimizer_step(self) -> None:
@@ -99,7 +98,7 @@ class Trainer:
     def on_validation_end(self, epoch: int, s: dict, cm, per_image: torch.Tensor) -> None:
         self.step.schedule.step_epoch(s["metric"])   # plateau, best.pt: by the metric the leaderboard scores
         if s["metric"] > self.best and self.f.d.main:
-            save_checkpoint(self.f.out / "best.pt", model=self.model.state_dict(), epoch=epoch + 1,
+            save_checkpoint(self.f.member.checkpoint("best"), model=self.model.state_dict(), epoch=epoch + 1,
                             classes=self.f.classes, params=self.f.identity(), scores=s, confusion=cm.mat.cpu().clone(),
                             image_confusions=per_image, input_spec=self.f.input_spec())
         self.best = max(self.best, s["metric"])
@@ -116,7 +115,7 @@ class Trainer:
         self.epoch = epoch + 1
         self.save("training" if self.epoch < f.epochs else "averaging")
         if f.d.main:
-            cli.kept(f"{f.name}: {f.out / 'last.pt'} holds epoch {self.epoch} of {f.epochs}; `dvc repro` resumes from there")
+            cli.kept(f"{f.name}: {f.member.checkpoint('last')} holds epoch {self.epoch} of {f.epochs}; `dvc repro` resumes from there")
 
     def on_average(self, name: str, avg: AveragedModel) -> None:
         """The averaged weights validated and saved as <name>.pt with val_confusion_<name>.npy. SWA
@@ -131,9 +130,9 @@ class Trainer:
         if f.d.main:
             how = {"swa_epochs": t.swa_epochs} if name == "swa" else {"ema_decay": t.ema.decay,
                                                                       "steps": int(avg.n_averaged)}
-            save_checkpoint(f.out / f"{name}.pt", model=avg.module.state_dict(), epoch=f.epochs, classes=f.classes,
+            save_checkpoint(f.member.checkpoint(name), model=avg.module.state_dict(), epoch=f.epochs, classes=f.classes,
                             params=f.identity(), input_spec=f.input_spec(), **how)
-            with atomic_file(f.out / f"val_confusion_{name}.npy") as tmp:
+            with atomic_file(f.member.val_confusion(name)) as tmp:
                 np.save(tmp, cm.numpy())
             what = f"over the last {t.swa_epochs} epochs" if name == "swa" else f"decay {t.ema.decay}"
             f.say(f"{f.name} {name.upper()} {what}: val mIoU {s['mIoU']:.4f}")
@@ -185,7 +184,7 @@ class Trainer:
         full = {} if state in ("finishing", "done") else dict(
             optimizer=step.opt.state_dict(), schedule=step.schedule.state_dict(), scaler=step.scaler.state_dict(),
             rng=torch.get_rng_state(), averages={k: v.state_dict() for k, v in self.averages.items()})
-        save_checkpoint(f.out / "last.pt", state=state, model=self.model.state_dict(), epoch=self.epoch,
+        save_checkpoint(f.member.checkpoint("last"), state=state, model=self.model.state_dict(), epoch=self.epoch,
                         history=self.history, best_miou=self.best, averaged=self.averaged, classes=f.classes,
                         params=f.identity(), input_spec=f.input_spec(), **full)
 
@@ -223,7 +222,7 @@ class Round2Trainer(Trainer):
 
     def initial_weights(self) -> dict:
         f = self.f
-        return load_checkpoint(member_dir(f.p.paths.models, f.fold, f.seed) / "best.pt", f.device)["model"]
+        return load_checkpoint(f.ws.member(f.fold, f.seed, 1).checkpoint("best"), f.device)["model"]
 
     def build_averages(self, model: torch.nn.Module) -> dict[str, AveragedModel]:
         return {}
