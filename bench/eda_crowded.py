@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -19,9 +18,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
-from bench.eda_split import CATEGORIES, REPO, WEIGHTS, run_stage
+from bench.eda_split import CATEGORIES, REPO, WEIGHTS, bench_workspace, run_stage
 
 W, H = 4000, 3000
 
@@ -75,12 +73,7 @@ def main() -> None:
         build(tmp / "data", args.images, args.annotations)
         print(f"built {args.images} images of {W}x{H} with {args.annotations} polygons "
               f"in {time.perf_counter() - t:.1f} s")
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["data"].update(root=str(tmp / "data"), test_json=None, corrections=[])
-        params["paths"].update(eda=str(tmp / "eda"), metrics=str(tmp / "metrics"))
-        (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-               "PIPELINE_SESSION": "bench", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = bench_workspace(tmp, eda=str(tmp / "eda"), metrics=str(tmp / "metrics"))
         eda_s = run_stage("eda", tmp, env)
         summary = json.loads((tmp / "metrics" / "eda.json").read_text())["eda"]
 

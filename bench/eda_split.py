@@ -81,6 +81,17 @@ def build(root: Path, n_images: int, n_polygons: int, seed: int = 0) -> None:
     (root / "train.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
+def bench_workspace(tmp: Path, **paths: str) -> dict:
+    """tmp/params.yaml: the repo's params on tmp/data (no test set, no corrections), outputs at
+    `paths`; returns the environment the stages run in (a private MLflow store)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(root=str(tmp / "data"), test_json=None, corrections=[])
+    params["paths"].update(paths)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "PIPELINE_SESSION": "bench", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def run_stage(name: str, ws: Path, env: dict) -> float:
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=ws, env=env, capture_output=True, text=True)
@@ -100,12 +111,7 @@ def main() -> None:
         build(tmp / "data", args.images, args.polygons)
         print(f"built {args.images} images in {len(sizes_12mp())} sizes (~12 MP), {args.polygons} polygons "
               f"in {time.perf_counter() - t:.1f} s")
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["data"].update(root=str(tmp / "data"), test_json=None)
-        params["paths"].update(eda=str(tmp / "eda"), split=str(tmp / "split"), metrics=str(tmp / "metrics"))
-        (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-               "PIPELINE_SESSION": "bench", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env = bench_workspace(tmp, eda=str(tmp / "eda"), split=str(tmp / "split"), metrics=str(tmp / "metrics"))
         eda_s = run_stage("eda", tmp, env)
         split_s = run_stage("split", tmp, env)
         summary = json.loads((tmp / "metrics" / "eda.json").read_text())["eda"]

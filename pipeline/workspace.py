@@ -146,9 +146,4 @@ class Workspace:
     def metrics_json(self, stage: str) -> Path:
         return self._dir("metrics") / f"{stage}.json"
 
-    @property
-    def suspects_csv(self) -> Path:
-        return self._dir("reports") / "audit" / "suspects.csv"
-
-
 FINAL_VARIANT = "holdout/final"   # metrics/ensemble.json key of the final ensemble judged on the holdout

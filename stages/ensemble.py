@@ -7,7 +7,7 @@ from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.devices import pick_device
-from pipeline.evaluation.variants import evaluate_variants, submitted_variant, variants_metrics
+from pipeline.evaluation.variants import evaluate_variants, submitted_variant, summary_lines, variants_metrics
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
 from pipeline.workspace import Workspace
@@ -30,11 +30,8 @@ def main() -> None:
         run.write_metrics(ws.metrics_json("ensemble"), {"ensemble": variants, "submitted": submitted})
         # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
         run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
-        if submitted:
-            print(f"submitted ({submitted['variant']}): holdout {submitted['metric_name']} {submitted['metric']:.4f} "
-                  f"[{submitted['ci95_low']:.4f}, {submitted['ci95_high']:.4f}]")
-        for rule in fit_log[1:]:
-            print(f"post-processing rule kept (out of fold): {rule['rule']} ({rule['gain']:+.4f})")
+        for line in summary_lines(submitted, fit_log):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ import numpy as np
 from pipeline.data.coco import DataError
 from pipeline.evaluation import stats
 from pipeline.evaluation.metrics import Metric, scores
+from pipeline.evaluation.reports import plot_confusion, plot_iou
+from pipeline.io import atomic_dir
 from pipeline.models.checkpoint import ModelSet
+from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
     from pipeline.config import MetricSection
@@ -55,3 +58,20 @@ def cv_scores(models: ModelSet, classes: list[str], metric_params: Optional["Met
                          **dict(zip(("ci95_low", "ci95_high"), stats.interval(m, per_image, draws, seed))),
                          "shakeup": stats.shakeup(m, per_image, metric_params.leaderboard_images, draws, seed)}
     return out
+
+
+def write_cv(s: dict, classes: list[str], ws: Workspace) -> None:
+    """plots/cv (atomically): every out-of-fold image's confusion (the leaderboard's paired
+    comparisons), the summed confusion and the per-class IoU."""
+    with atomic_dir(ws.cv_image_confusions.parent) as out:
+        if "image_confusions" in s:
+            np.savez(out / ws.cv_image_confusions.name, keys=s["image_keys"], confusions=s["image_confusions"])
+        plot_confusion(s["confusion"], classes, out / "confusion.png", "out-of-fold confusion, all folds and seeds")
+        plot_iou(s["IoU"], out / "iou.png", f"CV mIoU {s['mIoU']:.3f}")
+
+
+def summary_line(m: dict) -> str:
+    """The chosen metric with its interval and the public/private shake-up, in one line."""
+    return (f"CV {m['name']} {m['value']:.4f} {stats.fmt_interval(m['ci95_low'], m['ci95_high'])} over {m['images']} "
+            f"images; public vs private ({m['shakeup']['half']} images each) differ by < {m['shakeup']['p95_abs']:.4f} "
+            "95 % of the time")

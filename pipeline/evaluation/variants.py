@@ -306,6 +306,13 @@ def submitted_variant(table: pd.DataFrame, refiner: Refiner) -> dict:
             "ci95_high": r["ci95_high"], "mIoU": r["mIoU"], "metric_name": table.attrs.get("metric", "mIoU")}
 
 
+def summary_lines(submitted: dict, fit_log: list[dict]) -> list[str]:
+    """What the stage prints: the submitted variant's holdout score, and each post-processing rule kept."""
+    out = [f"submitted ({submitted['variant']}): holdout {submitted['metric_name']} {submitted['metric']:.4f} "
+           f"[{submitted['ci95_low']:.4f}, {submitted['ci95_high']:.4f}]"] if submitted else []
+    return out + [f"post-processing rule kept (out of fold): {r['rule']} ({r['gain']:+.4f})" for r in fit_log[1:]]
+
+
 def variants_metrics(table: pd.DataFrame) -> dict:
     """The table as DVC/MLflow metrics: {"holdout/kfold_tta": {mIoU, pixel_acc, images, images_per_s,
     IoU: {class: iou}}} — `<judged_on>/<id>`: valid MLflow names, stable, never parsed from labels."""
