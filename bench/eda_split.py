@@ -118,6 +118,7 @@ def main() -> None:
 
         # In-process breakdown (no interpreter start, no MLflow).
         sys.path.insert(0, str(REPO))
+        from pipeline.config import Split
         from pipeline.data.coco import load_dataset
         from pipeline.data.eda import analyse
         from pipeline.data.folds import balance_report, make_folds
@@ -127,8 +128,8 @@ def main() -> None:
         t1 = time.perf_counter()
         analyse(ds, "smaller_on_top", workers=0)
         t2 = time.perf_counter()
-        f = make_folds(ds, "multilabel", 5, None, 0.1, 42)
-        balance_report(ds, f, "multilabel", 5, None, 42)
+        split = Split(strategy="multilabel", n_folds=5, holdout=0.1, seed=42)
+        balance_report(ds, make_folds(ds, split), split)
         t3 = time.perf_counter()
     print(f"  overlaps found: {summary['overlap']['images']} images, {summary['overlap']['class_pairs']} class pairs "
           "(exact, full resolution)")

@@ -49,7 +49,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from scipy import stats  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex  # noqa: E402
 
-from pipeline.config import Masks, Params  # noqa: E402
+from pipeline.config import Masks, Params, Split  # noqa: E402
 from pipeline.data.coco import load_dataset  # noqa: E402
 from pipeline.data.folds import make_folds, near_pairs  # noqa: E402
 from pipeline.data.masks import build_mask_cache, read_classes  # noqa: E402
@@ -262,7 +262,8 @@ def main() -> None:
     print(f"{len(ds.images)} labelled photos from {', '.join(rel)}; finding near-duplicates ...", flush=True)
     pairs = find_pairs(ds.images)
     near = near_pairs(ds.images.key, pairs)
-    folds = make_folds(ds, "multilabel", 5, None, 0.0, 0, None, identical_files(ds.images.path), near)
+    folds = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.0, seed=0),
+                       duplicates=identical_files(ds.images.path), near=near)
     val_keys = folds.key[folds.fold == 0].tolist()
     train_keys = folds.key[folds.fold != 0].tolist()
     names, ids = reference_classes(jsons)

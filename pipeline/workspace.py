@@ -16,10 +16,35 @@ FOLDS_CSV = "folds.csv"   # the split: every labelled image's fold and holdout f
 CLASSES_JSON = "classes.json"   # the mask cache's class names and how it was painted (copied into the OOF folder)
 
 
+class _File:
+    """A file of a folder's layout: `folder.<attr>` is `folder.dir / name`."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, folder: Any, owner: Any = None) -> Any:
+        return self if folder is None else folder.dir / self.name
+
+
 @dataclass(frozen=True)
-class Member:
-    """One trained model's folder: <models>/fold_<k>/seed_<s>/ (stage train@<k>-<s>)."""
+class Folder:
+    """An output folder whose files the subclass names. Built on the final folder to read it, and on
+    a stage's temporary folder (`atomic_dir`) to write it: one name either way."""
     dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", Path(self.dir))
+
+
+class Member(Folder):
+    """One trained model's folder: <models>/fold_<k>/seed_<s>/ (stage train@<k>-<s>)."""
+    image_confusions = _File("val_image_confusions.npz")
+    val_images = _File("val_images.csv")
+    reports = _File("reports")   # the figures below, logged to the fold's MLflow run
+    confusion_png = _File("reports/confusion.png")
+    iou_png = _File("reports/iou.png")
+    curves_png = _File("reports/curves.png")
+    gallery_png = _File("reports/gallery.png")   # each class's worst validation image
 
     @classmethod
     def of(cls, models: str | Path, fold: int, seed: int) -> "Member":
@@ -33,17 +58,82 @@ class Member:
         """The fold's out-of-fold confusion matrix (best epoch), or an average's (swa, ema)."""
         return self.dir / (f"val_confusion_{average}.npy" if average else "val_confusion.npy")
 
-    @property
-    def image_confusions(self) -> Path:
-        return self.dir / "val_image_confusions.npz"
 
-    @property
-    def val_images(self) -> Path:
-        return self.dir / "val_images.csv"
+class DemoFiles(Folder):
+    """paths.demo (stage demo_data): the synthetic dataset, and the label errors put in on purpose."""
+    train_json = _File("train.json")
+    test_json = _File("test.json")
+    test_gt_json = _File("test_gt.json")   # the test images' true labels (for checks, never read by training)
+    label_noise_csv = _File("label_noise.csv")
 
-    @property
-    def reports(self) -> Path:
-        return self.dir / "reports"
+
+class EdaFiles(Folder):
+    """paths.eda (stage eda): one CSV per table (`table`), and the figures."""
+    issues_csv = _File("issues.csv")
+    class_balance_png = _File("class_balance.png")
+    overlap_png = _File("overlap_matrix.png")
+    area_hist_png = _File("area_hist.png")
+
+    def table(self, name: str) -> Path:
+        return self.dir / f"{name}.csv"
+
+
+class NearDupFiles(Folder):
+    """paths.near_dups (stage near_dups)."""
+    pairs_csv = _File("pairs.csv")
+    clusters_csv = _File("clusters.csv")
+    clusters_png = _File("clusters.png")
+
+
+class SplitFiles(Folder):
+    """paths.split (stage split)."""
+    folds_csv = _File(FOLDS_CSV)
+    balance_csv = _File("balance.csv")
+    fold_balance_png = _File("fold_balance.png")
+
+
+class CvFiles(Folder):
+    """plots/cv (stage cv)."""
+    image_confusions = _File("image_confusions.npz")   # every out-of-fold image's confusion (the leaderboard's pairs)
+    confusion_png = _File("confusion.png")
+    iou_png = _File("iou.png")
+
+
+class EnsembleFiles(Folder):
+    """reports/ensemble (stage ensemble)."""
+    variants_csv = _File("variants.csv")
+    postprocess_json = _File("postprocess.json")   # what submit, predict and the MLflow model apply (CRF, fitted rules)
+
+
+class BlendFiles(Folder):
+    """reports/blend (stage blend)."""
+    variants_csv = _File("variants.csv")
+    blend_json = _File("blend.json")   # the experiments' weights and members (what submit uses with blend.experiments)
+
+
+class AuditFiles(Folder):
+    """reports/audit (stage audit); review.csv and review_coco.json are the reviewer's to edit."""
+    suspects_csv = _File("suspects.csv")
+    images_csv = _File("images.csv")
+    gallery_png = _File("gallery.png")
+    review_csv = _File("review.csv")
+    review_coco_json = _File("review_coco.json")
+
+
+class PseudoFiles(Folder):
+    """paths.pseudo (stage pseudo): a pseudo-labelled set per fold, and the stage's report."""
+    report_csv = _File("report.csv")
+    left_out_csv = _File("left_out.csv")   # test images also in the labelled pool: never pseudo-labelled
+
+    def fold(self, k: int) -> Path:
+        return self.dir / f"fold_{k}"
+
+
+class SubmissionFiles(Folder):
+    """paths.submission (stage submit)."""
+    csv = _File("submission.csv")
+    gallery_png = _File("gallery.png")
+    model = _File("model")   # the MLflow model of the ensemble
 
 
 def member_name(fold: int, seed: int) -> str:
@@ -73,14 +163,30 @@ class Workspace:
     def classes_json(self) -> Path:
         return self.masks / CLASSES_JSON
 
-    # the split (stage split)
+    # the data stages' outputs
+    @property
+    def demo(self) -> DemoFiles:
+        return DemoFiles(self._dir("demo"))
+
+    @property
+    def eda(self) -> EdaFiles:
+        return EdaFiles(self._dir("eda"))
+
+    @property
+    def near_dups(self) -> NearDupFiles:
+        return NearDupFiles(self._dir("near_dups"))
+
     @property
     def split(self) -> Path:
         return self._dir("split")
 
     @property
+    def split_files(self) -> SplitFiles:
+        return SplitFiles(self.split)
+
+    @property
     def folds_csv(self) -> Path:
-        return self.split / FOLDS_CSV
+        return self.split_files.folds_csv
 
     # trained models
     def models(self, round: int = 1) -> Path:
@@ -89,16 +195,27 @@ class Workspace:
     def member(self, fold: int, seed: int, round: int = 1) -> Member:
         return Member.of(self.models(round), fold, seed)
 
+    def histories(self, tag: str) -> Path:
+        """plots/<train | train_round2>: every run's per-epoch history."""
+        return self._dir("plots") / tag
+
     def history_csv(self, tag: str, fold: int, seed: int) -> Path:
-        """plots/<train | train_round2>/fold_<k>_seed_<s>.csv: the run's per-epoch history."""
-        return self._dir("plots") / tag / f"{member_name(fold, seed)}.csv"
+        return self.histories(tag) / f"{member_name(fold, seed)}.csv"
+
+    def members_metrics(self, tag: str) -> Path:
+        """metrics/<train | train_round2>: every run's best-epoch scores."""
+        return self._dir("metrics") / tag
 
     def member_metrics(self, tag: str, fold: int, seed: int) -> Path:
-        return self._dir("metrics") / tag / f"{member_name(fold, seed)}.json"
+        return self.members_metrics(tag) / f"{member_name(fold, seed)}.json"
 
     # pseudo-labels, out-of-fold predictions
+    @property
+    def pseudo(self) -> PseudoFiles:
+        return PseudoFiles(self._dir("pseudo"))
+
     def pseudo_fold(self, fold: int) -> Path:
-        return self._dir("pseudo") / f"fold_{fold}"
+        return self.pseudo.fold(fold)
 
     def pseudo_index(self, fold: int) -> Path:
         return self.pseudo_fold(fold) / INDEX
@@ -113,37 +230,43 @@ class Workspace:
 
     # what the evaluation stages write
     @property
-    def cv_image_confusions(self) -> Path:
-        """plots/cv/image_confusions.npz: every out-of-fold image's confusion (the leaderboard's pairs)."""
-        return self._dir("plots") / "cv" / "image_confusions.npz"
+    def cv(self) -> CvFiles:
+        return CvFiles(self._dir("plots") / "cv")
 
     @property
-    def ensemble_reports(self) -> Path:
-        return self._dir("reports") / "ensemble"
+    def ensemble(self) -> EnsembleFiles:
+        return EnsembleFiles(self._dir("reports") / "ensemble")
 
     @property
-    def variants_csv(self) -> Path:
-        return self.ensemble_reports / "variants.csv"
+    def blend(self) -> BlendFiles:
+        return BlendFiles(self._dir("reports") / "blend")
 
     @property
-    def postprocess_json(self) -> Path:
-        """What submit, predict and the MLflow model apply after the probabilities (CRF, fitted rules)."""
-        return self.ensemble_reports / "postprocess.json"
+    def blend_copies(self) -> Path:
+        """paths.blend: the other experiments' checkpoints, copied from DVC's cache."""
+        return self._dir("blend")
 
     @property
-    def blend_reports(self) -> Path:
-        return self._dir("reports") / "blend"
+    def blend_experiments_json(self) -> Path:
+        """What the blend stage copied from where."""
+        return self.blend_copies / "experiments.json"
 
     @property
-    def blend_variants_csv(self) -> Path:
-        return self.blend_reports / "variants.csv"
+    def audit(self) -> AuditFiles:
+        return AuditFiles(self._dir("reports") / "audit")
 
     @property
-    def blend_json(self) -> Path:
-        """The fitted blend: its experiments' weights and members (what submit uses with blend.experiments)."""
-        return self.blend_reports / "blend.json"
+    def submission(self) -> SubmissionFiles:
+        return SubmissionFiles(self._dir("submission"))
+
+    @property
+    def report_html(self) -> Path:
+        """The one offline page (stage report)."""
+        return self._dir("reports") / "index.html"
 
     def metrics_json(self, stage: str) -> Path:
+        """metrics/<stage>.json: the small JSON DVC reads as the stage's metrics."""
         return self._dir("metrics") / f"{stage}.json"
+
 
 FINAL_VARIANT = "holdout/final"   # metrics/ensemble.json key of the final ensemble judged on the holdout

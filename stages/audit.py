@@ -10,6 +10,7 @@ from pipeline.evaluation.audit import audit, plot_suspects, review_coco, review_
 from pipeline.evaluation.oof import read_oof
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
+from pipeline.workspace import AuditFiles, DemoFiles, Workspace
 
 PARAMS = ("data", "masks", "audit", "paths")
 
@@ -18,18 +19,20 @@ def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("audit", p) as run:
         ds = dataset_from_params(p.data, check_files=False)
-        suspects, images, metrics = audit(p.paths.oof, ds, p.audit, p.masks, Path(p.data.root) / "label_noise.csv")
-        out = Path(p.paths.reports) / "audit"
-        with atomic_dir(out) as tmp:
-            suspects.to_csv(tmp / "suspects.csv", index=False)
-            images.to_csv(tmp / "images.csv", index=False)
-            plot_suspects(suspects, p.paths.oof, ds, tmp / "gallery.png", p.audit.gallery)
+        noise = DemoFiles(Path(p.data.root)).label_noise_csv   # the demo's known errors (absent elsewhere)
+        suspects, images, metrics = audit(p.paths.oof, ds, p.audit, p.masks, noise)
+        ws = Workspace(p.paths)
+        with atomic_dir(ws.audit.dir) as tmp:
+            out = AuditFiles(tmp)
+            suspects.to_csv(out.suspects_csv, index=False)
+            images.to_csv(out.images_csv, index=False)
+            plot_suspects(suspects, p.paths.oof, ds, out.gallery_png, p.audit.gallery)
             oof = read_oof(p.paths.oof)
-            review_sheet(suspects, ds, dict(zip(oof.key, oof.width)), p.audit.top_k).to_csv(tmp / "review.csv", index=False)
-            write_json(tmp / "review_coco.json", review_coco(suspects, p.paths.oof, ds, p.audit))
-        run.log_artifacts(out, "audit")
-        run.write_metrics(Path(p.paths.metrics) / "audit.json", {"audit": metrics})
-        print(summary_line(metrics, out / "suspects.csv"))
+            review_sheet(suspects, ds, dict(zip(oof.key, oof.width)), p.audit.top_k).to_csv(out.review_csv, index=False)
+            write_json(out.review_coco_json, review_coco(suspects, p.paths.oof, ds, p.audit))
+        run.log_artifacts(ws.audit.dir, "audit")
+        run.write_metrics(ws.metrics_json("audit"), {"audit": metrics})
+        print(summary_line(metrics, ws.audit.suspects_csv))
 
 
 if __name__ == "__main__":

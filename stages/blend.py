@@ -1,15 +1,13 @@
 """Stage blend: this experiment's final ensemble with other experiments' (blend.experiments), weights
 fitted on the out-of-fold predictions, judged on the holdout -> reports/blend (variants.csv, blend.json).
 With other experiments, the submission uses the fitted blend."""
-from pathlib import Path
-
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.devices import pick_device
 from pipeline.evaluation.blend import blend_experiments, summary_line
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
-from pipeline.workspace import Workspace
+from pipeline.workspace import BlendFiles, Workspace
 
 PARAMS = ("infer", "train", "blend", "metric", "paths")
 
@@ -19,10 +17,10 @@ def main() -> None:
     with stage_run("blend", p) as run:
         table, summary = blend_experiments(p, pick_device(p.infer.device))
         ws = Workspace(p.paths)
-        with atomic_dir(ws.blend_reports) as out:
-            table.to_csv(out / ws.blend_variants_csv.name, index=False)
-            write_json(out / ws.blend_json.name, summary)
-        run.log_artifacts(ws.blend_reports, "blend")
+        with atomic_dir(ws.blend.dir) as tmp:
+            table.to_csv(BlendFiles(tmp).variants_csv, index=False)
+            write_json(BlendFiles(tmp).blend_json, summary)
+        run.log_artifacts(ws.blend.dir, "blend")
         run.write_metrics(ws.metrics_json("blend"), {"blend": {
             "experiments": len(summary["experiments"]), "mIoU": summary["blend_mIoU"],
             "best_single_mIoU": summary["best_single_mIoU"], "gain_vs_best_single": summary["gain_vs_best_single"]}},

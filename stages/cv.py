@@ -19,7 +19,7 @@ def main() -> None:
         ws = Workspace(p.paths)
         s = cv_scores(ModelSet(ws.models(1), tuple(p.train.folds), tuple(p.train.seeds)), classes, p.metric)
         write_cv(s, classes, ws)
-        run.log_artifacts(ws.cv_image_confusions.parent, "cv")
+        run.log_artifacts(ws.cv.dir, "cv")
         run.log_metrics(flat_scores(s, "cv"), parent=True)  # on the parent: experiments compare side by side
         run.write_metrics(ws.metrics_json("cv"), {"cv": {
             **{k: s[k] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_fold_mIoU", "per_seed_mIoU")},

@@ -1,12 +1,11 @@
 """Stage eda: class balance, areas, overlapping labels and malformed annotations, from the json alone."""
-from pathlib import Path
-
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
 from pipeline.data.eda import analyse, write_report
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
+from pipeline.workspace import EdaFiles, Workspace
 
 PARAMS = ("data", "masks", "eda", "paths")
 
@@ -18,9 +17,9 @@ def main() -> None:
         result = analyse(ds, p.masks.overlap, p.masks.unknown, p.masks.unknown_name,
                          workers=p.masks.workers)
         with atomic_dir(p.paths.eda) as out:
-            write_report(result, out)
+            write_report(result, EdaFiles(out))
         run.log_artifacts(p.paths.eda, "eda")
-        run.write_metrics(Path(p.paths.metrics) / "eda.json", {"eda": result.summary})
+        run.write_metrics(Workspace(p.paths).metrics_json("eda"), {"eda": result.summary})
 
 
 if __name__ == "__main__":

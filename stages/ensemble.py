@@ -1,8 +1,6 @@
 """Stage ensemble: score every variant (TTA, epoch/SWA/EMA/seed/k-fold ensembles, round 2, CRF and
 post-processing fitted out of fold) on images none of its members saw -> reports/ensemble
 (variants.csv, postprocess.json: what submit, predict and the MLflow model apply)."""
-from pathlib import Path
-
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
@@ -10,7 +8,7 @@ from pipeline.devices import pick_device
 from pipeline.evaluation.variants import evaluate_variants, submitted_variant, summary_lines, variants_metrics
 from pipeline.io import atomic_dir, write_json
 from pipeline.tracking import stage_run
-from pipeline.workspace import Workspace
+from pipeline.workspace import EnsembleFiles, Workspace
 
 PARAMS = ("infer", "train", "metric", "paths")
 
@@ -21,10 +19,10 @@ def main() -> None:
         classes = read_classes(p.paths.masks)["classes"]
         table, refiner, fit_log = evaluate_variants(p, classes, pick_device(p.infer.device))
         ws = Workspace(p.paths)
-        with atomic_dir(ws.ensemble_reports) as out:
-            table.to_csv(out / ws.variants_csv.name, index=False)
-            write_json(out / ws.postprocess_json.name, {**refiner.to_json(), "fitted": fit_log})
-        run.log_artifacts(ws.ensemble_reports, "ensemble")
+        with atomic_dir(ws.ensemble.dir) as tmp:
+            table.to_csv(EnsembleFiles(tmp).variants_csv, index=False)
+            write_json(EnsembleFiles(tmp).postprocess_json, {**refiner.to_json(), "fitted": fit_log})
+        run.log_artifacts(ws.ensemble.dir, "ensemble")
         variants = variants_metrics(table)
         submitted = submitted_variant(table, refiner)
         run.write_metrics(ws.metrics_json("ensemble"), {"ensemble": variants, "submitted": submitted})

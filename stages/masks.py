@@ -1,12 +1,12 @@
 """Stage masks: rasterise every labelled image once into the class-index PNG cache."""
 import time
-from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params, load_test_set
 from pipeline.data.masks import build_mask_cache
 from pipeline.tracking import stage_run
+from pipeline.workspace import Workspace
 
 PARAMS = ("data", "masks", "paths")
 
@@ -19,7 +19,7 @@ def main() -> None:
         test = load_test_set(p.data) if p.data.test_json else []   # a broken test set fails now, not after training
         index = build_mask_cache(ds, p.paths.masks, p.masks, p.masks.workers)
         run.log_metrics({"masks/images_per_s": len(index) / (time.perf_counter() - start)})  # MLflow only: not reproducible
-        run.write_metrics(Path(p.paths.metrics) / "masks.json", {"masks": {
+        run.write_metrics(Workspace(p.paths).metrics_json("masks"), {"masks": {
             "images": len(index), "resized": int((index.height != index.orig_height).sum()),
             "skipped": int((ds.issues.severity == "error").sum()), "test_images": len(test)}})
 

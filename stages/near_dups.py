@@ -1,7 +1,5 @@
 """Stage near_dups: find one photo repeated as a crop, resize, re-encode or brightness change under
 another name, so the split can keep such images in one fold (pipeline/data/near_dups.py)."""
-from pathlib import Path
-
 import pandas as pd
 
 from pipeline import cli
@@ -10,6 +8,7 @@ from pipeline.data.coco import dataset_from_params, load_test_set
 from pipeline.data.near_dups import PAIR_COLUMNS, clusters, find_pairs, summary, with_test_images, write_report
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
+from pipeline.workspace import NearDupFiles, Workspace
 
 PARAMS = ("data", "near_dups", "paths")
 
@@ -24,9 +23,9 @@ def main() -> None:
                  else pd.DataFrame(columns=PAIR_COLUMNS))
         cluster = clusters(images.key.tolist(), pairs)
         with atomic_dir(p.paths.near_dups) as out:
-            write_report(images, pairs, cluster, out)
+            write_report(images, pairs, cluster, NearDupFiles(out))
         run.log_artifacts(p.paths.near_dups, "near_dups")
-        run.write_metrics(Path(p.paths.metrics) / "near_dups.json", {"near_dups": summary(images, pairs, cluster)})
+        run.write_metrics(Workspace(p.paths).metrics_json("near_dups"), {"near_dups": summary(images, pairs, cluster)})
 
 
 if __name__ == "__main__":

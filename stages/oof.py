@@ -1,6 +1,5 @@
 """Stage oof: each fold's final-ensemble members predict their own validation images -> paths.oof
 (small uint8 probabilities for the label audit and for blend weights)."""
-from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import load_params
@@ -19,7 +18,7 @@ def main() -> None:
         s = write_oof(ModelSet.final(p.infer, p.train, Workspace(p.paths)), p, pick_device(p.infer.device))
         print(f"out-of-fold (final ensemble's members per fold, TTA, at most {p.audit.max_side} px): "
               f"mIoU {s['mIoU']:.4f} -> {p.paths.oof}")
-        run.write_metrics(Path(p.paths.metrics) / "oof.json", {"oof": {
+        run.write_metrics(Workspace(p.paths).metrics_json("oof"), {"oof": {
             "mIoU": s["mIoU"], "pixel_acc": s["pixel_acc"], "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}})
 
 

@@ -9,7 +9,7 @@ from pipeline.data.coco import load_test_set
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
 from pipeline.io import atomic_dir
 from pipeline.tracking import stage_run
-from pipeline.workspace import Workspace
+from pipeline.workspace import PseudoFiles, Workspace
 from pipeline.devices import pick_device
 
 PARAMS = ("data", "infer", "train", "pseudo", "paths")
@@ -18,13 +18,14 @@ PARAMS = ("data", "infer", "train", "pseudo", "paths")
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("pseudo", p) as run:
-        test, left_out = unlabelled(load_test_set(p.data), Workspace(p.paths).folds_csv, Path(p.data.root))
-        with atomic_dir(p.paths.pseudo) as out:
-            report, summary = pseudo_label_folds(test, p, out, pick_device(p.infer.device))
-            report.to_csv(out / "report.csv", index=False)
-            pd.Series(left_out, name="file_name").to_csv(out / "left_out.csv", index=False)
-        run.log_artifact(Path(p.paths.pseudo) / "report.csv", "pseudo")
-        run.write_metrics(Path(p.paths.metrics) / "pseudo.json", {"pseudo": {
+        ws = Workspace(p.paths)
+        test, left_out = unlabelled(load_test_set(p.data), ws.folds_csv, Path(p.data.root))
+        with atomic_dir(ws.pseudo.dir) as tmp:
+            report, summary = pseudo_label_folds(test, p, PseudoFiles(tmp), pick_device(p.infer.device))
+            report.to_csv(PseudoFiles(tmp).report_csv, index=False)
+            pd.Series(left_out, name="file_name").to_csv(PseudoFiles(tmp).left_out_csv, index=False)
+        run.log_artifact(ws.pseudo.report_csv, "pseudo")
+        run.write_metrics(ws.metrics_json("pseudo"), {"pseudo": {
             "test_images": len(test), "left_out_in_labelled_pool": len(left_out), **summary}})
 
 

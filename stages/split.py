@@ -1,6 +1,4 @@
 """Stage split: assign folds (and the holdout) per image; report balance against random KFold."""
-from pathlib import Path
-
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
@@ -8,7 +6,7 @@ from pipeline.data.folds import balance_report, make_folds, near_pairs, plot_bal
 from pipeline.data.near_dups import read_pairs
 from pipeline.io import atomic_dir, identical_files
 from pipeline.tracking import stage_run
-from pipeline.workspace import FOLDS_CSV
+from pipeline.workspace import SplitFiles, Workspace
 
 PARAMS = ("data", "split", "paths")
 
@@ -21,14 +19,15 @@ def main() -> None:
         copies = identical_files(ds.images.path)   # the same photo under two names: kept together
         pairs = read_pairs(p.paths.near_dups)      # crops, resizes, re-encodes (stage near_dups)
         near = near_pairs(ds.images.key, pairs) if s.joins_near_dups else []
-        folds = make_folds(ds, s.strategy, s.n_folds, s.group, s.holdout, s.seed, p.data.val_json, copies, near)
-        table, balance = balance_report(ds, folds, s.strategy, s.n_folds, s.group, s.seed)
+        folds = make_folds(ds, s, p.data.val_json, copies, near)
+        table, balance = balance_report(ds, folds, s)
         with atomic_dir(p.paths.split) as out:
-            folds.to_csv(out / FOLDS_CSV, index=False)
-            table.to_csv(out / "balance.csv", index=False)
-            plot_balance(ds, folds, out / "fold_balance.png")
+            files = SplitFiles(out)
+            folds.to_csv(files.folds_csv, index=False)
+            table.to_csv(files.balance_csv, index=False)
+            plot_balance(ds, folds, files.fold_balance_png)
         run.log_artifacts(p.paths.split, "split")
-        run.write_metrics(Path(p.paths.metrics) / "split.json",
+        run.write_metrics(Workspace(p.paths).metrics_json("split"),
                           {"split": split_summary(folds, balance, copies, pairs, s.joins_near_dups)})
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.data.coco import load_dataset
 from pipeline.data.eda import analyse, write_report
+from pipeline.workspace import EdaFiles
 from tests.conftest import image, square, write_coco
 
 CATS = ["Paper", "Metal", "Plastic bag"]  # category ids 0, 1, 2 -> classes 1, 2, 3
@@ -66,7 +67,7 @@ def test_class_stats_and_summary(ds, tmp_path):
     assert r.summary["images_without_annotations"] == 1
     assert r.summary["json_area_mismatch"] == 1                     # the 999 "box area"
     assert r.summary["rarest_class"] == "Plastic bag" and r.summary["imbalance_ratio"] == 2.0
-    pngs = write_report(r, tmp_path)
+    pngs = write_report(r, EdaFiles(tmp_path))
     assert {p.name for p in pngs} == {"class_balance.png", "overlap_matrix.png", "area_hist.png"}
     assert all(p.stat().st_size > 5000 for p in pngs)
     m = np.loadtxt(tmp_path / "overlap_matrix.csv", delimiter=",", skiprows=1, usecols=range(1, 5))

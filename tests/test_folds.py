@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.config import Split
 from pipeline.data.coco import DataError, Dataset
 from pipeline.data.folds import (balance_report, duplicates_apart, label_matrix, make_folds, near_dups_apart,
                                  near_pairs)
@@ -38,7 +39,7 @@ def ds() -> Dataset:
 @pytest.mark.parametrize("holdout", [0.0, 0.15])
 def test_folds_disjoint_complete_groups_intact(ds, strategy, group, holdout):
     n_folds = 5 if group != "site" else 3
-    f = make_folds(ds, strategy, n_folds, group, holdout, seed=1)
+    f = make_folds(ds, Split(strategy=strategy, n_folds=n_folds, group=group, holdout=holdout, seed=1))
     assert len(f) == len(ds.images) and f.key.is_unique and set(f.key) == set(ds.images.key)
     pool = f[~f.holdout]
     assert set(pool.fold) == set(range(n_folds))            # every fold is used, one fold per image
@@ -52,15 +53,15 @@ def test_folds_disjoint_complete_groups_intact(ds, strategy, group, holdout):
 
 
 def test_deterministic_per_seed(ds):
-    a = make_folds(ds, "multilabel", 5, None, 0.1, seed=3)
-    b = make_folds(ds, "multilabel", 5, None, 0.1, seed=3)
-    c = make_folds(ds, "multilabel", 5, None, 0.1, seed=4)
+    a = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.1, seed=3))
+    b = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.1, seed=3))
+    c = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.1, seed=4))
     assert a.equals(b) and not a.fold.equals(c.fold)
 
 
 def test_multilabel_beats_random_on_skewed_data(ds):
-    f = make_folds(ds, "multilabel", 5, None, 0.1, seed=0)
-    table, s = balance_report(ds, f, "multilabel", 5, None, seed=0)
+    f = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.1, seed=0))
+    table, s = balance_report(ds, f, Split(strategy="multilabel", n_folds=5, seed=0))
     assert s["class_dev"] < 0.6 * s["random_class_dev"]
     assert s["missing_classes"] <= s["random_missing_classes"]
     assert s["object_dev"] < s["random_object_dev"]
@@ -70,7 +71,7 @@ def test_multilabel_beats_random_on_skewed_data(ds):
 def test_rare_class_reaches_every_validation_fold(ds):
     presence, _ = label_matrix(ds)
     assert presence[:, 7].sum() >= 5                        # c8 is rare but present
-    f = make_folds(ds, "multilabel", 5, None, 0.0, seed=0)
+    f = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.0, seed=0))
     folds_with_c8 = set(f.fold[presence[:, 7] == 1])
     assert folds_with_c8 == set(range(5))
 
@@ -79,19 +80,19 @@ def test_given_strategy_uses_val_json_and_holdout_from_train(ds):
     images = ds.images.copy()
     images.loc[images.image_id % 5 == 0, "source"] = "val.json"
     given = Dataset(images=images, annotations=ds.annotations, classes=CLASSES)
-    f = make_folds(given, "given", 1, None, 0.1, seed=0, val_source="val.json")
+    f = make_folds(given, Split(strategy="given", n_folds=1, holdout=0.1, seed=0), val_source="val.json")
     assert (f[f.source == "val.json"].fold == 0).all() and not f[f.source == "val.json"].holdout.any()
     assert (f[f.source == "train.json"].fold == -1).all()
     assert 0 < f.holdout.sum() < (f.source == "train.json").sum()
-    table, s = balance_report(given, f, "given", 1, None, seed=0)
+    table, s = balance_report(given, f, Split(strategy="given", n_folds=1, seed=0))
     assert table.groupby("strategy").images.sum().to_dict() == {"given": 48, "random_baseline": 48}
 
 
 def test_too_few_groups_is_a_clear_error(ds):
     with pytest.raises(DataError, match="groups left for 10 folds"):
-        make_folds(ds, "multilabel", 10, "site", 0.0)
+        make_folds(ds, Split(strategy="multilabel", n_folds=10, group="site", holdout=0.0))
     with pytest.raises(DataError, match="no field 'camera'"):
-        make_folds(ds, "multilabel", 5, "camera", 0.0)
+        make_folds(ds, Split(strategy="multilabel", n_folds=5, group="camera", holdout=0.0))
 
 
 def test_identical_files_are_found_by_content_not_name_or_size(tmp_path):
@@ -112,14 +113,14 @@ def test_byte_identical_images_share_a_fold_and_the_holdout_fate(ds, strategy, g
     training and the other in validation or the holdout."""
     copies = [[3, 100, 201], [7, 150]]                            # positions in ds.images
     for seed in range(6):
-        f = make_folds(ds, strategy, 5, group, 0.15, seed=seed, duplicates=copies)
+        f = make_folds(ds, Split(strategy=strategy, n_folds=5, group=group, holdout=0.15, seed=seed), duplicates=copies)
         for same in copies:
             assert f.iloc[same].fold.nunique() == 1 and f.iloc[same].holdout.nunique() == 1, (seed, same)
             assert f.duplicate_of.iloc[same].tolist() == ["", *[ds.images.key[same[0]]] * (len(same) - 1)]
         assert duplicates_apart(f) == 0 and set(f[~f.holdout].fold) == set(range(5))
         if group == "folder":                                    # folders joined by a copy stay whole
             assert f.groupby(f.file_name.str.split("/").str[0]).fold.nunique().max() == 1
-    plain = make_folds(ds, strategy, 5, group, 0.15, seed=0)
+    plain = make_folds(ds, Split(strategy=strategy, n_folds=5, group=group, holdout=0.15, seed=0))
     assert (plain.duplicate_of == "").all()
 
 
@@ -127,7 +128,8 @@ def test_given_split_keeps_its_folds_and_counts_copies_across_them(ds):
     images = ds.images.copy()
     images.loc[images.image_id % 5 == 0, "source"] = "val.json"
     given = Dataset(images=images, annotations=ds.annotations, classes=CLASSES)
-    f = make_folds(given, "given", 1, None, 0.0, seed=0, val_source="val.json", duplicates=[[0, 1], [2, 3]])
+    f = make_folds(given, Split(strategy="given", n_folds=1, holdout=0.0, seed=0), val_source="val.json",
+                   duplicates=[[0, 1], [2, 3]])
     assert f.fold.iloc[0] == 0 and f.fold.iloc[1] == -1          # image 0 is in val.json, image 1 is not
     assert duplicates_apart(f) == 1                               # 2 and 3 are both training images
 
@@ -167,11 +169,11 @@ def test_near_duplicate_pairs_share_a_fold_and_leaks_are_counted(ds):
     near = near_pairs(keys, pairs)
     assert near == [[3, 90], [40, 41], [41, 200]]                     # the test image's pair is dropped
     for seed in range(4):
-        f = make_folds(ds, "multilabel", 5, None, 0.15, seed=seed, near=near)
+        f = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.15, seed=seed), near=near)
         for same in ([3, 90], [40, 41, 200]):
             assert f.iloc[same].fold.nunique() == 1 and f.iloc[same].holdout.nunique() == 1
         assert near_dups_apart(f, pairs) == {"pairs": 3, "pairs_apart": 0, "leaky_images": 0}
-    f = make_folds(ds, "multilabel", 5, None, 0.0, seed=0)
+    f = make_folds(ds, Split(strategy="multilabel", n_folds=5, holdout=0.0, seed=0))
     side = f.set_index("key").fold
     apart = [(a, b) for a, b in zip(pairs.key_a[:3], pairs.key_b[:3]) if side[a] != side[b]]
     got = near_dups_apart(f, pairs)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import Masks, Params
+from pipeline.config import Masks, Params, Split
 from pipeline.data.augment import AUGMENTATIONS
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.folds import make_folds
@@ -66,7 +66,7 @@ def easy_workspace(tmp, n=48):
     ds = load_dataset(tmp / "data", ["train.json"])
     build_mask_cache(ds, tmp / "masks", Masks(), workers=1)
     (tmp / "split").mkdir()
-    make_folds(ds, "random", 4, None, 0.0, seed=SEED).to_csv(tmp / "split/folds.csv", index=False)
+    make_folds(ds, Split(strategy="random", n_folds=4, holdout=0.0, seed=SEED)).to_csv(tmp / "split/folds.csv", index=False)
     return tmp
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.io import atomic_dir
+from pipeline.workspace import DemoFiles
 
 CATEGORIES = ["UNKNOWN", "General trash", "Paper", "Paper pack", "Metal", "Glass", "Plastic",
               "Styrofoam", "Plastic bag", "Battery", "Clothing"]
@@ -222,6 +223,7 @@ def make_demo(out_dir: str | Path, n_train: int, n_test: int, image_size: int, s
     h = w = image_size
     summary = {"train_images": n_train, "test_images": n_test, "annotations": 0}
     with atomic_dir(out_dir) as tmp:
+        out = DemoFiles(tmp)
         for split, n in (("train", n_train), ("test", n_test)):
             images, anns = [], []
             for i in range(n):
@@ -237,10 +239,10 @@ def make_demo(out_dir: str | Path, n_train: int, n_test: int, image_size: int, s
                     "licenses": [], "categories": categories, "images": images}
             if split == "train":
                 anns, noise = add_label_noise(anns, images, label_noise, seed)
-                (tmp / "train.json").write_text(json.dumps({**meta, "annotations": anns}))
-                pd.DataFrame(noise, columns=NOISE_COLUMNS).to_csv(tmp / "label_noise.csv", index=False)
+                out.train_json.write_text(json.dumps({**meta, "annotations": anns}))
+                pd.DataFrame(noise, columns=NOISE_COLUMNS).to_csv(out.label_noise_csv, index=False)
                 summary.update(annotations=len(anns), corrupted_annotations=len(noise))
             else:
-                (tmp / "test.json").write_text(json.dumps({**meta, "annotations": []}))
-                (tmp / "test_gt.json").write_text(json.dumps({**meta, "annotations": anns}))
+                out.test_json.write_text(json.dumps({**meta, "annotations": []}))
+                out.test_gt_json.write_text(json.dumps({**meta, "annotations": anns}))
     return summary

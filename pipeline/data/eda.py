@@ -27,6 +27,7 @@ from pipeline.data.coco import Dataset
 from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import paint_order, rle_runs, rle_spans, span_pixels, to_rle, union, unknown_class_index
 from pipeline.io import parallel_map
+from pipeline.workspace import EdaFiles
 
 # A json `area` is "wrong" when it is off by half the true area *and* by more than the box's
 # perimeter (rasterised and polygon areas of one shape differ by up to about half the perimeter).
@@ -224,48 +225,64 @@ def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str 
         segs, cls = (list(a.segmentation), [int(c) for c in a.class_idx]) if a is not None else ([], [])
         tasks.append((r.key, r.height, r.width, segs, cls, overlap, unknown_class, unknown))
     stats = parallel_map(_image_stats, tasks, "eda", workers, serial_below=64)
-    names = ds.classes
-    K = len(names)
-    anns = ds.annotations
+    painted = np.zeros(256, np.int64)   # pixels per mask value, exact: what the full-size masks will hold
+    for s in stats:
+        for v, n in s["painted"].items():
+            painted[v] += n
+    class_table = _class_table(ds, painted)
+    overlaps, overlap_summary = _overlaps(ds, stats, painted.sum())
+    per_image = pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id,
+                              "annotations": ds.images.key.map(ds.annotations.groupby("key").size()).fillna(0).astype(int),
+                              "classes": ds.images.key.map(ds.annotations.groupby("key").class_idx.nunique()).fillna(0).astype(int)})
+    tables = {"class_stats": class_table, "annotations": _annotation_table(ds, stats, by_key), "per_image": per_image,
+              **overlaps, "issues": ds.issues}
+    return EdaResult(tables=tables, summary=_summary(ds, tables, overlap_summary))
 
-    # Per annotation: exact area (pixels the mask paints for it alone), and how the json `area` compares.
-    img = ds.images.set_index("key")
+
+def _annotation_table(ds: Dataset, stats: list[dict], by_key: dict) -> pd.DataFrame:
+    """Per annotation: exact area (pixels the mask paints for it alone), and how the json `area` compares."""
+    anns, img = ds.annotations, ds.images.set_index("key")
     area_px = np.concatenate([np.asarray(s["areas"], float) for s in stats]) if len(anns) else np.array([])
     perimeter = np.concatenate([np.asarray(s["perimeters"], float) for s in stats]) if len(anns) else np.array([])
     ann_tab = pd.concat([by_key[s["key"]] for s in stats if s["key"] in by_key]) if len(anns) else anns
     full_px = img.loc[ann_tab.key, "width"].to_numpy() * img.loc[ann_tab.key, "height"].to_numpy()
-    ann_table = pd.DataFrame({
+    table = pd.DataFrame({
         "ann_id": ann_tab.ann_id.to_numpy(), "key": ann_tab.key.to_numpy(),
-        "class": [names[c] for c in ann_tab.class_idx], "iscrowd": ann_tab.iscrowd.to_numpy(),
+        "class": [ds.classes[c] for c in ann_tab.class_idx], "iscrowd": ann_tab.iscrowd.to_numpy(),
         "area_frac": area_px / full_px, "area_px": area_px,
         "json_area": pd.to_numeric(ann_tab.json_area, errors="coerce").to_numpy(),
     })
-    ann_table["json_area_ratio"] = ann_table.json_area / ann_table.area_px.where(ann_table.area_px > 0)
-    off = (ann_table.json_area - ann_table.area_px).abs()
-    ann_table["json_area_mismatch"] = (off > AREA_MISMATCH_FRAC * ann_table.area_px) & (off > perimeter)
+    table["json_area_ratio"] = table.json_area / table.area_px.where(table.area_px > 0)
+    off = (table.json_area - table.area_px).abs()
+    table["json_area_mismatch"] = (off > AREA_MISMATCH_FRAC * table.area_px) & (off > perimeter)
+    return table
 
-    # Per class: instances, images, painted pixels (exact: what the full-size masks will hold).
-    painted = np.zeros(256, np.int64)
-    for s in stats:
-        for v, n in s["painted"].items():
-            painted[v] += n
+
+def _class_table(ds: Dataset, painted: np.ndarray) -> pd.DataFrame:
+    """Per class: instances, images, painted pixels. painted: (256,) int64 pixels per mask value."""
+    anns, K, n_images = ds.annotations, len(ds.classes), len(ds.images)
     total_px = painted.sum()
     fg_px = total_px - painted[0] - painted[IGNORE_INDEX]
     inst = anns.groupby("class_idx").size().reindex(range(K), fill_value=0)
     crowd = anns[anns.iscrowd == 1].groupby("class_idx").size().reindex(range(K), fill_value=0)
     imgs = anns.groupby("class_idx").key.nunique().reindex(range(K), fill_value=0)
-    class_table = pd.DataFrame({
-        "class_idx": range(K), "class": names, "instances": inst.to_numpy(), "crowd": crowd.to_numpy(),
-        "images": imgs.to_numpy(), "image_share": imgs.to_numpy() / len(ds.images),
+    table = pd.DataFrame({
+        "class_idx": range(K), "class": ds.classes, "instances": inst.to_numpy(), "crowd": crowd.to_numpy(),
+        "images": imgs.to_numpy(), "image_share": imgs.to_numpy() / n_images,
         "pixels": painted[:K], "pixel_share": painted[:K] / total_px,
         "foreground_share": np.where(np.arange(K) == 0, np.nan, painted[:K] / max(fg_px, 1)),
     })
-    class_table.loc[0, ["instances", "crowd", "images", "image_share"]] = [0, 0, len(ds.images) - anns.key.nunique(),
-                                                                          (len(ds.images) - anns.key.nunique()) / len(ds.images)]
+    unlabelled = n_images - anns.key.nunique()
+    table.loc[0, ["instances", "crowd", "images", "image_share"]] = [0, 0, unlabelled, unlabelled / n_images]
+    return table
 
-    # Overlaps between classes.
+
+def _overlaps(ds: Dataset, stats: list[dict], total_px: int) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Overlaps between classes: tables per class pair (pixels, images, pixels each lost to the
+    other), per image, and the symmetric pixel matrix; and their summary (share of all pixels)."""
+    names, K, img = ds.classes, len(ds.classes), ds.images.set_index("key")
     pair_px, pair_img, lost = defaultdict(int), defaultdict(int), defaultdict(int)
-    overlap_rows = []
+    rows = []
     for s in stats:
         for ab, n in s["pairs"].items():
             pair_px[ab] += n
@@ -273,59 +290,55 @@ def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str 
         for ab, n in s["lost"].items():
             lost[ab] += n
         if s["pairs"]:
-            overlap_rows.append(dict(key=s["key"], image_id=int(img.loc[s["key"], "image_id"]),
-                                     pairs="; ".join(f"{names[a]} + {names[b]}" for a, b in sorted(s["pairs"])),
-                                     overlap_pixels=sum(s["pairs"].values()),
-                                     overlap_frac=sum(s["pairs"].values()) / s["n_px"]))
-    pair_table = pd.DataFrame([
+            rows.append(dict(key=s["key"], image_id=int(img.loc[s["key"], "image_id"]),
+                             pairs="; ".join(f"{names[a]} + {names[b]}" for a, b in sorted(s["pairs"])),
+                             overlap_pixels=sum(s["pairs"].values()), overlap_frac=sum(s["pairs"].values()) / s["n_px"]))
+    pairs = pd.DataFrame([
         dict(class_a=names[a], class_b=names[b], images=pair_img[(a, b)], pixels=pair_px[(a, b)],
              a_lost_to_b=lost.get((a, b), 0), b_lost_to_a=lost.get((b, a), 0))
         for a, b in sorted(pair_px, key=lambda ab: -pair_px[ab])
     ], columns=["class_a", "class_b", "images", "pixels", "a_lost_to_b", "b_lost_to_a"])
-    overlap_images = pd.DataFrame(overlap_rows, columns=["key", "image_id", "pairs", "overlap_pixels", "overlap_frac"])
-    overlap_matrix = np.zeros((K, K), dtype=np.int64)
+    matrix = np.zeros((K, K), dtype=np.int64)
     for (a, b), n in pair_px.items():
-        overlap_matrix[a, b] = overlap_matrix[b, a] = n
+        matrix[a, b] = matrix[b, a] = n
+    summary = {"images": len(rows), "class_pairs": int(len(pairs)),
+               "pixel_frac": float(sum(pair_px.values()) / total_px) if total_px else 0.0,
+               "reassigned_pixels": int(sum(lost.values()))}
+    return {"overlap_pairs": pairs,
+            "overlap_images": pd.DataFrame(rows, columns=["key", "image_id", "pairs", "overlap_pixels", "overlap_frac"]),
+            "overlap_matrix": pd.DataFrame(matrix, index=names, columns=names)}, summary
 
-    per_image = pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id,
-                              "annotations": ds.images.key.map(anns.groupby("key").size()).fillna(0).astype(int),
-                              "classes": ds.images.key.map(anns.groupby("key").class_idx.nunique()).fillna(0).astype(int)})
-    issues = ds.issues
-    errors = issues[issues.severity == "error"]
-    present = class_table[(class_table.class_idx > 0) & (class_table.instances > 0)]
-    summary = {
+
+def _summary(ds: Dataset, t: dict[str, pd.DataFrame], overlap: dict) -> dict:
+    """The stage's metrics (metrics/eda.json) from the tables and the overlaps' summary."""
+    anns, classes, per_image, issues = ds.annotations, t["class_stats"], t["per_image"], t["issues"]
+    present = classes[(classes.class_idx > 0) & (classes.instances > 0)]
+    return {
         "images": int(len(ds.images)),
         "annotations": int(len(anns)),
-        "classes": int(K - 1),
-        "classes_absent": [c for c in class_table["class"][1:][class_table.instances[1:] == 0]],
+        "classes": int(len(ds.classes) - 1),
+        "classes_absent": [c for c in classes["class"][1:][classes.instances[1:] == 0]],
         "images_without_annotations": int((per_image.annotations == 0).sum()),
         "annotations_per_image": {"mean": float(per_image.annotations.mean()), "max": int(per_image.annotations.max())},
         "crowd_annotations": int(anns.iscrowd.sum()),
         "imbalance_ratio": float(present.instances.max() / present.instances.min()) if len(present) else 0.0,
         "rarest_class": str(present.sort_values("instances")["class"].iloc[0]) if len(present) else None,
-        "overlap": {"images": int(len(overlap_images)), "class_pairs": int(len(pair_table)),
-                    "pixel_frac": float(sum(pair_px.values()) / total_px) if total_px else 0.0,
-                    "reassigned_pixels": int(sum(lost.values()))},
-        "json_area_mismatch": int(ann_table.json_area_mismatch.sum()),
-        "issues": {"skipped": int(len(errors)), "notes": int((issues.severity == "info").sum())},
+        "overlap": overlap,
+        "json_area_mismatch": int(t["annotations"].json_area_mismatch.sum()),
+        "issues": {"skipped": int((issues.severity == "error").sum()), "notes": int((issues.severity == "info").sum())},
         # data.corrections applied (pipeline/data/corrections.py): {relabelled, deleted, added: count}
         "corrections": {str(k): int(v) for k, v in issues[issues.kind == "correction"].action.value_counts().items()},
     }
-    tables = {"class_stats": class_table, "annotations": ann_table, "per_image": per_image,
-              "overlap_pairs": pair_table, "overlap_images": overlap_images, "issues": issues,
-              "overlap_matrix": pd.DataFrame(overlap_matrix, index=names, columns=names)}
-    return EdaResult(tables=tables, summary=summary)
 
 
-def write_report(result: EdaResult, out_dir: str | Path) -> list[Path]:
-    """Write the tables as CSV and the plots as PNG into out_dir; return the PNG paths."""
-    out_dir = Path(out_dir)
+def write_report(result: EdaResult, out: EdaFiles) -> list[Path]:
+    """Write the tables as CSV and the plots as PNG into the folder; return the PNG paths."""
     for name, table in result.tables.items():
-        table.to_csv(out_dir / f"{name}.csv", index=(name == "overlap_matrix"))
-    return plot_report(result, out_dir)
+        table.to_csv(out.table(name), index=(name == "overlap_matrix"))
+    return plot_report(result, out)
 
 
-def plot_report(result: EdaResult, out_dir: Path) -> list[Path]:
+def plot_report(result: EdaResult, out: EdaFiles) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,7 +356,7 @@ def plot_report(result: EdaResult, out_dir: Path) -> list[Path]:
         ax.invert_yaxis()
     fig.suptitle("Class balance")
     fig.tight_layout()
-    paths.append(out_dir / "class_balance.png")
+    paths.append(out.class_balance_png)
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
@@ -361,7 +374,7 @@ def plot_report(result: EdaResult, out_dir: Path) -> list[Path]:
     fig.colorbar(im, ax=ax, label="log10(1 + overlapping pixels)")
     ax.set_title("Overlapping labels (numbers: images; exact, at full resolution)")
     fig.tight_layout()
-    paths.append(out_dir / "overlap_matrix.png")
+    paths.append(out.overlap_png)
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
@@ -381,7 +394,7 @@ def plot_report(result: EdaResult, out_dir: Path) -> list[Path]:
     axes[1].hist(per, bins=np.arange(per.max() + 2) - 0.5 if per.max() < 60 else 50, color="tab:green")
     axes[1].set_title("annotations per image")
     fig.tight_layout()
-    paths.append(out_dir / "area_hist.png")
+    paths.append(out.area_hist_png)
     fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
     return paths

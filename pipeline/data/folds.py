@@ -27,6 +27,7 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
 from sklearn.model_selection import KFold, ShuffleSplit
 
+from pipeline.config import Split
 from pipeline.data.coco import DataError, Dataset
 
 IMAGE_QUANTILES = (0.25, 0.5, 0.75)   # count bins that split the images evenly...
@@ -129,21 +130,22 @@ def _holdout(strategy: str, frac: float, seed: int, labels: np.ndarray, eligible
     return out
 
 
-def make_folds(ds: Dataset, strategy: str, n_folds: int, group: Optional[str] = None, holdout: float = 0.0,
-               seed: int = 42, val_source: Optional[str] = None,
+def make_folds(ds: Dataset, s: Split, val_source: Optional[str] = None,
                duplicates: Sequence[Sequence[int]] = (), near: Sequence[Sequence[int]] = ()) -> pd.DataFrame:
     """Assign every labelled image a fold (see the module docstring for the columns).
-    duplicates: sets of positions in ds.images whose files are identical (`pipeline.io.identical_files`).
-    near: sets of positions to keep together too (near-duplicate pairs, `pipeline.data.near_dups`)."""
-    groups = group_keys(ds.images, group)
-    if strategy != "given":
+    s: the split section (strategy, n_folds, group, holdout, seed); val_source: data.val_json, which
+    'given' validates on. duplicates: sets of positions in ds.images whose files are identical
+    (`pipeline.io.identical_files`). near: sets of positions to keep together too (near-duplicate
+    pairs, `pipeline.data.near_dups`)."""
+    groups = group_keys(ds.images, s.group)
+    if s.strategy != "given":
         groups = merge_groups(groups, [*duplicates, *near])
     first = {i: ds.images.key.iloc[d[0]] for d in duplicates for i in d[1:]}
     presence, counts = label_matrix(ds)
     codes, n_groups, g_presence, g_counts = _by_group(groups, presence, counts)
     labels = _strat_labels(g_presence, g_counts)
     g_fold = np.full(n_groups, -1)
-    if strategy == "given":
+    if s.strategy == "given":
         if val_source is None:
             raise DataError("split.strategy 'given' needs data.val_json")
         is_val = ds.images.source.to_numpy() == val_source
@@ -152,14 +154,14 @@ def make_folds(ds: Dataset, strategy: str, n_folds: int, group: Optional[str] = 
         g_train = np.zeros(n_groups, bool)
         np.logical_or.at(g_train, codes, ~is_val)
         if (g_val & g_train).any():
-            raise DataError(f"split.group {group!r} puts train and val images in the same group; "
+            raise DataError(f"split.group {s.group!r} puts train and val images in the same group; "
                             "with strategy 'given' groups must not straddle the two files")
-        g_hold = _holdout("multilabel", holdout, seed, labels, ~g_val)
+        g_hold = _holdout("multilabel", s.holdout, s.seed, labels, ~g_val)
         g_fold[g_val] = 0
     else:
-        g_hold = _holdout(strategy, holdout, seed, labels, np.ones(n_groups, bool))
+        g_hold = _holdout(s.strategy, s.holdout, s.seed, labels, np.ones(n_groups, bool))
         rest = np.nonzero(~g_hold)[0]
-        g_fold[rest] = _kfold(strategy, n_folds, seed, labels[rest])
+        g_fold[rest] = _kfold(s.strategy, s.n_folds, s.seed, labels[rest])
     return pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id, "source": ds.images.source,
                          "file_name": ds.images.file_name, "group": groups.to_numpy(),
                          "fold": g_fold[codes], "holdout": g_hold[codes],
@@ -228,8 +230,7 @@ def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, count
     return pd.DataFrame(rows)
 
 
-def balance_report(ds: Dataset, folds: pd.DataFrame, strategy: str, n_folds: int, group: Optional[str],
-                   seed: int) -> tuple[pd.DataFrame, dict]:
+def balance_report(ds: Dataset, folds: pd.DataFrame, s: Split) -> tuple[pd.DataFrame, dict]:
     """Balance of the chosen folds vs plain random KFold on the same (non-holdout) images.
 
     For 'given', the baseline is a random split with the same number of validation images.
@@ -242,16 +243,16 @@ def balance_report(ds: Dataset, folds: pd.DataFrame, strategy: str, n_folds: int
     g_pool = np.zeros(n_groups, bool)
     g_pool[codes[pool]] = True
     idx = np.nonzero(g_pool)[0]
-    if strategy == "given":
+    if s.strategy == "given":
         n_val = (folds.fold.to_numpy() == 0).sum()
-        _, test = next(ShuffleSplit(1, test_size=int(n_val), random_state=seed).split(idx))
+        _, test = next(ShuffleSplit(1, test_size=int(n_val), random_state=s.seed).split(idx))
         g_rand = np.full(n_groups, -1)
         g_rand[idx[test]] = 0
     else:
         g_rand = np.full(n_groups, -1)
-        g_rand[idx] = _kfold("random", n_folds, seed, np.zeros((len(idx), 1)))
+        g_rand[idx] = _kfold("random", s.n_folds, s.seed, np.zeros((len(idx), 1)))
     rng_fold = g_rand[codes]
-    chosen = fold_balance(folds.fold.to_numpy(), pool, presence, counts).assign(strategy=strategy)
+    chosen = fold_balance(folds.fold.to_numpy(), pool, presence, counts).assign(strategy=s.strategy)
     random = fold_balance(rng_fold, pool, presence, counts).assign(strategy="random_baseline")
     table = pd.concat([chosen, random], ignore_index=True)
     summary = {

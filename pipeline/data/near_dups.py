@@ -36,6 +36,7 @@ from scipy.sparse.csgraph import connected_components
 from pipeline.config import NearDups
 from pipeline.data.masks import decode_oriented, target_size
 from pipeline.io import parallel_map
+from pipeline.workspace import NearDupFiles
 
 PAIR_COLUMNS = ["key_a", "key_b", "method", "hash_distance", "inliers"]
 LSH_TABLES, LSH_BITS, LSH_BUCKET = 16, 20, 8   # candidate search (see candidate_pairs)
@@ -191,12 +192,12 @@ def with_test_images(labelled: pd.DataFrame, test: Optional[pd.DataFrame]) -> pd
     return pd.concat([images, test[~test.key.isin(images.key)].assign(role="test")], ignore_index=True)
 
 
-def write_report(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series, out: Path) -> None:
-    """pairs.csv, clusters.csv (key, role, cluster; clustered images only) and clusters.png into out."""
+def write_report(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series, out: NearDupFiles) -> None:
+    """The pairs, the clusters (key, role, cluster; clustered images only) and their montage."""
     table = images[["key", "role"]].assign(cluster=cluster.to_numpy())
-    pairs.to_csv(out / "pairs.csv", index=False)
-    table[table.cluster >= 0].sort_values(["cluster", "key"]).to_csv(out / "clusters.csv", index=False)
-    montage(images, cluster, out / "clusters.png")
+    pairs.to_csv(out.pairs_csv, index=False)
+    table[table.cluster >= 0].sort_values(["cluster", "key"]).to_csv(out.clusters_csv, index=False)
+    montage(images, cluster, out.clusters_png)
 
 
 def summary(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series) -> dict:
@@ -215,8 +216,8 @@ def summary(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series) -> di
 
 def read_pairs(folder: str | os.PathLike) -> pd.DataFrame:
     """The pairs the near_dups stage wrote (empty when it has not run or was disabled)."""
-    path = os.path.join(folder, "pairs.csv")
-    if not os.path.exists(path):
+    path = NearDupFiles(Path(folder)).pairs_csv
+    if not path.exists():
         return pd.DataFrame(columns=PAIR_COLUMNS)
     return pd.read_csv(path, dtype={"key_a": str, "key_b": str}, keep_default_na=False)
 

@@ -238,14 +238,15 @@ def fit_blend(exps: list[Experiment], classes: list[str], steps: int, held: Opti
 def blend_experiments(p: "ParamsView", device: torch.device) -> tuple[pd.DataFrame, dict]:
     """The stage's work for params `p` (infer, train, blend, paths): copy the other experiments into
     paths.blend (afresh), refuse what cannot blend, fit and judge; the summary lists the members."""
-    copies = Path(p.paths.blend)
+    ws = Workspace(p.paths)
+    copies = ws.blend_copies
     shutil.rmtree(copies, ignore_errors=True)
     copies.mkdir(parents=True)
     exps = [this_experiment(p)] + [load_experiment(s, ".", copies) for s in p.blend.experiments]
-    write_json(copies / "experiments.json", {e.name: str(e.root) for e in exps})   # what was copied where
+    write_json(ws.blend_experiments_json, {e.name: str(e.root) for e in exps})   # what was copied where
     check_compatible(exps)
     table, summary = fit_blend(exps, read_classes(p.paths.masks)["classes"], p.blend.steps,
-                               holdout_table(Workspace(p.paths)), device, Metric.of(p.metric))
+                               holdout_table(ws), device, Metric.of(p.metric))
     summary["members"] = [[str(f), w] for f, w in blend_members(exps, [x["weight"] for x in summary["experiments"]])]
     return table, summary
 
@@ -263,5 +264,5 @@ def submitted_members(p: "ParamsView") -> list[tuple[Path, float]]:
     """(checkpoint, weight) of what the submission uses: the fitted blend's members with
     blend.experiments (written by the blend stage), else this experiment's final ensemble."""
     if p.blend.experiments:
-        return [(Path(f), w) for f, w in json.loads(Workspace(p.paths).blend_json.read_text())["members"]]
+        return [(Path(f), w) for f, w in json.loads(Workspace(p.paths).blend.blend_json.read_text())["members"]]
     return ModelSet.final(p.infer, p.train, Workspace(p.paths)).weighted()

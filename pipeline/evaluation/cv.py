@@ -21,7 +21,7 @@ from pipeline.evaluation.metrics import Metric, scores
 from pipeline.evaluation.reports import plot_confusion, plot_iou
 from pipeline.io import atomic_dir
 from pipeline.models.checkpoint import ModelSet
-from pipeline.workspace import Workspace
+from pipeline.workspace import CvFiles, Workspace
 
 if TYPE_CHECKING:
     from pipeline.config import MetricSection
@@ -63,11 +63,12 @@ def cv_scores(models: ModelSet, classes: list[str], metric_params: Optional["Met
 def write_cv(s: dict, classes: list[str], ws: Workspace) -> None:
     """plots/cv (atomically): every out-of-fold image's confusion (the leaderboard's paired
     comparisons), the summed confusion and the per-class IoU."""
-    with atomic_dir(ws.cv_image_confusions.parent) as out:
+    with atomic_dir(ws.cv.dir) as tmp:
+        out = CvFiles(tmp)
         if "image_confusions" in s:
-            np.savez(out / ws.cv_image_confusions.name, keys=s["image_keys"], confusions=s["image_confusions"])
-        plot_confusion(s["confusion"], classes, out / "confusion.png", "out-of-fold confusion, all folds and seeds")
-        plot_iou(s["IoU"], out / "iou.png", f"CV mIoU {s['mIoU']:.3f}")
+            np.savez(out.image_confusions, keys=s["image_keys"], confusions=s["image_confusions"])
+        plot_confusion(s["confusion"], classes, out.confusion_png, "out-of-fold confusion, all folds and seeds")
+        plot_iou(s["IoU"], out.iou_png, f"CV mIoU {s['mIoU']:.3f}")
 
 
 def summary_line(m: dict) -> str:

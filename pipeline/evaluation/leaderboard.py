@@ -49,14 +49,19 @@ def _metric(metrics: dict, file: str) -> dict:
     return {}
 
 
+def _workspace(params: dict) -> Workspace:
+    """An experiment's layout from its flattened params (the folders DVC reports it used)."""
+    return Workspace(SimpleNamespace(plots=params.get("paths.plots", "plots"), metrics=params.get("paths.metrics", "metrics")))
+
+
 def row(name: str, data: dict) -> dict[str, Any]:
     params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
-    metrics = data.get("metrics") or {}
-    cv = _metric(metrics, "metrics/cv.json").get("cv", {})
-    variants = _metric(metrics, "metrics/ensemble.json").get("ensemble", {})
+    metrics, ws = data.get("metrics") or {}, _workspace(params)
+    cv = _metric(metrics, ws.metrics_json("cv").as_posix()).get("cv", {})
+    variants = _metric(metrics, ws.metrics_json("ensemble").as_posix()).get("ensemble", {})
     final = variants.get(FINAL_VARIANT, {})
     holdout = {k.split("/", 1)[1]: v["mIoU"] for k, v in variants.items() if k.startswith("holdout/") and "mIoU" in v}
-    blend = _metric(metrics, "metrics/blend.json").get("blend", {})
+    blend = _metric(metrics, ws.metrics_json("blend").as_posix()).get("blend", {})
     if blend.get("experiments", 1) > 1:   # the submission is the blend of experiments (stage blend)
         final = {"mIoU": blend["mIoU"]}
         holdout[f"blend_of_{blend['experiments']}_experiments"] = blend["mIoU"]
@@ -123,7 +128,7 @@ def dvc_images(cwd: Optional[str] = None):
     """images() for leaderboard(): each row's stage-cv per-image confusions, from the workspace for
     'workspace' and from DVC's cache for a commit or an experiment (None where it has none)."""
     def read(name: str, params: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        rel = str(Workspace(SimpleNamespace(plots=params.get("paths.plots", "plots"))).cv_image_confusions)
+        rel = str(_workspace(params).cv.image_confusions)
         try:
             if name == "workspace":
                 f = np.load(Path(cwd or ".") / rel)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import pandas as pd
 
 from pipeline.io import atomic_file
-from pipeline.workspace import FINAL_VARIANT, Workspace
+from pipeline.workspace import FINAL_VARIANT, Member, Workspace
 
 if TYPE_CHECKING:
     from pipeline.config import Paths
@@ -105,19 +105,33 @@ def headline(cv: dict, ensemble: dict) -> dict[str, Any]:
     return {"cv_mIoU": cv.get("mIoU"), "best_holdout": (best, holdout[best]) if best else None, "final_holdout": final}
 
 
+STAGES = ("eda", "near_dups", "split", "cv", "ensemble", "audit")   # whose metrics JSON the page reads
+
+
 def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = None) -> tuple[Path, dict]:
     """Build the page from the outputs under `paths` (the params' paths section); returns (path, headline)."""
-    m, reports = Path(paths.metrics), Path(paths.reports)
-    eda, near, split = _json(m / "eda.json").get("eda", {}), _json(m / "near_dups.json").get("near_dups", {}), \
-        _json(m / "split.json").get("split", {})
-    cv, ens = _json(m / "cv.json").get("cv", {}), _json(m / "ensemble.json").get("ensemble", {})
-    head = headline(cv, ens)
     ws = Workspace(paths)
-    blend, audit = _json(ws.blend_json), _json(m / "audit.json").get("audit", {})
+    m = {s: _json(ws.metrics_json(s)).get(s, {}) for s in STAGES}
+    head = headline(m["cv"], m["ensemble"])
+    blend = _json(ws.blend.blend_json)
     if len(blend.get("experiments", [])) > 1:
         head["blend"] = (len(blend["experiments"]), blend["judged_on"], blend["blend_mIoU"], blend["gain_vs_best_single"])
-    if audit:
-        head["audit"] = (audit["suspects"], str(reports / "audit/suspects.csv"))
+    if m["audit"]:
+        head["audit"] = (m["audit"]["suspects"], str(ws.audit.suspects_csv))
+    sections = {"data": _data, "split": _split, "training": _training, "scores": _scores, "ensembles": _ensembles,
+                "blend": _blend, "errors": _errors, "audit": _audit, "test": _test}
+    parts = [_top(recipe, head, m["eda"], sections)] + [write(ws, m) for write in sections.values()]
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Segmentation report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    out = out or ws.report_html
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    return out, head
+
+
+def _top(recipe: dict[str, Any], head: dict, eda: dict, sections: dict) -> str:
+    """Title, the recipe, links to the sections and the headline cards."""
     fmt = (lambda v: "—" if v is None else f"{v:.4f}")
     cards = [("CV mIoU (out-of-fold)", fmt(head["cv_mIoU"])),
              ("final ensemble, holdout", fmt(head["final_holdout"]))]
@@ -126,127 +140,132 @@ def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = N
     if "blend" in head:
         cards.append((f"blend of {head['blend'][0]} experiments, {head['blend'][1]}", fmt(head["blend"][2])))
     cards.append(("images (labelled)", str(eda.get("images", "—"))))
+    return (f"<h1>Segmentation report</h1><p class='muted'>{html.escape(' · '.join(f'{k} {v}' for k, v in recipe.items()))}</p>"
+            + "<nav>" + "".join(f"<a href='#{a}'>{a}</a>" for a in sections) + "</nav>"
+            + "<div class='cards'>" + "".join(f"<div class='card'><b>{v}</b>{html.escape(k)}</div>" for k, v in cards)
+            + "</div>")
 
-    parts = [f"<h1>Segmentation report</h1><p class='muted'>{html.escape(' · '.join(f'{k} {v}' for k, v in recipe.items()))}</p>",
-             "<nav>" + "".join(f"<a href='#{a}'>{a}</a>" for a in ("data", "split", "training", "scores", "ensembles",
-                                                                   "blend", "errors", "audit", "test")) + "</nav>",
-             "<div class='cards'>" + "".join(f"<div class='card'><b>{v}</b>{html.escape(k)}</div>" for k, v in cards)
+
+def _data(ws: Workspace, m: dict) -> str:
+    e = ws.eda
+    parts = ["<h2 id='data'>Data</h2>" + (_kv(m["eda"]) if m["eda"] else ""),
+             _figure(e.class_balance_png, "class balance") + "<div class='grid'>"
+             + _figure(e.overlap_png, "pixels labelled twice, by class pair") + _figure(e.area_hist_png, "object sizes")
              + "</div>"]
+    issues = pd.read_csv(e.issues_csv) if e.issues_csv.exists() else pd.DataFrame()
+    if len(issues):
+        kinds = issues.groupby([c for c in ("severity", "kind") if c in issues], dropna=False).size()
+        parts.append("<h3>Data issues</h3>" + _table(kinds.reset_index(name="count")) +
+                     f"<p class='muted'>first 20 of {len(issues)} (all in {html.escape(str(e.issues_csv))})</p>"
+                     + _table(issues.head(20)))
+    if m["near_dups"]:
+        parts.append("<h3>Near-duplicates</h3>" + _kv(m["near_dups"])
+                     + _figure(ws.near_dups.clusters_png, "near-duplicate clusters (kept in one fold)"))
+    return "".join(parts)
 
-    # data
-    parts.append("<h2 id='data'>Data</h2>" + (_kv(eda) if eda else ""))
-    e = Path(paths.eda)
-    parts.append(_figure(e / "class_balance.png", "class balance") +
-                 "<div class='grid'>" + _figure(e / "overlap_matrix.png", "pixels labelled twice, by class pair") +
-                 _figure(e / "area_hist.png", "object sizes") + "</div>")
-    if (e / "issues.csv").exists():
-        issues = pd.read_csv(e / "issues.csv")
-        if len(issues):
-            kinds = issues.groupby([c for c in ("severity", "kind") if c in issues], dropna=False).size()
-            parts.append("<h3>Data issues</h3>" + _table(kinds.reset_index(name="count")) +
-                         f"<p class='muted'>first 20 of {len(issues)} (all in {html.escape(str(e / 'issues.csv'))})</p>"
-                         + _table(issues.head(20)))
-    if near:
-        parts.append("<h3>Near-duplicates</h3>" + _kv(near) + _figure(Path(paths.near_dups) / "clusters.png", "near-duplicate clusters (kept in one fold)"))
 
-    # split
-    parts.append("<h2 id='split'>Split</h2>")
-    if split:
-        parts.append(_kv(split))
-    parts.append(_figure(Path(paths.split) / "fold_balance.png", "class presence per validation fold"))
+def _split(ws: Workspace, m: dict) -> str:
+    return ("<h2 id='split'>Split</h2>" + (_kv(m["split"]) if m["split"] else "")
+            + _figure(ws.split_files.fold_balance_png, "class presence per validation fold"))
 
-    # training
-    histories = {p.stem: pd.read_csv(p) for p in sorted((Path(paths.plots) / "train").glob("*.csv"))}
-    histories.update({f"round 2 {p.stem}": pd.read_csv(p) for p in sorted((Path(paths.plots) / "train_round2").glob("*.csv"))})
-    parts.append("<h2 id='training'>Training</h2>" + _curves(histories))
-    member_metrics = [json.loads(p.read_text()).get("val", {}) for p in sorted((m / "train").glob("*.json"))]
+
+def _training(ws: Workspace, m: dict) -> str:
+    """Every model's curves, and its best epoch's validation scores."""
+    histories = {}
+    for tag, prefix in (("train", ""), ("train_round2", "round 2 ")):
+        histories.update({f"{prefix}{f.stem}": pd.read_csv(f) for f in sorted(ws.histories(tag).glob("*.csv"))})
+    part = "<h2 id='training'>Training</h2>" + _curves(histories)
+    member_metrics = [_json(f).get("val", {}) for f in sorted(ws.members_metrics("train").glob("*.json"))]
     if member_metrics:
-        parts.append(_table(pd.DataFrame([{k: r.get(k) for k in ("fold", "seed", "best_epoch", "val_images", "mIoU",
-                                                                  "pixel_acc", "train_s")} for r in member_metrics])))
+        part += _table(pd.DataFrame([{k: r.get(k) for k in ("fold", "seed", "best_epoch", "val_images", "mIoU",
+                                                              "pixel_acc", "train_s")} for r in member_metrics]))
+    return part
 
-    # scores
-    parts.append("<h2 id='scores'>Cross-validation scores</h2>")
-    if cv:
-        per_class = pd.DataFrame({"class": list(cv.get("IoU", {})), "IoU": list(cv.get("IoU", {}).values())})
-        if cv.get("metric"):   # the leaderboard's metric, its interval over images, the public/private shake-up
-            mt = cv["metric"]
-            parts.append(f"<p>CV {html.escape(mt['name'])} <b>{mt['value']:.4f}</b> (95 % interval over "
-                         f"{mt['images']} images: [{mt['ci95_low']:.4f}, {mt['ci95_high']:.4f}]); on leaderboards of "
-                         f"{mt['shakeup']['half']} images a half, public and private scores of one model differ by up to "
-                         f"{mt['shakeup']['p95_abs']:.4f} 95 % of the time</p>")
-        parts.append(_table(per_class.sort_values("IoU")) + "<div class='grid'>" +
-                     _figure(Path(paths.plots) / "cv/iou.png", "per-class IoU, out-of-fold") +
-                     _figure(Path(paths.plots) / "cv/confusion.png", "out-of-fold confusion (rows: truth)") + "</div>")
 
-    # ensembles
-    parts.append("<h2 id='ensembles'>Ensembles and tricks</h2>")
-    variants = ws.variants_csv
-    if variants.exists():
-        v = pd.read_csv(variants)
-        cols = [c for c in ("variant", "judged_on", "images", "metric", "ci95_low", "ci95_high", "mIoU", "pixel_acc",
-                            "images_per_s", "extra_s_per_image") if c in v]
-        parts.append("<p class='muted'>each row judged only on images none of its members trained on; metric = the "
-                     "leaderboard's (params metric), with its 95 % bootstrap interval over images</p>" +
-                     _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
-        refine = _json(ws.postprocess_json)
-        kept = [r for r in refine.get("fitted", []) if r.get("rule") != "none"]
-        if kept:
-            parts.append("<h3>Post-processing rules fitted out of fold</h3><p class='muted'>kept only where the "
-                         "out-of-fold metric rose and no class lost more than 0.002 IoU; applied by submit and predict"
-                         + (" (with the dense CRF)" if refine.get("crf") else "") + "</p>" + _table(pd.DataFrame(kept)))
+def _scores(ws: Workspace, m: dict) -> str:
+    """Per-class CV IoU, the leaderboard metric with its interval and shake-up, the OOF confusion."""
+    cv, part = m["cv"], "<h2 id='scores'>Cross-validation scores</h2>"
+    if not cv:
+        return part
+    per_class = pd.DataFrame({"class": list(cv.get("IoU", {})), "IoU": list(cv.get("IoU", {}).values())})
+    if cv.get("metric"):
+        mt = cv["metric"]
+        part += (f"<p>CV {html.escape(mt['name'])} <b>{mt['value']:.4f}</b> (95 % interval over "
+                 f"{mt['images']} images: [{mt['ci95_low']:.4f}, {mt['ci95_high']:.4f}]); on leaderboards of "
+                 f"{mt['shakeup']['half']} images a half, public and private scores of one model differ by up to "
+                 f"{mt['shakeup']['p95_abs']:.4f} 95 % of the time</p>")
+    return (part + _table(per_class.sort_values("IoU")) + "<div class='grid'>"
+            + _figure(ws.cv.iou_png, "per-class IoU, out-of-fold")
+            + _figure(ws.cv.confusion_png, "out-of-fold confusion (rows: truth)") + "</div>")
 
-    # blend across experiments
-    parts.append("<h2 id='blend'>Blend across experiments</h2>")
-    if blend:
-        b = pd.read_csv(ws.blend_variants_csv)
-        cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc", "vs_best_single") if c in b]
-        parts.append(f"<p class='muted'>weights fitted on out-of-fold predictions, judged on the {blend['judged_on']}: "
-                     f"blend {blend['blend_mIoU']:.4f} vs best single ({html.escape(blend['best_single'])}) "
-                     f"{blend['best_single_mIoU']:.4f}, {blend['gain_vs_best_single']:+.4f}"
-                     + ("" if len(blend["experiments"]) > 1 else " (no other experiments: set blend.experiments)")
-                     + "</p>" + _table(b[cols]))
 
-    # errors
-    parts.append("<h2 id='errors'>Worst validation images</h2>")
-    worst = []
-    for csv in sorted(Path(paths.models).glob("fold_*/seed_*/val_images.csv")):
-        t = pd.read_csv(csv)
-        t.insert(0, "model", f"{csv.parent.parent.name} {csv.parent.name}")
-        worst.append(t)
+def _ensembles(ws: Workspace, m: dict) -> str:
+    """The variant table and the post-processing rules kept."""
+    part, files = "<h2 id='ensembles'>Ensembles and tricks</h2>", ws.ensemble
+    if not files.variants_csv.exists():
+        return part
+    v = pd.read_csv(files.variants_csv)
+    cols = [c for c in ("variant", "judged_on", "images", "metric", "ci95_low", "ci95_high", "mIoU", "pixel_acc",
+                        "images_per_s", "extra_s_per_image") if c in v]
+    part += ("<p class='muted'>each row judged only on images none of its members trained on; metric = the "
+             "leaderboard's (params metric), with its 95 % bootstrap interval over images</p>" +
+             _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
+    refine = _json(files.postprocess_json)
+    kept = [r for r in refine.get("fitted", []) if r.get("rule") != "none"]
+    if kept:
+        part += ("<h3>Post-processing rules fitted out of fold</h3><p class='muted'>kept only where the "
+                 "out-of-fold metric rose and no class lost more than 0.002 IoU; applied by submit and predict"
+                 + (" (with the dense CRF)" if refine.get("crf") else "") + "</p>" + _table(pd.DataFrame(kept)))
+    return part
+
+
+def _blend(ws: Workspace, m: dict) -> str:
+    part, blend = "<h2 id='blend'>Blend across experiments</h2>", _json(ws.blend.blend_json)
+    if not blend:
+        return part
+    b = pd.read_csv(ws.blend.variants_csv)
+    cols = [c for c in ("variant", "weights", "oof_mIoU", "holdout_mIoU", "holdout_pixel_acc", "vs_best_single") if c in b]
+    return (part + f"<p class='muted'>weights fitted on out-of-fold predictions, judged on the {blend['judged_on']}: "
+            f"blend {blend['blend_mIoU']:.4f} vs best single ({html.escape(blend['best_single'])}) "
+            f"{blend['best_single_mIoU']:.4f}, {blend['gain_vs_best_single']:+.4f}"
+            + ("" if len(blend["experiments"]) > 1 else " (no other experiments: set blend.experiments)")
+            + "</p>" + _table(b[cols]))
+
+
+def _errors(ws: Workspace, m: dict) -> str:
+    """The lowest per-image mIoU out of fold, and each model's gallery of worst images."""
+    part = "<h2 id='errors'>Worst validation images</h2>"
+    members = [Member(d) for d in sorted(ws.models(1).glob("fold_*/seed_*"))]
+    worst = [pd.read_csv(b.val_images).assign(model=f"{b.dir.parent.name} {b.dir.name}")
+             for b in members if b.val_images.exists()]
     if worst:
         table = pd.concat(worst).sort_values("mIoU").head(15)
         keep = ["model", "key", "mIoU"] + [c for c in table.columns if c.startswith("IoU/") and table[c].notna().any()]
-        parts.append("<p class='muted'>lowest per-image mIoU, out-of-fold</p>" + _table(table[keep], "{:.2f}"))
-    for g in sorted(Path(paths.models).glob("fold_*/seed_*/reports/gallery.png")):
-        parts.append(_figure(g, f"{g.parent.parent.parent.name} {g.parent.parent.name}: the worst validation image of each class"))
+        part += "<p class='muted'>lowest per-image mIoU, out-of-fold</p>" + _table(table[keep], "{:.2f}")
+    return part + "".join(_figure(b.gallery_png, f"{b.dir.parent.name} {b.dir.name}: the worst validation image of "
+                                                 "each class") for b in members)
 
-    # label audit
-    parts.append("<h2 id='audit'>Label audit</h2>")
-    audit_dir = reports / "audit"
-    if (audit_dir / "suspects.csv").exists():
-        noise = audit.get("noise") or {}
-        line = f"{audit.get('suspects', 0)} labels contradicted by confident out-of-fold predictions"
-        if noise.get("injected"):
-            line += (f"; of the {noise['injected']} labels corrupted on purpose (label_noise.csv), the top "
-                     f"{noise['k']} find {noise['found']} (recall {noise['recall']:.2f})")
-        parts.append(f"<p class='muted'>{html.escape(line)}; all in {html.escape(str(audit_dir / 'suspects.csv'))}</p>"
-                     + _table(pd.read_csv(audit_dir / "suspects.csv").head(15), "{:.2f}")
-                     + _figure(audit_dir / "gallery.png", "most suspicious labels: image | label | out-of-fold prediction"))
-        fixed = eda.get("corrections") or {}
-        parts.append(f"<p>To fix labels: fill the <code>action</code> column of {html.escape(str(audit_dir / 'review.csv'))}, "
-                     f"edit {html.escape(str(audit_dir / 'review_coco.json'))} in CVAT or FiftyOne, put both under "
-                     "<code>corrections/</code> and list them in <code>data.corrections</code> (corrections/README.md). "
-                     + ("Applied in this run: " + html.escape(", ".join(f"{n} {k}" for k, n in sorted(fixed.items())))
-                        if fixed else "No corrections applied in this run.") + "</p>")
 
-    # test
-    parts.append("<h2 id='test'>Test predictions</h2>" +
-                 _figure(Path(paths.submission) / "gallery.png", f"{paths.submission}/submission.csv: a sample"))
+def _audit(ws: Workspace, m: dict) -> str:
+    part, a, audit = "<h2 id='audit'>Label audit</h2>", ws.audit, m["audit"]
+    if not a.suspects_csv.exists():
+        return part
+    noise = audit.get("noise") or {}
+    line = f"{audit.get('suspects', 0)} labels contradicted by confident out-of-fold predictions"
+    if noise.get("injected"):
+        line += (f"; of the {noise['injected']} labels corrupted on purpose (the demo's label_noise.csv), the top "
+                 f"{noise['k']} find {noise['found']} (recall {noise['recall']:.2f})")
+    fixed = m["eda"].get("corrections") or {}
+    return (part + f"<p class='muted'>{html.escape(line)}; all in {html.escape(str(a.suspects_csv))}</p>"
+            + _table(pd.read_csv(a.suspects_csv).head(15), "{:.2f}")
+            + _figure(a.gallery_png, "most suspicious labels: image | label | out-of-fold prediction")
+            + f"<p>To fix labels: fill the <code>action</code> column of {html.escape(str(a.review_csv))}, "
+            f"edit {html.escape(str(a.review_coco_json))} in CVAT or FiftyOne, put both under "
+            "<code>corrections/</code> and list them in <code>data.corrections</code> (corrections/README.md). "
+            + ("Applied in this run: " + html.escape(", ".join(f"{n} {k}" for k, n in sorted(fixed.items())))
+               if fixed else "No corrections applied in this run.") + "</p>")
 
-    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Segmentation report</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    out = out or reports / "index.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as tmp:
-        Path(tmp).write_text(page, encoding="utf-8")
-    return out, head
+
+def _test(ws: Workspace, m: dict) -> str:
+    s = ws.submission
+    return "<h2 id='test'>Test predictions</h2>" + _figure(s.gallery_png, f"{s.csv}: a sample")

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.augment import build_transform
-from pipeline.data.coco import DataError
 from pipeline.data.masks import prepare_image
 from pipeline.inference.postprocess import Refiner
 from pipeline.inference.slide import SlidingWindow

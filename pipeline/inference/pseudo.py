@@ -28,7 +28,7 @@ from pipeline.inference.ensemble import Ensemble, image_files
 from pipeline.io import identical_files
 from pipeline.labels import IGNORE_INDEX
 from pipeline.models.checkpoint import ModelSet
-from pipeline.workspace import INDEX, Workspace
+from pipeline.workspace import INDEX, PseudoFiles, Workspace
 
 if TYPE_CHECKING:
     from pipeline.config import ParamsView
@@ -98,7 +98,7 @@ def unlabelled(test: pd.DataFrame, folds_csv: Path, image_root: Path | None = No
     return test[~clash].reset_index(drop=True), sorted(test.image_id[clash])
 
 
-def pseudo_label_folds(test: pd.DataFrame, p: "ParamsView", out: Path, device: torch.device) -> tuple[pd.DataFrame, dict]:
+def pseudo_label_folds(test: pd.DataFrame, p: "ParamsView", out: PseudoFiles, device: torch.device) -> tuple[pd.DataFrame, dict]:
     """Every fold's pseudo-labels from its own round-1 best models (its seed ensemble + infer's TTA)
     into out/fold_<k> (the folder that becomes paths.pseudo). Returns (per fold and class report,
     summary for the metrics file). p: params with infer, train, pseudo and paths."""
@@ -110,7 +110,7 @@ def pseudo_label_folds(test: pd.DataFrame, p: "ParamsView", out: Path, device: t
         teacher = Ensemble.from_files([(f, 1.0) for f in round1.only(folds=[k]).files()], p.infer, device)
         teacher.spec.check(f"pseudo, fold {k}", eval_size=p.train.eval_size, max_side=cache.get("max_side"),
                            classes=cache["classes"])
-        index, report = pseudo_label(teacher, test, out / f"fold_{k}", p.pseudo, p.infer.batch_size,
+        index, report = pseudo_label(teacher, test, out.fold(k), p.pseudo, p.infer.batch_size,
                                      final_dir=ws.pseudo_fold(k))
         reports.append(report.assign(fold=k, **{"class": cache["classes"]}))
         summary[f"fold_{k}"] = {"images": len(index),

@@ -29,9 +29,9 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
         np.savez(tmp, keys=np.asarray(f.val_tab.key, dtype=str), confusions=per_image)
     write_image_scores(per_image, f.val_tab, classes, member.val_images)
     member.reports.mkdir(exist_ok=True)
-    plot_confusion(cm, classes, member.reports / "confusion.png", f"{f.name}, best epoch {best['epoch']}")
-    plot_iou(s["IoU"], member.reports / "iou.png", f"{f.name}: mIoU {s['mIoU']:.3f}")
-    plot_curves(history, member.reports / "curves.png")
+    plot_confusion(cm, classes, member.confusion_png, f"{f.name}, best epoch {best['epoch']}")
+    plot_iou(s["IoU"], member.iou_png, f"{f.name}: mIoU {s['mIoU']:.3f}")
+    plot_curves(history, member.curves_png)
     plot_worst(f, model, val_dl, loss_fn, per_image)
     with atomic_file(f.ws.history_csv(f.tag, f.fold, f.seed)) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
@@ -57,4 +57,4 @@ def plot_worst(f: FoldRun, model, val_dl: DataLoader, loss_fn, per_image: np.nda
     preds = validate(as_validated(model, f.p.train), gallery, tab, loss_fn, f.evaluation(), keep=set(shown))[2]
     plot_gallery([read_image(tab["image"][i], (tab["height"][i], tab["width"][i])) for i in shown],
                  [cv2.imread(tab["mask"][i], cv2.IMREAD_UNCHANGED) for i in shown], [preds[i] for i in shown],
-                 f.classes, f.member.reports / "gallery.png", [(f"worst {f.classes[c]}: IoU {v:.2f}", c) for _, c, v in worst])
+                 f.classes, f.member.gallery_png, [(f"worst {f.classes[c]}: IoU {v:.2f}", c) for _, c, v in worst])
