@@ -1,7 +1,5 @@
 """Stage report: reports/index.html, one self-contained page of everything the pipeline found and
 scored; prints the headline (CV mIoU, the best honest ensemble on the holdout, where the page is)."""
-from pathlib import Path
-
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.evaluation.report import write_report
@@ -15,7 +13,7 @@ def main() -> None:
     recipe = {"model": p.model, "encoder": p.encoder, "epochs": p.train.epochs, "image size": p.train.image_size,
               "input": p.train.input, "folds": len(p.train.folds), "seeds": len(p.train.seeds)}
     with stage_run("report", p) as run:
-        path, head = write_report(p.paths, recipe, Path(p.paths.reports) / "index.html")
+        path, head = write_report(p.paths, recipe)
         run.log_artifact(path, "report")
     best = head["best_holdout"]
     print(f"CV mIoU {head['cv_mIoU']:.4f}" if head["cv_mIoU"] is not None else "CV mIoU: none", end="")

@@ -1,5 +1,5 @@
-"""Nothing lost: a train stage killed with SIGKILL (no cleanup code runs) resumes from its last
-checkpoint when rerun, and ends exactly where an uninterrupted run ends."""
+"""Nothing lost: a train stage killed with SIGKILL (no cleanup code runs) in any run state resumes
+from its last checkpoint when rerun, and ends exactly where an uninterrupted run ends."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import Params
@@ -24,16 +25,24 @@ def workdir(tmp, name):
     raw = Params().model_dump()
     raw["paths"].update({k: str(tmp / name / k) for k in ("models", "metrics", "plots")},
                         masks=str(tmp / "masks"), split=str(tmp / "split"))
-    raw["train"].update(folds=[0], epochs=EPOCHS, batch_size=6, image_size=64, augment=["hflip", "color"], cutmix=0.5)
+    raw["train"].update(folds=[0], epochs=EPOCHS, batch_size=6, image_size=64, augment=["hflip", "color"], cutmix=0.5,
+                        swa_epochs=2, ema={"decay": 0.9, "warmup": True})
     raw["runtime"].update(gallery=1)
     (tmp / name).mkdir()
     (tmp / name / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(), sort_keys=False))
     return tmp / name
 
 
-def stage(work, **kw):
-    return subprocess.Popen([sys.executable, "-m", "stages.train", "--fold", "0", "--seed", "0"], cwd=work,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+def stage(work, kill_in: str | None = None, **kw):
+    """The train stage as DVC runs it; kill_in: the run SIGKILLs itself at a fixed point of that state
+    (tests.test_training.kill_in), so no cleanup code runs and no timing decides where."""
+    run = [sys.executable, "-m", "stages.train", "--fold", "0", "--seed", "0"]
+    if kill_in:
+        run = [sys.executable, "-c", "import os, signal, sys, pytest, stages.train as t; "
+               "from tests.test_training import kill_in; "
+               f"kill_in(pytest.MonkeyPatch(), {kill_in!r}, lambda: os.kill(os.getpid(), signal.SIGKILL)); "
+               "sys.argv[1:] = ['--fold', '0', '--seed', '0']; t.main()"]
+    return subprocess.Popen(run, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -58,14 +67,26 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
     ck = load_checkpoint(last)
     assert 1 <= ck["epoch"] < EPOCHS and "optimizer" in ck          # mid-run: resumable state
 
+    # The rerun is killed in the next states too: while averaging (SWA saved, the EMA's BN pass), then
+    # while writing the reports; each rerun resumes in the state the last one died in.
+    for state in ("averaging", "finishing"):
+        proc = stage(killed, kill_in=state)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, out
+        assert load_checkpoint(last)["state"] == state
+        if state == "averaging":
+            assert f"resuming after epoch {ck['epoch']}" in out, out
     out, _ = stage(killed).communicate(timeout=300)
-    assert f"resuming after epoch {ck['epoch']}" in out, out
+    assert load_checkpoint(last)["state"] == "done" and "epoch 1/" not in out, out
     a = json.loads((straight / "metrics/train/fold_0_seed_0.json").read_text())["val"]
     b = json.loads((killed / "metrics/train/fold_0_seed_0.json").read_text())["val"]
     assert b["mIoU"] == pytest.approx(a["mIoU"], rel=1e-5) and b["best_epoch"] == a["best_epoch"]
     ha = load_checkpoint(straight / "models/fold_0/seed_0/last.pt")["history"]
     hb = load_checkpoint(last)["history"]
     assert [r["train/loss"] for r in hb] == pytest.approx([r["train/loss"] for r in ha], rel=1e-5)
+    for name in ("swa", "ema"):
+        wa, wb = (load_checkpoint(w / f"models/fold_0/seed_0/{name}.pt")["model"] for w in (straight, killed))
+        assert all(torch.allclose(wb[k].float(), v.float(), rtol=1e-4, atol=1e-6) for k, v in wa.items()), name
 
 
 @pytest.mark.timeout(300)

@@ -217,12 +217,14 @@ class Killed(BaseException):
     """What the test's SIGUSR1 handler raises: the process dies there, as under a real kill."""
 
 
-def kill_in(monkeypatch, state: str) -> None:
-    """Make the next run receive a signal inside `state` (deterministically, at a fixed point):
-    training — epoch 2 (epoch 1 saved); averaging — the EMA (SWA's average done and saved);
-    finishing — while writing the reports; done — while a finished run's reports are rewritten."""
-    signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(Killed(state)))
-    die = lambda: signal.raise_signal(signal.SIGUSR1)   # noqa: E731
+def kill_in(monkeypatch, state: str, die=None) -> None:
+    """Make the next run die inside `state` (deterministically, at a fixed point): training — epoch 2
+    (epoch 1 saved); averaging — the EMA (SWA's average done and saved); finishing — while writing
+    the reports; done — while a finished run's reports are rewritten. die: what kills it (default: a
+    SIGUSR1 whose handler raises Killed; tests/test_interrupt.py passes a real SIGKILL)."""
+    if die is None:
+        signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(Killed(state)))
+        die = lambda: signal.raise_signal(signal.SIGUSR1)   # noqa: E731
     calls = {"n": 0}
     if state == "training":
         real = trainer_module.train_one_epoch
