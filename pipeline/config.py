@@ -312,8 +312,11 @@ class Pseudo(_Section):
     epochs: int = Field(3, ge=1)
 
 
+class Oof(_Section):
+    max_side: int = Field(128, ge=16)   # out-of-fold probabilities kept at most this many px a side
+
+
 class Audit(_Section):
-    max_side: int = Field(128, ge=16)
     min_confidence: float = Field(0.5, gt=0, le=1)
     min_area: int = Field(12, ge=1)
     top_k: int = Field(25, ge=1)
@@ -338,10 +341,13 @@ class Submit(_Section):
     gallery: int = Field(8, ge=0)
 
 
-MOVED_TO_RUNTIME = {("train", "workers"): "workers", ("train", "device"): "device", ("train", "devices"): "devices",
-                    ("train", "gallery"): "gallery", ("infer", "batch_size"): "infer_batch_size",
-                    ("infer", "device"): "device", ("masks", "workers"): "data_workers",
-                    ("near_dups", "workers"): "data_workers"}
+# Keys that moved, and where to: the runtime section changes how the pipeline runs, not what it
+# computes, and reruns nothing; the oof stage's size is its own (tuning the audit reran the OOF inference).
+MOVED = {("train", "workers"): "runtime.workers", ("train", "device"): "runtime.device",
+         ("train", "devices"): "runtime.devices", ("train", "gallery"): "runtime.gallery",
+         ("infer", "batch_size"): "runtime.infer_batch_size", ("infer", "device"): "runtime.device",
+         ("masks", "workers"): "runtime.data_workers", ("near_dups", "workers"): "runtime.data_workers",
+         ("audit", "max_side"): "oof.max_side"}
 
 
 class Params(_Section):
@@ -358,6 +364,7 @@ class Params(_Section):
     train: Train = Train()
     infer: Infer = Infer()
     pseudo: Pseudo = Pseudo()
+    oof: Oof = Oof()
     audit: Audit = Audit()
     blend: Blend = Blend()
     submit: Submit = Submit()
@@ -366,12 +373,12 @@ class Params(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _moved_to_runtime(cls, raw: Any) -> Any:
-        moved = [f"{sec}.{key} -> runtime.{new}" for (sec, key), new in MOVED_TO_RUNTIME.items()
+    def _moved(cls, raw: Any) -> Any:
+        moved = [f"{sec}.{key} -> {new}" for (sec, key), new in MOVED.items()
                  if isinstance(raw, dict) and isinstance(raw.get(sec), dict) and key in raw[sec]]
         if moved:
-            raise ValueError("these settings moved to the runtime section (they change how the pipeline runs, "
-                             f"not what it computes, and rerun nothing): {', '.join(moved)}")
+            raise ValueError(f"these settings moved (runtime.*: how the pipeline runs here, which reruns nothing): "
+                             f"{', '.join(moved)}")
         return raw
 
     @model_validator(mode="after")

@@ -9,14 +9,14 @@ from pipeline.models.checkpoint import ModelSet
 from pipeline.tracking import stage_run
 from pipeline.workspace import Workspace
 
-PARAMS = ("infer", "train", "audit", "paths")
+PARAMS = ("infer", "train", "oof", "paths")
 
 
 def main() -> None:
     p = load_params().only(*PARAMS)
     with stage_run("oof", p) as run:
         s = write_oof(ModelSet.final(p.infer, p.train, Workspace(p.paths)), p, pick_device(p.infer.device))
-        print(f"out-of-fold (final ensemble's members per fold, TTA, at most {p.audit.max_side} px): "
+        print(f"out-of-fold (final ensemble's members per fold, TTA, at most {p.oof.max_side} px): "
               f"mIoU {s['mIoU']:.4f} -> {p.paths.oof}")
         run.write_metrics(Workspace(p.paths).metrics_json("oof"), {"oof": {
             "mIoU": s["mIoU"], "pixel_acc": s["pixel_acc"], "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}})

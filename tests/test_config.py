@@ -39,6 +39,7 @@ def test_defaults_equal_the_params_file():
     ({"infer": {"checkpoints": ["swa"]}, "train": {"swa_epochs": 2}}, "round-2 models (fine-tuned on pseudo-labels) keep best/last only"),
     ({"infer": {"fold_weights": [1.0, 2.0]}}, "infer.fold_weights has 2 weights for 3 folds"),
     ({"train": {"class_weights": "inverse", "loss": {"lovasz": 1.0}}}, "lovasz takes no class weights"),
+    ({"train": {"workers": 4}, "audit": {"max_side": 96}}, "train.workers -> runtime.workers, audit.max_side -> oof.max_side"),
 ])
 def test_bad_params_name_the_key(raw, expected):
     with pytest.raises(ConfigError) as err:

@@ -3,7 +3,7 @@ infer.checkpoints, with infer's TTA and scales) predict the fold's own validatio
 of them trained on. Kept small, for the label audit and for fitting blend weights across experiments:
 
   <oof>/index.csv        key, fold, height, width (the OOF resolution), probs, mask (files below)
-  <oof>/probs/<n>.npy    (C, h, w) uint8 = round(255 * probability), h and w at most audit.max_side
+  <oof>/probs/<n>.npy    (C, h, w) uint8 = round(255 * probability), h and w at most oof.max_side
   <oof>/masks/<n>.png    the truth at the same resolution (centre-aligned nearest; 255 = ignored)
   <oof>/classes.json     the mask cache's classes.json (class names, max_side)
 """
@@ -37,13 +37,13 @@ def read_oof(oof_dir: str | Path) -> pd.DataFrame:
 
 def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> dict:
     """Write paths.oof (atomically) from the final ensemble's `models`, each fold's members on that
-    fold's validation images, at most audit.max_side px; return the OOF scores at that resolution.
+    fold's validation images, at most oof.max_side px; return the OOF scores at that resolution.
     p: params with infer, train, audit and paths."""
     import torch
 
     from pipeline.inference.ensemble import Ensemble, ImageFiles
 
-    ws, infer, max_side = Workspace(p.paths), p.infer, p.audit.max_side
+    ws, infer, max_side = Workspace(p.paths), p.infer, p.oof.max_side
     cache = read_classes(ws.masks)
     classes = cache["classes"]
     cm, rows = ConfusionMatrix(len(classes)), []
