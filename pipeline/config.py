@@ -377,8 +377,9 @@ class Params(_Section):
         moved = [f"{sec}.{key} -> {new}" for (sec, key), new in MOVED.items()
                  if isinstance(raw, dict) and isinstance(raw.get(sec), dict) and key in raw[sec]]
         if moved:
-            raise ValueError(f"these settings moved (runtime.*: how the pipeline runs here, which reruns nothing): "
-                             f"{', '.join(moved)}")
+            why = (" (the runtime section says how the pipeline runs here, not what it computes: changing it "
+                   "reruns nothing)") if any("-> runtime." in m for m in moved) else ""
+            raise ValueError(f"these settings moved: {', '.join(moved)}{why}")
         return raw
 
     @model_validator(mode="after")
@@ -483,7 +484,10 @@ def _describe(err: dict, source: str) -> str:
         return f"{where}: unknown key (valid keys here: {', '.join(valid)})"
     if err["type"] == "literal_error":
         return f"{where}: {err['input']!r} is not a valid choice; expected {err['ctx']['expected']}"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    got, msg = err.get("input"), err["msg"].removeprefix("Value error, ")
+    if isinstance(got, dict):   # a section-level check: the whole section would bury the message
+        return f"{where}: {msg}"
+    return f"{where}: {msg} (got {got!r})"
 
 
 def _model_at(loc: list) -> type[BaseModel] | None:
