@@ -273,31 +273,39 @@ def test_a_run_killed_in_any_state_resumes_in_it_and_equals_an_uninterrupted_one
     train_fold(2, 0, p)
     assert load_checkpoint(out / "last.pt")["state"] == "done"
     straight = outputs(out)
-    # after the kill: (epochs trained, averages computed, reports written) by the rerun
-    expected = {"training": (2, ["swa", "ema"], 1), "averaging": (0, ["ema"], 1), "finishing": (0, [], 1),
-                "done": (0, [], 1)}
-    for state, (epochs, averages, finished) in expected.items():
-        if state != "done":
-            shutil.rmtree(prepared / "models/fold_2")
-        else:
-            train_fold(2, 0, p)   # a finished run; the kill hits the rewrite of its reports
-        with monkeypatch.context() as m:
-            kill_in(m, state)
-            with pytest.raises(Killed):
-                train_fold(2, 0, p)
-        assert load_checkpoint(out / "last.pt")["state"] == state
+    shutil.rmtree(prepared / "models/fold_2")
+    with monkeypatch.context() as m:
+        kill_in(m, "training")
+        with pytest.raises(Killed):
+            train_fold(2, 0, p)
+    assert load_checkpoint(out / "last.pt")["state"] == "training"
+    # One run after another, each killed in the next state (the last one not at all; then a finished
+    # run killed while its reports are rewritten): (epochs trained, averages computed, reports written)
+    # by each, and the state it leaves.
+    chain = [("averaging", (2, ["swa"], 0)),   # resumes after epoch 1, killed before the EMA
+             ("finishing", (0, ["ema"], 0)),   # resumes with SWA done: only the EMA, killed in the reports
+             (None, (0, [], 1)),               # resumes in finishing: the reports only
+             ("done", (0, [], 0)), (None, (0, [], 1))]
+    for kill, counts in chain:
         with monkeypatch.context() as m:
             n = counting(m)
-            train_fold(2, 0, p)
-        assert (n["epochs"], n["averages"], n["finished"]) == (epochs, averages, finished), state
-        assert load_checkpoint(out / "last.pt")["state"] == "done"
-        resumed = outputs(out)
-        assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5), state
+            if kill:
+                kill_in(m, kill)
+                with pytest.raises(Killed):
+                    train_fold(2, 0, p)
+            else:
+                train_fold(2, 0, p)
+        assert (n["epochs"], n["averages"], n["finished"]) == counts, kill
+        assert load_checkpoint(out / "last.pt")["state"] == (kill or "done")
+        if kill:
+            continue
+        resumed = outputs(out)   # what the uninterrupted run left
+        assert resumed["losses"] == pytest.approx(straight["losses"], rel=1e-5)
         for name in ("best", "swa", "ema"):
             for k, v in straight[name].items():
-                assert torch.allclose(resumed[name][k].float(), v.float(), rtol=1e-4, atol=1e-6), (state, name, k)
+                assert torch.allclose(resumed[name][k].float(), v.float(), rtol=1e-4, atol=1e-6), (name, k)
         for f in [k for k in straight if k.startswith("val_confusion")]:
-            assert np.abs(resumed[f] - straight[f]).sum() <= 0.001 * straight[f].sum(), (state, f)
+            assert np.abs(resumed[f] - straight[f]).sum() <= 0.001 * straight[f].sum(), f
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, monkeypatch):
