@@ -18,8 +18,9 @@ def main() -> None:
         table, summary = blend_experiments(p, pick_device(p.infer.device))
         ws = Workspace(p.paths)
         with atomic_dir(ws.blend.dir) as tmp:
-            table.to_csv(BlendFiles(tmp).variants_csv, index=False)
-            write_json(BlendFiles(tmp).blend_json, summary)
+            out = BlendFiles(tmp)
+            table.to_csv(out.variants_csv, index=False)
+            write_json(out.blend_json, summary)
         run.log_artifacts(ws.blend.dir, "blend")
         run.write_metrics(ws.metrics_json("blend"), {"blend": {
             "experiments": len(summary["experiments"]), "mIoU": summary["blend_mIoU"],

@@ -16,10 +16,11 @@ def main() -> None:
         ds = dataset_from_params(p.data)
         result = analyse(ds, p.masks.overlap, p.masks.unknown, p.masks.unknown_name,
                          workers=p.masks.workers)
-        with atomic_dir(p.paths.eda) as out:
-            write_report(result, EdaFiles(out))
-        run.log_artifacts(p.paths.eda, "eda")
-        run.write_metrics(Workspace(p.paths).metrics_json("eda"), {"eda": result.summary})
+        ws = Workspace(p.paths)
+        with atomic_dir(ws.eda.dir) as tmp:
+            write_report(result, EdaFiles(tmp))
+        run.log_artifacts(ws.eda.dir, "eda")
+        run.write_metrics(ws.metrics_json("eda"), {"eda": result.summary})
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ def main() -> None:
         table, refiner, fit_log = evaluate_variants(p, classes, pick_device(p.infer.device))
         ws = Workspace(p.paths)
         with atomic_dir(ws.ensemble.dir) as tmp:
-            table.to_csv(EnsembleFiles(tmp).variants_csv, index=False)
-            write_json(EnsembleFiles(tmp).postprocess_json, {**refiner.to_json(), "fitted": fit_log})
+            out = EnsembleFiles(tmp)
+            table.to_csv(out.variants_csv, index=False)
+            write_json(out.postprocess_json, {**refiner.to_json(), "fitted": fit_log})
         run.log_artifacts(ws.ensemble.dir, "ensemble")
         variants = variants_metrics(table)
         submitted = submitted_variant(table, refiner)

@@ -22,10 +22,11 @@ def main() -> None:
         pairs = (find_pairs(images, n, n.workers) if n.enabled
                  else pd.DataFrame(columns=PAIR_COLUMNS))
         cluster = clusters(images.key.tolist(), pairs)
-        with atomic_dir(p.paths.near_dups) as out:
-            write_report(images, pairs, cluster, NearDupFiles(out))
-        run.log_artifacts(p.paths.near_dups, "near_dups")
-        run.write_metrics(Workspace(p.paths).metrics_json("near_dups"), {"near_dups": summary(images, pairs, cluster)})
+        ws = Workspace(p.paths)
+        with atomic_dir(ws.near_dups.dir) as tmp:
+            write_report(images, pairs, cluster, NearDupFiles(tmp))
+        run.log_artifacts(ws.near_dups.dir, "near_dups")
+        run.write_metrics(ws.metrics_json("near_dups"), {"near_dups": summary(images, pairs, cluster)})
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ def main() -> None:
         ws = Workspace(p.paths)
         test, left_out = unlabelled(load_test_set(p.data), ws.folds_csv, Path(p.data.root))
         with atomic_dir(ws.pseudo.dir) as tmp:
-            report, summary = pseudo_label_folds(test, p, PseudoFiles(tmp), pick_device(p.infer.device))
-            report.to_csv(PseudoFiles(tmp).report_csv, index=False)
-            pd.Series(left_out, name="file_name").to_csv(PseudoFiles(tmp).left_out_csv, index=False)
+            out = PseudoFiles(tmp)
+            report, summary = pseudo_label_folds(test, p, out, pick_device(p.infer.device))
+            report.to_csv(out.report_csv, index=False)
+            pd.Series(left_out, name="file_name").to_csv(out.left_out_csv, index=False)
         run.log_artifact(ws.pseudo.report_csv, "pseudo")
         run.write_metrics(ws.metrics_json("pseudo"), {"pseudo": {
             "test_images": len(test), "left_out_in_labelled_pool": len(left_out), **summary}})

@@ -21,13 +21,14 @@ def main() -> None:
         near = near_pairs(ds.images.key, pairs) if s.joins_near_dups else []
         folds = make_folds(ds, s, p.data.val_json, copies, near)
         table, balance = balance_report(ds, folds, s)
-        with atomic_dir(p.paths.split) as out:
-            files = SplitFiles(out)
-            folds.to_csv(files.folds_csv, index=False)
-            table.to_csv(files.balance_csv, index=False)
-            plot_balance(ds, folds, files.fold_balance_png)
-        run.log_artifacts(p.paths.split, "split")
-        run.write_metrics(Workspace(p.paths).metrics_json("split"),
+        ws = Workspace(p.paths)
+        with atomic_dir(ws.split) as tmp:
+            out = SplitFiles(tmp)
+            folds.to_csv(out.folds_csv, index=False)
+            table.to_csv(out.balance_csv, index=False)
+            plot_balance(ds, folds, out.fold_balance_png)
+        run.log_artifacts(ws.split, "split")
+        run.write_metrics(ws.metrics_json("split"),
                           {"split": split_summary(folds, balance, copies, pairs, s.joins_near_dups)})
 
 
