@@ -29,7 +29,7 @@ def main() -> None:
         run.write_metrics(ws.metrics_json("ensemble"), {"ensemble": variants, "submitted": submitted})
         # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
         run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
-        for line in summary_lines(submitted, fit_log):
+        for line in summary_lines(submitted, fit_log, table):
             print(line)
 
 

@@ -14,6 +14,7 @@ from pipeline.config import Params
 from pipeline.evaluation import stats
 from pipeline.evaluation.metrics import Metric
 from pipeline.evaluation.rules import fit_rules
+from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, VariantTable, summary_lines
 from pipeline.inference.postprocess import Crf, Refiner, Rules, apply_rules, crf_refine
 from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.loop import rescale
@@ -97,6 +98,36 @@ def test_a_clearly_better_experiment_excludes_zero(kind):
     assert flipped["diff"] == pytest.approx(-d["diff"]) and flipped["high"] < 0
     with pytest.raises(ValueError, match="same images"):
         stats.paired(m, a, b[:-1])
+
+
+def test_variant_rows_are_compared_with_the_submission_on_the_same_images():
+    """vs_submitted: a holdout row identical to the submission differs by exactly 0; a clearly better
+    one has its paired interval above 0 and is the note the stage prints; out-of-fold rows (other
+    images) get no comparison."""
+    m = Metric("dataset")
+    truths, worse = noisy_images(flip=0.3)
+    better = [np.where(np.random.default_rng(i).random(t.shape) < 0.1, 1 - t, t) for i, t in enumerate(truths)]
+    table = VariantTable(["Background", "object"], m)
+    table.add(Variant("fold", "fold model", OOF), per_image(m, better, truths), 1.0)
+    table.add(Variant("kfold", "k-fold ensemble", HOLDOUT), per_image(m, better, truths), 1.0)
+    table.add(Variant("kfold_round2", "round-2 k-fold ensemble", HOLDOUT), per_image(m, worse, truths), 1.0)
+    table.add(Variant("final", "final ensemble", HOLDOUT), per_image(m, worse, truths), 1.0)
+    table.compare_to(f"{HOLDOUT}/final")
+    t = table.frame().set_index("id")
+    assert t.loc["kfold_round2", ["vs_submitted", "vs_submitted_low", "vs_submitted_high"]].tolist() == [0, 0, 0]
+    assert 0 < t.loc["kfold", "vs_submitted_low"] < t.loc["kfold", "vs_submitted"] == pytest.approx(
+        m.value(per_image(m, better, truths)) - m.value(per_image(m, worse, truths)))
+    assert t[["vs_submitted"]].isna().loc[["fold", "final"]].all().all()
+    submitted = {"variant": "final ensemble", "metric_name": "mIoU", "metric": t.loc["final", "metric"],
+                 "ci95_low": t.loc["final", "ci95_low"], "ci95_high": t.loc["final", "ci95_high"]}
+    lines = summary_lines(submitted, [{}], table.frame())
+    assert lines[-1].startswith(f"note: on the holdout, k-fold ensemble beats the submission by "
+                                f"{t.loc['kfold', 'vs_submitted']:+.4f} [")
+    same = VariantTable(["Background", "object"], m)
+    for v in ("kfold", "final"):
+        same.add(Variant(v, v, HOLDOUT), per_image(m, worse, truths), 1.0)
+    same.compare_to(f"{HOLDOUT}/final")
+    assert not any(line.startswith("note:") for line in summary_lines(submitted, [{}], same.frame()))
 
 
 def test_shakeup_is_zero_when_every_image_scores_alike_and_shrinks_with_more_images():

@@ -205,10 +205,12 @@ def _ensembles(ws: Workspace, m: dict) -> str:
     if not files.variants_csv.exists():
         return part
     v = pd.read_csv(files.variants_csv)
-    cols = [c for c in ("variant", "judged_on", "images", "metric", "ci95_low", "ci95_high", "mIoU", "pixel_acc",
-                        "images_per_s", "extra_s_per_image") if c in v]
+    cols = [c for c in ("variant", "judged_on", "images", "metric", "ci95_low", "ci95_high", "vs_submitted",
+                        "vs_submitted_low", "vs_submitted_high", "mIoU", "pixel_acc", "images_per_s",
+                        "extra_s_per_image") if c in v]
     part += ("<p class='muted'>each row judged only on images none of its members trained on; metric = the "
-             "leaderboard's (params metric), with its 95 % bootstrap interval over images</p>" +
+             "leaderboard's (params metric), with its 95 % bootstrap interval over images; vs_submitted: a holdout "
+             "row's metric minus the submission's on the same images, with its paired 95 % interval</p>" +
              _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
     refine = _json(files.postprocess_json)
     kept = [r for r in refine.get("fitted", []) if r.get("rule") != "none"]
