@@ -231,9 +231,10 @@ def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str 
             painted[v] += n
     class_table = _class_table(ds, painted)
     overlaps, overlap_summary = _overlaps(ds, stats, painted.sum())
+    by_image = ds.annotations.groupby("key")
     per_image = pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id,
-                              "annotations": ds.images.key.map(ds.annotations.groupby("key").size()).fillna(0).astype(int),
-                              "classes": ds.images.key.map(ds.annotations.groupby("key").class_idx.nunique()).fillna(0).astype(int)})
+                              "annotations": ds.images.key.map(by_image.size()).fillna(0).astype(int),
+                              "classes": ds.images.key.map(by_image.class_idx.nunique()).fillna(0).astype(int)})
     tables = {"class_stats": class_table, "annotations": _annotation_table(ds, stats, by_key), "per_image": per_image,
               **overlaps, "issues": ds.issues}
     return EdaResult(tables=tables, summary=_summary(ds, tables, overlap_summary))

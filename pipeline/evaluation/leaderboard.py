@@ -51,7 +51,8 @@ def _metric(metrics: dict, file: str) -> dict:
 
 def _workspace(params: dict) -> Workspace:
     """An experiment's layout from its flattened params (the folders DVC reports it used)."""
-    return Workspace(SimpleNamespace(plots=params.get("paths.plots", "plots"), metrics=params.get("paths.metrics", "metrics")))
+    return Workspace(SimpleNamespace(plots=params.get("paths.plots", "plots"),
+                                     metrics=params.get("paths.metrics", "metrics")))
 
 
 def row(name: str, data: dict) -> dict[str, Any]:

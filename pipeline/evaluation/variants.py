@@ -113,9 +113,9 @@ class VariantTable:
         if key not in self.images:
             return
         for r in self.rows:
-            own = self.images.get(f"{r['judged_on']}/{r['id']}")
-            if r["judged_on"] == HOLDOUT and own is not None and f"{HOLDOUT}/{r['id']}" != key:
-                d = stats.paired(self.metric, own, self.images[key], self.draws, self.seed)
+            own = f"{r['judged_on']}/{r['id']}"
+            if r["judged_on"] == HOLDOUT and own in self.images and own != key:
+                d = stats.paired(self.metric, self.images[own], self.images[key], self.draws, self.seed)
                 r.update(vs_submitted=d["diff"], vs_submitted_low=d["low"], vs_submitted_high=d["high"])
 
     def frame(self) -> pd.DataFrame:
