@@ -119,8 +119,9 @@ class NearDups(_UsesRuntime):
     enabled: bool = True
     hash_distance: int = Field(8, ge=0, le=64)   # pHash bits that may differ (resizes, re-encodes, brightness)
     min_inliers: int = Field(20, ge=4)           # ORB matches agreeing on one affine map (crops)
+    max_disagree: float = Field(0.1, ge=0, le=1)  # share of aligned pixels that may differ for a pair to join
     side: int = Field(512, ge=64)                # long side the images are looked at
-    n_features: int = Field(1000, ge=50)          # ORB keypoints per image
+    n_features: int = Field(1000, ge=50)          # ORB keypoints per image (and as many on its mirror image)
     include_test: bool = True                    # also find test images that repeat labelled ones
 
     @property
@@ -128,13 +129,36 @@ class NearDups(_UsesRuntime):
         return self._runtime.data_workers
 
 
+class GroupPattern(_Section):
+    pattern: str   # regex on the json's file_name; its first capture is the group (images not matching: their own)
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_capture(cls, v: str) -> str:
+        import re
+
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        if groups < 1:
+            raise ValueError("needs a capture group, e.g. '^(.+)\\.rf\\.': its first capture names the group")
+        return v
+
+
 class Split(_Section):
     strategy: Literal["multilabel", "random", "given"] = "multilabel"
     n_folds: int = Field(3, ge=1)
-    group: Optional[str] = None
+    group: Optional[str | GroupPattern] = None   # null | folder | <image field> | {pattern: regex}
+    copies_by_name: bool = True             # copies an exporter names as such (Roboflow's .rf.) share a group
     join_near_dups: Optional[bool] = None   # null: when group is null; true/false: always/never
     holdout: float = Field(0.1, ge=0.0, lt=0.9)
     seed: int = 42
+
+    @property
+    def pattern(self) -> Optional[str]:
+        """The group pattern's regex, when split.group is one."""
+        return self.group.pattern if isinstance(self.group, GroupPattern) else None
 
     @property
     def joins_near_dups(self) -> bool:

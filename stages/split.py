@@ -2,8 +2,10 @@
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.data.folds import balance_report, make_folds, near_pairs, plot_balance, split_summary
+from pipeline.data.folds import (Links, balance_report, make_folds, near_pairs, plot_balance, split_summary,
+                                 split_warnings)
 from pipeline.data.near_dups import read_pairs
+from pipeline.data.sources import copies_by_name
 from pipeline.io import atomic_dir, identical_files
 from pipeline.tracking import stage_run
 from pipeline.workspace import SplitFiles, Workspace
@@ -16,11 +18,13 @@ def main() -> None:
     s = p.split
     with stage_run("split", p) as run:
         ds = dataset_from_params(p.data, corrections=False)   # folds stay put when labels are fixed
-        copies = identical_files(ds.images.path)   # the same photo under two names: kept together
-        pairs = read_pairs(p.paths.near_dups)      # crops, resizes, re-encodes (stage near_dups)
-        near = near_pairs(ds.images.key, pairs) if s.joins_near_dups else []
-        folds = make_folds(ds, s, p.data.val_json, copies, near)
+        pairs = read_pairs(p.paths.near_dups)      # crops, resizes, flips, letterboxes (stage near_dups)
+        links = Links(identical=identical_files(ds.images.path),     # the same photo under two names
+                      named=copies_by_name(ds.images.file_name),        # Roboflow's <stem>_<ext>.rf.<hash> copies
+                      near=near_pairs(ds.images.key, pairs))            # pairs whose pixels agree
+        folds = make_folds(ds, s, p.data.val_json, links.joining(s.copies_by_name, s.joins_near_dups))
         table, balance = balance_report(ds, folds, s)
+        summary = split_summary(folds, balance, links, pairs, s.joins_near_dups)
         ws = Workspace(p.paths)
         with atomic_dir(ws.split) as tmp:
             out = SplitFiles(tmp)
@@ -28,8 +32,9 @@ def main() -> None:
             table.to_csv(out.balance_csv, index=False)
             plot_balance(ds, folds, out.fold_balance_png)
         run.log_artifacts(ws.split, "split")
-        run.write_metrics(ws.metrics_json("split"),
-                          {"split": split_summary(folds, balance, copies, pairs, s.joins_near_dups)})
+        for line in split_warnings(summary, s.n_folds):
+            print(f"split: WARNING: {line}", flush=True)
+        run.write_metrics(ws.metrics_json("split"), {"split": summary})
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ Strategies:
   random: plain shuffled KFold (the baseline the report compares against).
   given: the val json's images are fold 0, the train json's images are never validated (fold -1).
 With a group key, stratification runs on groups (labels pooled per group), so a group never
-straddles folds. Byte-identical image files (the same photo under two names) join one group too,
-so a copy is never validated by a model that trained on the other (except with 'given', where the
-split is the user's: the split report counts such copies). The holdout is drawn first, stratified
-the same way, and belongs to no fold.
+straddles folds. Copies join one group too (Links): byte-identical files, copies an exporter named
+as one source (pipeline/data/sources.py) and near-duplicate pairs whose pixels agree
+(pipeline/data/near_dups.py), so a copy is never validated by a model that trained on another
+(except with 'given', where the split is the user's: the split report counts such leaks). The
+holdout is drawn first, stratified the same way, and belongs to no fold; groups bigger than the
+holdout are never drawn. Stratification balances groups, not images: when groups differ in size the
+folds are evened out afterwards (even_out: whole groups move from the fullest fold to the emptiest
+until every fold is within FOLD_TOLERANCE of equal size, or no group fits); a group bigger than a
+fold's share is reported (oversized_groups), since no split can then be even.
 
 folds.csv: key, image_id, source, file_name, group, fold (-1 = never a validation image), holdout,
 duplicate_of (key of the first byte-identical image, else empty).
@@ -19,6 +24,8 @@ A training run for fold k trains on `fold != k and not holdout` and validates on
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,17 +39,42 @@ from pipeline.data.coco import DataError, Dataset
 
 IMAGE_QUANTILES = (0.25, 0.5, 0.75)   # count bins that split the images evenly...
 MASS_BINS = 5                          # ...plus bins holding equal shares of the objects (the long tail)
+FOLD_TOLERANCE = 0.1                   # folds within +-10 % of equal size, whenever the groups allow
 
 
-def group_keys(images: pd.DataFrame, group: Optional[str]) -> pd.Series:
-    """The grouping value of each image: its folder ('folder'), an image field, or itself."""
+@dataclass(frozen=True)
+class Links:
+    """Images that must share a fold, and why: sets of positions in ds.images."""
+    identical: Sequence[Sequence[int]] = ()   # byte-identical files (pipeline.io.identical_files)
+    named: Sequence[Sequence[int]] = ()       # copies of one source by file name (sources.copies_by_name)
+    near: Sequence[Sequence[int]] = ()        # near-duplicate pairs to keep together (joined ones)
+
+    def all(self) -> list[Sequence[int]]:
+        return [*self.identical, *self.named, *self.near]
+
+    def joining(self, named: bool, near: bool) -> "Links":
+        """The links a split joins (split.copies_by_name, split.join_near_dups); all of them are
+        still counted as leaks by split_summary."""
+        return Links(self.identical, self.named if named else (), self.near if near else ())
+
+
+def group_keys(images: pd.DataFrame, group) -> pd.Series:
+    """The grouping value of each image: its folder ('folder'), an image field, the first capture of
+    a pattern on file_name (split.group {pattern: ...}; images it does not match are their own
+    group), or itself (None)."""
     if group is None:
         return images.key.rename("group")
+    pattern = getattr(group, "pattern", None)
+    if pattern is not None:
+        rx = re.compile(pattern)
+        found = [rx.search(str(f)) for f in images.file_name]
+        return pd.Series([f"pattern:{m.group(1)}" if m and m.group(1) else k for m, k in zip(found, images.key)],
+                         index=images.index, name="group")
     if group == "folder":
         return images.file_name.map(lambda f: str(Path(f).parent)).rename("group")
     if group not in images.columns:
         fields = sorted(c for c in images.columns if c not in ("key", "path", "source"))
-        raise DataError(f"split.group: images have no field {group!r}; use 'folder' or one of {fields}")
+        raise DataError(f"split.group: images have no field {group!r}; use 'folder', {{pattern: ...}} or one of {fields}")
     return images[group].astype(str).rename("group")
 
 
@@ -130,20 +162,51 @@ def _holdout(strategy: str, frac: float, seed: int, labels: np.ndarray, eligible
     return out
 
 
-def make_folds(ds: Dataset, s: Split, val_source: Optional[str] = None,
-               duplicates: Sequence[Sequence[int]] = (), near: Sequence[Sequence[int]] = ()) -> pd.DataFrame:
+def even_out(g_fold: np.ndarray, g_size: np.ndarray, g_labels: np.ndarray, tolerance: float = FOLD_TOLERANCE) -> np.ndarray:
+    """Fold per group (-1 = none) with whole groups moved from the fullest fold to the emptiest until
+    every fold's images are within `tolerance` of equal, or no group's move narrows the gap.
+
+    g_size: (G,) images per group; g_labels: (G, L) label counts per group (the stratification
+    labels). Among the groups whose move narrows the gap, the one closest to half the gap moves,
+    ties broken by the least change to the two folds' label mix. Folds already even are untouched
+    (the usual case: iterative stratification of same-sized groups is even to one image)."""
+    fold = g_fold.copy()
+    ks = np.unique(fold[fold >= 0])
+    if len(ks) < 2:
+        return fold
+    target = g_size[fold >= 0].sum() / len(ks)
+    labels = g_labels.astype(float)
+    for _ in range(len(fold)):
+        sizes = np.array([g_size[fold == k].sum() for k in ks])
+        if sizes.max() <= target * (1 + tolerance) and sizes.min() >= target * (1 - tolerance):
+            break
+        big, small = ks[sizes.argmax()], ks[sizes.argmin()]
+        gap = sizes.max() - sizes.min()
+        cand = np.flatnonzero((fold == big) & (g_size < gap))
+        if not len(cand):
+            break
+        rate = labels[fold >= 0].sum(0) / max(g_size[fold >= 0].sum(), 1)    # labels per image, pool-wide
+        harm = np.abs(labels[cand] - rate * g_size[cand, None]).sum(1) / np.maximum(g_size[cand], 1)
+        pick = cand[np.lexsort((harm, np.abs(g_size[cand] - gap / 2)))[0]]
+        fold[pick] = small
+    return fold
+
+
+def make_folds(ds: Dataset, s: Split, val_source: Optional[str] = None, links: Links = Links()) -> pd.DataFrame:
     """Assign every labelled image a fold (see the module docstring for the columns).
     s: the split section (strategy, n_folds, group, holdout, seed); val_source: data.val_json, which
-    'given' validates on. duplicates: sets of positions in ds.images whose files are identical
-    (`pipeline.io.identical_files`). near: sets of positions to keep together too (near-duplicate
-    pairs, `pipeline.data.near_dups`)."""
+    'given' validates on. links: image sets to keep together (byte-identical files, copies by name,
+    joined near-duplicates); with 'given' they are only counted (split_summary), never joined."""
     groups = group_keys(ds.images, s.group)
     if s.strategy != "given":
-        groups = merge_groups(groups, [*duplicates, *near])
-    first = {i: ds.images.key.iloc[d[0]] for d in duplicates for i in d[1:]}
+        groups = merge_groups(groups, links.all())
+    first = {i: ds.images.key.iloc[d[0]] for d in links.identical for i in d[1:]}
     presence, counts = label_matrix(ds)
     codes, n_groups, g_presence, g_counts = _by_group(groups, presence, counts)
     labels = _strat_labels(g_presence, g_counts)
+    g_size = np.bincount(codes, minlength=n_groups)
+    # a group bigger than the whole holdout would take it over: such groups are always cross-validated
+    fits_holdout = g_size <= max(1.0, s.holdout * len(codes))
     g_fold = np.full(n_groups, -1)
     if s.strategy == "given":
         if val_source is None:
@@ -156,12 +219,15 @@ def make_folds(ds: Dataset, s: Split, val_source: Optional[str] = None,
         if (g_val & g_train).any():
             raise DataError(f"split.group {s.group!r} puts train and val images in the same group; "
                             "with strategy 'given' groups must not straddle the two files")
-        g_hold = _holdout("multilabel", s.holdout, s.seed, labels, ~g_val)
+        g_hold = _holdout("multilabel", s.holdout, s.seed, labels, ~g_val & fits_holdout)
         g_fold[g_val] = 0
     else:
-        g_hold = _holdout(s.strategy, s.holdout, s.seed, labels, np.ones(n_groups, bool))
+        g_hold = _holdout(s.strategy, s.holdout, s.seed, labels, fits_holdout)
         rest = np.nonzero(~g_hold)[0]
         g_fold[rest] = _kfold(s.strategy, s.n_folds, s.seed, labels[rest])
+        g_classes = np.zeros((n_groups, presence.shape[1]))
+        np.add.at(g_classes, codes, presence)   # images per class per group
+        g_fold = even_out(g_fold, g_size, g_classes)
     return pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id, "source": ds.images.source,
                          "file_name": ds.images.file_name, "group": groups.to_numpy(),
                          "fold": g_fold[codes], "holdout": g_hold[codes],
@@ -176,37 +242,100 @@ def duplicates_apart(folds: pd.DataFrame) -> int:
     return int((first != dup[["fold", "holdout"]].to_numpy()).any(axis=1).sum())
 
 
-def near_pairs(keys: pd.Series, pairs: pd.DataFrame) -> list[list[int]]:
-    """Positions in `keys` of each near-duplicate pair (columns key_a, key_b) whose images are both there."""
+def near_pairs(keys: pd.Series, pairs: pd.DataFrame, joined_only: bool = True) -> list[list[int]]:
+    """Positions in `keys` of each near-duplicate pair (columns key_a, key_b, and `joined`: only
+    those unless joined_only is False) whose images are both there."""
+    if joined_only and "joined" in pairs and len(pairs):
+        pairs = pairs[pairs.joined.astype(bool)]
     pos = {k: i for i, k in enumerate(keys)}
     return [[pos[a], pos[b]] for a, b in zip(pairs.key_a, pairs.key_b) if a in pos and b in pos]
 
 
-def near_dups_apart(folds: pd.DataFrame, pairs: pd.DataFrame) -> dict:
-    """How the split treats near-duplicate pairs: pairs whose two images sit on different sides
-    (other fold, or one in the holdout), and validation/holdout images that have a near-duplicate
-    among the images trained on when they are judged: the leaks a split should not have."""
+def leaky_keys(folds: pd.DataFrame, sets: Sequence[Sequence[str]]) -> set[str]:
+    """Validation and holdout images that have a partner in their set (keys; keys outside `folds`,
+    e.g. test images, are ignored) among the images trained on when they are judged: a holdout
+    image, by any partner outside the holdout (every fold model trains on it); a validation image of
+    fold f, by any partner outside the holdout and outside fold f."""
     side = folds.set_index("key")[["fold", "holdout"]]
-    pairs = pairs[pairs.key_a.isin(side.index) & pairs.key_b.isin(side.index)]
-    a, b = side.loc[pairs.key_a].to_numpy(), side.loc[pairs.key_b].to_numpy()
-    apart = (a != b).any(axis=1)
+    fold, hold = side.fold.to_dict(), side.holdout.astype(bool).to_dict()
     leaky: set[str] = set()
-    for (ka, kb), (fa, ha), (fb, hb) in zip(zip(pairs.key_a, pairs.key_b), a, b):
-        for k, f, h, f2, h2 in ((ka, fa, ha, fb, hb), (kb, fb, hb, fa, ha)):
-            judged_without_it = (h and not h2) or (f >= 0 and not h and not h2 and f2 != f)
-            if judged_without_it:   # the other image is trained on when this one is scored
+    for members in sets:
+        inside = [k for k in dict.fromkeys(members) if k in fold]
+        if len(inside) < 2:
+            continue
+        trained = [(fold[k], hold[k]) for k in inside]
+        for k in inside:
+            others = [(f, h) for m, (f, h) in zip(inside, trained) if m != k]
+            if hold[k]:
+                bad = any(not h for _, h in others)
+            else:
+                bad = fold[k] >= 0 and any(not h and f != fold[k] for f, h in others)
+            if bad:
                 leaky.add(k)
-    return {"pairs": int(len(pairs)), "pairs_apart": int(apart.sum()), "leaky_images": len(leaky)}
+    return leaky
 
 
-def split_summary(folds: pd.DataFrame, balance: dict, copies: Sequence[Sequence[int]], pairs: pd.DataFrame,
-                  joined: bool) -> dict:
-    """The split stage's metrics: fold sizes, balance, and how copies and near-duplicates were kept."""
+def leak_report(folds: pd.DataFrame, sets_by_signal: dict[str, Sequence[Sequence[str]]]) -> dict:
+    """leaky_images (any signal) and leaks per signal (leaky_keys of each signal's sets): what a
+    score on this split is inflated by, whatever the split joined."""
+    by = {name: leaky_keys(folds, sets) for name, sets in sets_by_signal.items()}
+    return {"leaky_images": len(set().union(*by.values())) if by else 0,
+            "leaks_by_signal": {name: len(keys) for name, keys in by.items()}}
+
+
+def oversized_groups(folds: pd.DataFrame, limit: int = 5) -> list[dict]:
+    """Groups with more images than a fold's share of the pool (1/n_folds of the non-holdout images),
+    largest first: {group, images, share (of the pool), fold}. No split can be even around them."""
+    pool = folds[~folds.holdout.astype(bool)]
+    ks = sorted(set(pool.fold) - {-1})
+    if len(ks) < 2:
+        return []
+    sizes = pool.groupby("group").size().sort_values(ascending=False, kind="stable")
+    big = sizes[sizes > len(pool) / len(ks)]
+    fold_of = pool.groupby("group").fold.first()
+    return [{"group": str(g), "images": int(n), "share": round(float(n / len(pool)), 4), "fold": int(fold_of[g])}
+            for g, n in big.head(limit).items()]
+
+
+def split_warnings(summary: dict, n_folds: int) -> list[str]:
+    """Sentences for the user when folds are uneven or a group is bigger than a fold's share."""
+    out = []
+    sizes = summary["fold_images"]
+    if len(sizes) > 1:
+        target = sum(sizes.values()) / len(sizes)
+        off = {k: v / target - 1 for k, v in sizes.items()}
+        if max(abs(v) for v in off.values()) > FOLD_TOLERANCE:
+            out.append("folds are uneven: " + ", ".join(f"fold {k} {v} images ({off[k]:+.0%})" for k, v in sizes.items())
+                       + f" against {target:.0f} each")
+    for g in summary["groups"]["oversized"]:
+        out.append(f"group {g['group']!r} holds {g['images']} images ({g['share']:.0%} of the pool), more than a "
+                   f"fold's share (1/{n_folds}); it forces fold {g['fold']}'s size. Check reports/near_dups "
+                   "(clusters) or split.group")
+    return out
+
+
+def split_summary(folds: pd.DataFrame, balance: dict, links: Links, pairs: pd.DataFrame, joined: bool) -> dict:
+    """The split stage's metrics: fold sizes, balance, groups (from names, oversized), how copies and
+    near-duplicates were kept, and the validation/holdout images with a trained-on partner by any
+    signal (leak_report: same source by name, byte-identical, near-duplicate joined or not)."""
     counts = folds[~folds.holdout].fold.value_counts()
+    keys = folds.key.to_numpy()
+    inside = pairs[pairs.key_a.isin(folds.key) & pairs.key_b.isin(folds.key)]
+    side = folds.set_index("key")[["fold", "holdout"]]
+    apart = (side.loc[inside.key_a].to_numpy() != side.loc[inside.key_b].to_numpy()).any(axis=1)
+    joined_pairs = inside.joined.astype(bool).to_numpy() if "joined" in inside else np.ones(len(inside), bool)
+    sets = {"same_source": [keys[list(g)] for g in links.named], "identical": [keys[list(g)] for g in links.identical],
+            "near_dup": list(zip(inside.key_a, inside.key_b))}
+    sizes = folds.groupby("group").size()
     return {"images": len(folds), "holdout_images": int(folds.holdout.sum()),
             "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance,
-            "duplicate_images": sum(len(c) - 1 for c in copies), "duplicates_apart": duplicates_apart(folds),
-            "near_dups": {"joined": joined, **near_dups_apart(folds, pairs)}}
+            "groups": {"groups": int(len(sizes)), "from_names": len(links.named),
+                       "images_in_named_groups": int(sum(len(g) for g in links.named)),
+                       "largest": int(sizes.max()) if len(sizes) else 0, "oversized": oversized_groups(folds)},
+            "duplicate_images": sum(len(c) - 1 for c in links.identical), "duplicates_apart": duplicates_apart(folds),
+            "near_dups": {"joined": joined, "pairs": int(len(inside)), "pairs_joined": int(joined_pairs.sum()),
+                          "pairs_apart": int(apart.sum())},
+            **leak_report(folds, sets)}
 
 
 def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:

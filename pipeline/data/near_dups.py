@@ -1,22 +1,31 @@
-"""Near-duplicate images: one photo cropped, resized, re-encoded or brightened under another name.
+"""Near-duplicate images: one photo cropped, resized, rotated, mirrored, letterboxed, re-encoded or
+brightened under another name.
 
-A model validated on a crop of a photo it trained on scores the photo, not the skill. Two detectors,
-one verdict per pair:
+A model validated on a copy of a photo it trained on scores the photo, not the skill. Every image is
+first trimmed of uniform borders (letterbox and pad bands of any colour, which otherwise dominate a
+hash and give keypoints at the band's edge), then looked at by two detectors:
 
-  hash: imagehash's pHash (64-bit sign pattern of the low DCT frequencies of a 32x32 grey thumbnail).
-      Survives resizing, JPEG re-encoding, brightness/contrast and mild colour changes; all pairs are
-      compared with a popcount (a million pairs take milliseconds). Blind to crops: a 70 % crop has
-      other low frequencies.
-  orb: ORB keypoints (OpenCV) + a geometric check. Candidates come from locality-sensitive hashing
-      of every image's binary descriptors at once (numpy; FLANN's LSH index took 50x longer): images
-      sharing many more descriptor keys than a typical pair does; a candidate pair is a duplicate when at least `min_inliers`
-      ratio-tested matches agree on one affine map (RANSAC), which a crop, a rescale, a small
-      rotation or a stretch to a square all are. Two photos that merely look alike (two facades, two
-      bottles on one table) share few descriptors in a consistent geometry.
+  hash: pHash (64-bit sign pattern of the low DCT frequencies of a 32x32 grey thumbnail) of each of
+      the 8 rotations/reflections (D4) of the trimmed image, compared with every other image's
+      upright hash by popcount (millions of pairs per second). Survives resizing, re-encoding,
+      brightness, 90-degree turns and mirroring; blind to crops and small rotations.
+  orb: ORB keypoints (OpenCV) of the trimmed image and of its mirror image, plus a geometric check.
+      Candidates come from locality-sensitive hashing of all binary descriptors at once (images
+      sharing many more descriptor keys than a typical pair does); a candidate is a pair when at
+      least `min_inliers` ratio-tested matches agree on one affine map (RANSAC): a crop, a rescale,
+      a rotation, a shear or a stretch. The mirror image's keypoints find flipped copies (ORB itself
+      is rotation- but not reflection-invariant).
+
+Then the pixels decide. Each pair is aligned (the affine map, or the D4 view for hash pairs) and
+its two grey thumbnails compared where they overlap, each normalised by its own mean and spread
+(brightness and contrast changes cancel): `disagree` is the share of overlapping pixels that differ
+by more than 1.5 standard deviations. A copy differs in a few per cent (interpolation, JPEG); two
+photos that share a letterbox band, a background or a landmark but show other things differ where
+the things are. Only pairs with disagree <= max_disagree (and enough overlap) are `joined` into
+groups the split keeps together; the rest are listed and still counted as possible leaks.
 
 Why not embeddings: the pipeline is offline (no pretrained weights to download) and features of a
-randomly initialised network do not rank visual similarity; a hash plus keypoints needs none.
-Pairs are joined into clusters (connected components). Measured precision/recall and cost:
+randomly initialised network do not rank visual similarity. Measured precision/recall and cost:
 `python -m bench.near_dups` (README, Performance).
 """
 from __future__ import annotations
@@ -26,10 +35,9 @@ from pathlib import Path
 from typing import Optional
 
 import cv2
-import imagehash
 import numpy as np
 import pandas as pd
-from PIL import Image
+from scipy.fft import dctn
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
@@ -38,28 +46,98 @@ from pipeline.data.masks import decode_oriented, target_size
 from pipeline.io import parallel_map
 from pipeline.workspace import NearDupFiles
 
-PAIR_COLUMNS = ["key_a", "key_b", "method", "hash_distance", "inliers"]
+PAIR_COLUMNS = ["key_a", "key_b", "method", "hash_distance", "inliers", "view", "disagree", "overlap", "joined"]
 LSH_TABLES, LSH_BITS, LSH_BUCKET = 16, 20, 8   # candidate search (see candidate_pairs)
 TOP_K = 5               # candidates kept per image, most votes first
 MIN_VOTES = 10
 CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
 FAST_THRESHOLD = 10     # ORB's corner threshold (OpenCV's default 20 finds few corners in dark photos)
 RATIO = 0.8             # Lowe's ratio test when matching a candidate pair
+THUMB = 96              # long side of the grey thumbnail the pixel check compares
+MIN_OVERLAP = 0.1       # share of the first image the aligned second must cover for a pixel verdict
+BLUR = 1.0              # Gaussian sigma (thumbnail pixels) before comparing: forgives a pixel of misalignment
+CELLS = 8               # the comparison grid (cells of the thumbnail)
+DIFFER = 0.7            # mean normalised grey difference above which a cell disagrees
+BAND_TOLERANCE = 12     # grey levels a pad band's pixels may stray from its colour (JPEG ringing)
+BAND_SHARE = 0.98       # share of a row/column that must be pad colour for it to count as band
+MIN_KEEP = 0.25         # a trim never keeps less than this share of a side (a blank photo stays whole)
+D4 = [lambda a: a, lambda a: np.rot90(a, 1), lambda a: np.rot90(a, 2), lambda a: np.rot90(a, 3),
+      lambda a: a[:, ::-1], lambda a: np.rot90(a[:, ::-1], 1), lambda a: np.rot90(a[:, ::-1], 2),
+      lambda a: np.rot90(a[:, ::-1], 3)]   # the 8 rotations/reflections; view 0 is the image itself
+
+
+def trim_box(img: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) bounds of `img` ((H, W) or (H, W, C) uint8) without its uniform
+    border bands: from each edge, rows/columns in which at least BAND_SHARE of the pixels lie within
+    BAND_TOLERANCE of that edge's colour (white, black, grey or any other pad). Keeps at least
+    MIN_KEEP of each side."""
+    a = img.astype(np.int16) if img.ndim == 3 else img.astype(np.int16)[..., None]
+    h, w = a.shape[:2]
+
+    def run(lines: np.ndarray, limit: int) -> int:   # lines: (n, m, C) from the edge inwards
+        ref = np.median(lines[0], axis=0)
+        close = (np.abs(lines - ref).max(axis=2) <= BAND_TOLERANCE).mean(axis=1) >= BAND_SHARE
+        n = int(np.argmin(close)) if not close.all() else len(close)
+        return min(n, limit)
+
+    ky, kx = int(h * (1 - MIN_KEEP)), int(w * (1 - MIN_KEEP))
+    top = run(a, ky)
+    bottom = run(a[::-1], ky - top)
+    left = run(a.transpose(1, 0, 2), kx)
+    right = run(a.transpose(1, 0, 2)[::-1], kx - left)
+    return top, h - bottom, left, w - right
+
+
+def pad_mask(grey: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the flat regions connected to the border of a grey uint8 image (letterbox bands,
+    the black or white fill a rotation or shear leaves in the corners). Flat: 3x3 standard
+    deviation under 4 grey levels (JPEG noise in a band stays under it; texture does not)."""
+    g = grey.astype(np.float32)
+    mean = cv2.blur(g, (3, 3))
+    flat = (cv2.blur(g * g, (3, 3)) - mean * mean) < 16.0
+    n, labels = cv2.connectedComponents(flat.astype(np.uint8), connectivity=4)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    edge = edge[flat[np.isin(labels, edge)].any()] if len(edge) else edge
+    return np.isin(labels, edge[edge > 0]) & flat if n > 1 else np.zeros_like(flat)
+
+
+def phash_d4(grey: np.ndarray) -> np.ndarray:
+    """(8,) uint64 pHash of each D4 view of a grey image: the sign of the 8x8 lowest DCT frequencies
+    of its 32x32 thumbnail against their median (imagehash's phash, on an INTER_AREA thumbnail)."""
+    small = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float64)
+    out = np.zeros(8, np.uint64)
+    for v, view in enumerate(D4):
+        low = dctn(np.ascontiguousarray(view(small)), type=2, norm=None)[:8, :8]
+        bits = (low > np.median(low)).flatten()
+        out[v] = np.packbits(bits).view(">u8")[0]
+    return out
+
+
+def _orb(grey: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    # local contrast first: night and back-lit photos otherwise give a handful of keypoints
+    kps, des = cv2.ORB_create(nfeatures=n_features, fastThreshold=FAST_THRESHOLD).detectAndCompute(CLAHE.apply(grey), None)
+    pts = np.float32([k.pt for k in kps]).reshape(-1, 2)
+    return pts, (des if des is not None else np.zeros((0, 32), np.uint8))
 
 
 def features(path: str, height: int, width: int, side: int, n_features: int) -> dict:
-    """pHash (uint64), ORB keypoint positions (N, 2, in pixels of the decoded copy) and descriptors
-    (N, 32 uint8) of one image, decoded (EXIF-aware, JPEG DCT-scaled as far as the size allows: the
-    features need no fine detail) with its long side at most `side`."""
+    """One image, decoded (EXIF-aware, JPEG DCT-scaled: the features need no fine detail) with its
+    long side at most `side` and trimmed of pad bands (trim_box):
+      phash (8,) uint64 (phash_d4); pts/des: ORB keypoint positions (N, 2) float32 in pixels of the
+      trimmed copy and descriptors (N, 32) uint8; mpts/mdes: the same for its mirror image;
+      thumb: grey uint8 with long side THUMB; scale: thumb pixels per feature pixel; trim: the box."""
     img = decode_oriented(path, height, width, target_size(height, width, side), dct_min_factor=1)
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
-    bits = imagehash.phash(Image.fromarray(grey)).hash.flatten()
-    phash = np.packbits(bits).view(">u8")[0].astype(np.uint64)
-    # local contrast first: night and back-lit photos otherwise give a handful of keypoints
-    flat = CLAHE.apply(grey)
-    kps, des = cv2.ORB_create(nfeatures=n_features, fastThreshold=FAST_THRESHOLD).detectAndCompute(flat, None)
-    pts = np.float32([k.pt for k in kps]).reshape(-1, 2)
-    return dict(phash=phash, pts=pts, des=des if des is not None else np.zeros((0, 32), np.uint8))
+    t, b, l, r = trim_box(img)
+    grey = np.ascontiguousarray(cv2.cvtColor(img[t:b, l:r], cv2.COLOR_RGB2GRAY))
+    pts, des = _orb(grey, n_features)
+    mpts, mdes = _orb(np.ascontiguousarray(grey[:, ::-1]), n_features)
+    th, tw = target_size(*grey.shape, THUMB)
+    thumb = cv2.resize(grey, (tw, th), interpolation=cv2.INTER_AREA)
+    pad = pad_mask(thumb)
+    # the hash sees content only: pad pixels take the content's median grey
+    filled = np.where(pad, np.median(thumb[~pad]) if (~pad).any() else 0, thumb).astype(np.uint8)
+    return dict(phash=phash_d4(filled), pts=pts, des=des, mpts=mpts, mdes=mdes, thumb=thumb, content=~pad,
+                scale=tw / grey.shape[1], trim=(t, b, l, r))
 
 
 def _features_task(args: tuple) -> dict:
@@ -72,114 +150,205 @@ def extract(images: pd.DataFrame, side: int, n_features: int, workers: int = 0) 
     return parallel_map(_features_task, tasks, "near_dups", workers, serial_below=32)
 
 
-def hash_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048) -> list[tuple[int, int, int]]:
-    """(i, j, Hamming distance) for every i < j whose 64-bit hashes differ in at most max_distance bits."""
-    hashes = np.asarray(hashes, np.uint64)
+def hash_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> list[tuple[int, int, int, int]]:
+    """(i, j, Hamming distance, view) for every i < j whose hashes differ in at most max_distance bits.
+    hashes: (N,) uint64, or (N, V) uint64 hashes of V views of each image (D4: V = 8), where image
+    i's view 0 is compared with every view of j and `view` is the closest one (0 for (N,) input)."""
+    h = np.asarray(hashes, np.uint64)
+    h = h[:, None] if h.ndim == 1 else h
     out = []
-    for s in range(0, len(hashes), block):
-        d = np.bitwise_count(hashes[s:s + block, None] ^ hashes[None, :])
-        i, j = np.nonzero(d <= max_distance)
+    for s in range(0, len(h), block):
+        d = np.bitwise_count(h[s:s + block, 0, None, None] ^ h[None, :, :])   # (b, N, V)
+        view, best = d.argmin(axis=2), d.min(axis=2)
+        i, j = np.nonzero(best <= max_distance)
         i = i + s
         keep = i < j
-        out += list(zip(i[keep].tolist(), j[keep].tolist(), d[i[keep] - s, j[keep]].tolist()))
+        i, j = i[keep], j[keep]
+        out += list(zip(i.tolist(), j.tolist(), best[i - s, j].tolist(), view[i - s, j].tolist()))
     return out
 
 
-def candidate_pairs(feats: list[dict], top_k: Optional[int] = None, seed: int = 0) -> dict[tuple[int, int], int]:
-    """Image pairs (i < j) worth a geometric check, from locality-sensitive hashing of all ORB
-    descriptors at once: {(i, j): votes}.
+def candidate_pairs(feats: list[dict], top_k: Optional[int] = None, seed: int = 0) -> dict[tuple[int, int, bool], int]:
+    """Image pairs worth a geometric check, from locality-sensitive hashing of all ORB descriptors at
+    once: {(i, j, mirrored): votes} with i < j; mirrored: j's mirror image matched i.
 
-    Each of LSH_TABLES tables keys every descriptor by LSH_BITS random bits of its 256; two
-    descriptors sharing a key in a small bucket (at most LSH_BUCKET, so the flat-sky patterns every
-    photo has do not count) give their images one vote. A pair is a candidate when it has at least
-    MIN_VOTES and is among the top_k of either image, so the geometric checks grow linearly with
-    the images. (On the facade photos, crops of one photo got 230+ votes at the 5th percentile,
-    unrelated pairs 16 at the median and 33 at the 99th percentile.) Within a burst of many shots
-    of one scene, top_k links are enough to join the whole cluster, not to list every pair.
+    Each of LSH_TABLES tables keys every descriptor (of every image and of every mirror image) by
+    LSH_BITS random bits of its 256; two descriptors sharing a key in a small bucket (at most
+    LSH_BUCKET, so the flat-sky patterns every photo has do not count) give their images one vote.
+    A pair is a candidate when it has at least MIN_VOTES and is among the top_k of either image, so
+    the geometric checks grow linearly with the images. (On the facade photos, crops of one photo
+    got 230+ votes at the 5th percentile, unrelated pairs 16 at the median and 33 at the 99th.)
+    Keys are computed bit by bit in int32: memory stays a few bytes per descriptor.
     """
     n, top_k = len(feats), top_k or TOP_K
-    des = [f["des"] for f in feats]
-    owner = np.repeat(np.arange(n), [len(d) for d in des])
+    des = [f["des"] for f in feats] + [f["mdes"] for f in feats]
+    owner = np.repeat(np.arange(2 * n, dtype=np.int32), [len(d) for d in des])
     if n < 2 or len(owner) == 0:
         return {}
     packed = np.concatenate(des)
     rng = np.random.default_rng(seed)
     codes = []
     for _ in range(LSH_TABLES):
-        pos = rng.choice(256, LSH_BITS, replace=False)
-        bits = (packed[:, pos // 8] >> (7 - pos % 8)[None, :]) & 1
-        key = (bits.astype(np.int64) << np.arange(LSH_BITS)).sum(1)
+        key = np.zeros(len(packed), np.int32)
+        for b, bit in enumerate(rng.choice(256, LSH_BITS, replace=False)):
+            key |= ((packed[:, bit // 8] >> (7 - bit % 8)) & 1).astype(np.int32) << b
         order = np.argsort(key, kind="stable")
         k, w = key[order], owner[order]
         _, inverse, counts = np.unique(k, return_inverse=True, return_counts=True)
         small = counts[inverse] <= LSH_BUCKET
+        del inverse
         for off in range(1, LSH_BUCKET):
-            m = (k[off:] == k[:-off]) & small[off:] & (w[off:] != w[:-off])
-            a, b = w[:-off][m], w[off:][m]
-            codes.append(np.minimum(a, b) * n + np.maximum(a, b))
+            m = (k[off:] == k[:-off]) & small[off:] & (w[off:] % n != w[:-off] % n)
+            a, b2 = w[:-off][m].astype(np.int64), w[off:][m].astype(np.int64)
+            # upright-upright and mirror-mirror are one geometry; upright-mirror finds flipped copies
+            mirrored = (a >= n) != (b2 >= n)
+            i, j = np.minimum(a % n, b2 % n), np.maximum(a % n, b2 % n)
+            codes.append((i * n + j) * 2 + mirrored)
     pair, votes = np.unique(np.concatenate(codes), return_counts=True)
     keep = votes >= MIN_VOTES
-    pairs = pd.DataFrame({"i": pair[keep] // n, "j": pair[keep] % n, "votes": votes[keep]})
+    ij, mir = pair[keep] // 2, (pair[keep] % 2).astype(bool)
+    pairs = pd.DataFrame({"i": ij // n, "j": ij % n, "m": mir, "votes": votes[keep]})
     both = pd.concat([pairs, pairs.rename(columns={"i": "j", "j": "i"})])
     top = both.sort_values("votes", ascending=False, kind="stable").groupby("i").head(top_k)
-    return {(min(i, j), max(i, j)): int(v) for i, j, v in top[["i", "j", "votes"]].itertuples(index=False)}
+    return {(min(i, j), max(i, j), bool(m)): int(v) for i, j, m, v in top[["i", "j", "m", "votes"]].itertuples(index=False)}
 
 
-def affine_inliers(a: dict, b: dict) -> int:
-    """How many ratio-tested ORB matches between two images agree on one affine map (RANSAC)."""
-    if len(a["des"]) < 3 or len(b["des"]) < 3:
-        return 0
-    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a["des"], b["des"], k=2)
+def affine_match(a: dict, b: dict, mirrored: bool = False) -> tuple[int, Optional[np.ndarray]]:
+    """(inliers, A): how many ratio-tested ORB matches from image a to image b (to b's mirror image
+    when mirrored) agree on one affine map A (2x3, a's feature pixels -> b's; RANSAC)."""
+    bp, bd = (b["mpts"], b["mdes"]) if mirrored else (b["pts"], b["des"])
+    if len(a["des"]) < 3 or len(bd) < 3:
+        return 0, None
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a["des"], bd, k=2)
     good = [m[0] for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
     if len(good) < 3:
-        return 0
+        return 0, None
     src = a["pts"][[m.queryIdx for m in good]]
-    dst = b["pts"][[m.trainIdx for m in good]]
+    dst = bp[[m.trainIdx for m in good]]
     extent = max(np.ptp(src, axis=0).max(), np.ptp(dst, axis=0).max(), 1.0)
     A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=0.01 * extent)
     if A is None or mask is None:
-        return 0
+        return 0, None
     det = abs(np.linalg.det(A[:, :2]))
     if not 1 / 25 <= det <= 25:          # collapses or blows up the image: not a crop or a resize
-        return 0
-    return int(mask.sum())
+        return 0, None
+    return int(mask.sum()), A
+
+
+def disagreement(a: np.ndarray, b: np.ndarray, M: Optional[np.ndarray] = None,
+                 content_a: Optional[np.ndarray] = None, content_b: Optional[np.ndarray] = None) -> tuple[float, float]:
+    """(disagree, overlap) of two grey uint8 thumbnails aligned by M (2x3: a's pixels -> b's; None:
+    b is stretched onto a), compared on the pixels that are content (not pad_mask) in both.
+    overlap: share of a's content that b's content covers; disagree: share of those pixels where
+    the two, each normalised by its mean and standard deviation there, differ by more than DIFFER."""
+    h, w = a.shape
+    ca = np.ones((h, w), bool) if content_a is None else content_a
+    cb = np.ones(b.shape, bool) if content_b is None else content_b
+    a = cv2.GaussianBlur(a.astype(np.float32), (0, 0), BLUR)
+    b = cv2.GaussianBlur(b.astype(np.float32), (0, 0), BLUR)
+    cb = cb.astype(np.float32)
+    if M is None:
+        warped = cv2.resize(b, (w, h), interpolation=cv2.INTER_AREA)
+        cover = cv2.resize(cb, (w, h), interpolation=cv2.INTER_AREA)
+    else:
+        flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+        warped = cv2.warpAffine(b, M, (w, h), flags=flags)
+        cover = cv2.warpAffine(cb, M, (w, h), flags=flags, borderValue=0)
+    valid = (cv2.erode(cover, np.ones((3, 3), np.uint8)) > 0.99) & ca
+    overlap = float(valid.sum() / max(ca.sum(), 1))
+    if valid.sum() < 16:
+        return 1.0, overlap
+    za, zb = a[valid], warped[valid]
+    diff = np.zeros((h, w), np.float32)
+    diff[valid] = np.abs((za - za.mean()) / max(za.std(), 1.0) - (zb - zb.mean()) / max(zb.std(), 1.0))
+    # per cell of a CELLS x CELLS grid: a different object changes whole cells, noise a few pixels
+    ys, xs = np.linspace(0, h, CELLS + 1).astype(int), np.linspace(0, w, CELLS + 1).astype(int)
+    cells = [(diff[y0:y1, x0:x1].sum() / n, n) for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])
+             if (n := valid[y0:y1, x0:x1].sum()) >= 0.5 * (y1 - y0) * (x1 - x0)]
+    if not cells:
+        return 1.0, overlap
+    return float(np.mean([m > DIFFER for m, _ in cells])), overlap
+
+
+def thumb_map(A: np.ndarray, a: dict, b: dict) -> np.ndarray:
+    """The affine map A (a's feature pixels -> b's) in thumbnail pixels."""
+    M = A.astype(np.float64).copy()
+    M[:, :2] *= b["scale"] / a["scale"]
+    M[:, 2] *= b["scale"]
+    return M
+
+
+def pixel_check(a: dict, b: dict, view: int = 0, A: Optional[np.ndarray] = None, mirrored: bool = False) -> tuple[float, float]:
+    """disagreement() of images a and b: aligned by the ORB affine map A (b mirrored first if
+    `mirrored`), or else by the D4 view of b the hash matched."""
+    if A is not None:
+        flip = (lambda x: np.ascontiguousarray(x[:, ::-1])) if mirrored else (lambda x: x)
+        return disagreement(a["thumb"], flip(b["thumb"]), thumb_map(A, a, b), a["content"], flip(b["content"]))
+    turn = lambda x: np.ascontiguousarray(D4[view](x))
+    return disagreement(a["thumb"], turn(b["thumb"]), None, a["content"], turn(b["content"]))
 
 
 _FEATS: list[dict] = []
 
 
-def _verify_init(feats: list[dict]) -> None:
+def _verify_init(feats: Optional[list[dict]] = None) -> None:
+    global _FEATS
+    if feats is not None:
+        _FEATS = feats
+
+
+def _verify(task: tuple) -> tuple[int, float, float]:
+    i, j, mirrored = task
+    n, A = affine_match(_FEATS[i], _FEATS[j], mirrored)
+    return (n, *pixel_check(_FEATS[i], _FEATS[j], A=A, mirrored=mirrored)) if A is not None else (n, 1.0, 0.0)
+
+
+def verify(feats: list[dict], pairs: list[tuple[int, int, bool]], workers: int = 0) -> list[tuple[int, float, float]]:
+    """(inliers, disagree, overlap) of each candidate (i, j, mirrored), across `workers` processes
+    (0 = all cores). The features reach forked workers by inheritance (no copy per worker), and
+    other start methods through the initializer."""
     global _FEATS
     _FEATS = feats
+    import multiprocessing as mp
 
-
-def _verify(pair: tuple[int, int]) -> int:
-    return affine_inliers(_FEATS[pair[0]], _FEATS[pair[1]])
-
-
-def verify(feats: list[dict], pairs: list[tuple[int, int]], workers: int = 0) -> list[int]:
-    """affine_inliers of each pair, across `workers` processes (0 = all cores); the features go to
-    each worker once (initializer), not with every pair."""
-    return parallel_map(_verify, pairs, "near_dups check", workers, serial_below=64, init=(_verify_init, (feats,)))
+    init = (_verify_init, ()) if mp.get_start_method() == "fork" else (_verify_init, (feats,))
+    try:
+        return parallel_map(_verify, pairs, "near_dups check", workers, serial_below=64, init=init)
+    finally:
+        _FEATS = []
 
 
 def find_pairs(images: pd.DataFrame, settings: Optional[NearDups] = None, workers: int = 0,
                feats: Optional[list[dict]] = None) -> pd.DataFrame:
     """Near-duplicate pairs among `images` (columns key, path, height, width): PAIR_COLUMNS.
-    settings: the near_dups section (hash_distance, min_inliers, side, n_features; default its defaults).
-    method: 'hash' (pHash within hash_distance bits), 'orb' (keypoints), or 'both' (found by each)."""
+    settings: the near_dups section (default its defaults).
+    method: 'hash' (a D4 view's pHash within hash_distance bits), 'orb' (keypoints), or 'both';
+    view: the D4 view (0-7) the hash matched, or 'mirror'/'upright' for keypoint pairs; disagree and
+    overlap: the pixel check (see disagreement); joined: disagree <= max_disagree with overlap >=
+    MIN_OVERLAP, the pairs the split keeps together."""
     n = settings or NearDups()
-    hash_distance, min_inliers = n.hash_distance, n.min_inliers
     feats = feats if feats is not None else extract(images, n.side, n.n_features, workers)
     keys = images.key.tolist()
-    hashes = np.array([f["phash"] for f in feats], np.uint64)
-    found = {(i, j): dict(method="hash", hash_distance=d, inliers=0) for i, j, d in hash_pairs(hashes, hash_distance)}
+    hashes = np.stack([f["phash"] for f in feats]) if feats else np.zeros((0, 8), np.uint64)
+    found: dict[tuple[int, int], dict] = {}
+    for i, j, d, v in hash_pairs(hashes, n.hash_distance):
+        dis, ov = pixel_check(feats[i], feats[j], view=v)
+        found[(i, j)] = dict(method="hash", hash_distance=d, inliers=0, view=str(v), disagree=dis, overlap=ov)
     candidates = sorted(candidate_pairs(feats))
-    for (i, j), n in zip(candidates, verify(feats, candidates, workers)):
-        if n >= min_inliers:
-            row = found.get((i, j)) or dict(method="orb", hash_distance=int(np.bitwise_count(hashes[i] ^ hashes[j])))
-            found[(i, j)] = {**row, "method": "both" if row["method"] == "hash" else "orb", "inliers": n}
-    rows = [dict(key_a=keys[i], key_b=keys[j], **v) for (i, j), v in sorted(found.items())]
+    best: dict[tuple[int, int], tuple] = {}   # per pair, the view (upright or mirror) whose pixels agree best
+    for (i, j, m), (inl, dis, ov) in zip(candidates, verify(feats, candidates, workers)):
+        if inl >= n.min_inliers and (dis, -inl) < best.get((i, j), (2.0, 0))[:2]:
+            best[(i, j)] = (dis, -inl, ov, m)
+    for (i, j), (dis, neg_inl, ov, m) in best.items():
+        inl = -neg_inl
+        row = found.get((i, j)) or dict(method="orb", hash_distance=int(np.bitwise_count(hashes[i] ^ hashes[j]).min()))
+        dis = min(dis, row.get("disagree", 1.0))
+        found[(i, j)] = {**row, "method": "both" if row["method"] == "hash" else "orb", "inliers": inl,
+                         "view": row.get("view", "mirror" if m else "upright"), "disagree": dis,
+                         "overlap": max(ov, row.get("overlap", 0.0))}
+    rows = [dict(key_a=keys[i], key_b=keys[j], **v,
+                 joined=bool(v["disagree"] <= n.max_disagree and v["overlap"] >= MIN_OVERLAP))
+            for (i, j), v in sorted(found.items())]
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
@@ -208,6 +377,7 @@ def summary(images: pd.DataFrame, pairs: pd.DataFrame, cluster: pd.Series) -> di
     labelled = pairs.key_a.map(role).eq("labelled") & pairs.key_b.map(role).eq("labelled")
     return {"images": len(images), "pairs": len(pairs),
             "pairs_by_method": {m: int((pairs.method == m).sum()) for m in ("hash", "orb", "both")},
+            "joined_pairs": int(pairs.joined.astype(bool).sum()) if len(pairs) else 0,
             "clusters": int(cluster.max() + 1), "images_in_clusters": len(clustered),
             "largest_cluster": int(clustered.cluster.value_counts().max()) if len(clustered) else 0,
             "labelled_pairs": int(labelled.sum()),
@@ -223,9 +393,12 @@ def read_pairs(folder: str | os.PathLike) -> pd.DataFrame:
 
 
 def clusters(keys: list[str], pairs: pd.DataFrame) -> pd.Series:
-    """Cluster id per key (connected components of the pairs); singletons get -1. Ids count from 0
-    in order of decreasing cluster size, then first key."""
+    """Cluster id per key (connected components of the joined pairs: all pairs when there is no
+    `joined` column); singletons get -1. Ids count from 0 in order of decreasing cluster size, then
+    first key."""
     pos = {k: i for i, k in enumerate(keys)}
+    if "joined" in pairs and len(pairs):
+        pairs = pairs[pairs.joined.astype(bool)]
     a = pairs.key_a.map(pos).to_numpy(int) if len(pairs) else np.zeros(0, int)
     b = pairs.key_b.map(pos).to_numpy(int) if len(pairs) else np.zeros(0, int)
     n = len(keys)
