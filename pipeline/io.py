@@ -105,23 +105,27 @@ def _worker_init(initializer: Optional[Callable[..., None]], *args) -> None:
 
 
 def parallel_map(fn: Callable[[Any], T], tasks: list, label: str, workers: int = 0, serial_below: int = 16,
-                 init: Optional[tuple[Callable[..., None], tuple]] = None) -> list[T]:
+                 init: Optional[tuple[Callable[..., None], tuple]] = None,
+                 keep: Optional[Callable[[T], Any]] = None) -> list:
     """[fn(t) for t in tasks], in order, across `workers` processes (0 = all cores; in this process
     for fewer than `serial_below` tasks), with progress lines. init = (initializer, args):
-    `initializer(*args)` runs once per process that runs tasks. Workers ignore Ctrl-C; on Ctrl-C the
-    tasks not started are cancelled instead of run to the end, so the stage stops at once."""
+    `initializer(*args)` runs once per process that runs tasks. keep: applied to each result as it
+    arrives, and what it returns is kept instead (so a large result can be folded into a shared
+    buffer before the next one comes). Workers ignore Ctrl-C; on Ctrl-C the tasks not started are
+    cancelled instead of run to the end, so the stage stops at once."""
     initializer, initargs = init or (None, ())
     workers = workers or os.cpu_count() or 1
+    keep = keep or (lambda r: r)
     if workers == 1 or len(tasks) < serial_below:
         if initializer is not None:
             initializer(*initargs)
-        return list(progress(map(fn, tasks), len(tasks), label))
+        return [keep(r) for r in progress(map(fn, tasks), len(tasks), label)]
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(initializer, *initargs))
     try:
         chunk = max(1, min(8, len(tasks) // (workers * 8)))
-        return list(progress(pool.map(fn, tasks, chunksize=chunk), len(tasks), label))
+        return [keep(r) for r in progress(pool.map(fn, tasks, chunksize=chunk), len(tasks), label)]
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -2,8 +2,7 @@
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
-from pipeline.data.folds import (Links, balance_report, make_folds, near_pairs, plot_balance, split_summary,
-                                 split_warnings)
+from pipeline.data.folds import Links, balance_report, make_folds, near_pairs, plot_balance, split_summary
 from pipeline.data.near_dups import read_pairs
 from pipeline.data.sources import copies_by_name
 from pipeline.io import atomic_dir, identical_files
@@ -32,7 +31,7 @@ def main() -> None:
             table.to_csv(out.balance_csv, index=False)
             plot_balance(ds, folds, out.fold_balance_png)
         run.log_artifacts(ws.split, "split")
-        for line in split_warnings(summary, s.n_folds):
+        for line in summary["warnings"]:
             print(f"split: WARNING: {line}", flush=True)
         run.write_metrics(ws.metrics_json("split"), {"split": summary})
 

@@ -152,3 +152,31 @@ def test_crowded_image_takes_the_dense_path_with_the_same_figures():
             auto, runs = eda._image_stats(task), eda._image_stats(task, dense=False)
             assert {k: {a: b for a, b in v.items() if b} if isinstance(v, dict) else v for k, v in runs.items()} == auto
             assert auto["pairs"] and auto["lost"]
+
+
+def test_box_shaped_classes_and_objects_labelled_twice_are_named(tmp_path):
+    """A detection export turned into segmentation: every bottle outlined (a diamond) and labelled
+    again as its axis-aligned box under `bottle box`; a cap sits inside each bottle. The EDA says
+    which class is boxes and which classes lie inside another, with counts."""
+    anns = []
+    for i in range(6):
+        x, y = 2 + i * 6, 4
+        diamond = [[x + 2, y, x + 4, y + 3, x + 2, y + 6, x, y + 3]]
+        anns += [{"image_id": i // 3, "category_id": 0, "segmentation": diamond, "area": 12.0},
+                 {"image_id": i // 3, "category_id": 1, "segmentation": square(x, y, x + 4, y + 6), "area": 24.0},
+                 {"image_id": i // 3, "category_id": 2, "segmentation": square(x + 1.5, y + 2.5, x + 2.5, y + 3.5), "area": 1.0}]
+    write_coco(tmp_path, [image(i, w=40, h=16) for i in range(2)], anns, ["bottle", "bottle box", "cap"])
+    r = analyse(load_dataset(tmp_path, ["train.json"]), overlap="smaller_on_top")
+    a = r.tables["annotations"].set_index("class")
+    assert (a.loc["bottle box"].box_fill == 1.0).all() and (a.loc["bottle"].box_fill < 0.8).all()
+    assert (a.loc["bottle"].inside_class == "bottle box").all() and (a.loc["bottle box"].inside_class == "").all()
+    assert set(a.loc["cap"].inside_class) <= {"bottle", "bottle box"} and (a.loc["cap"].inside_class != "").all()
+    notes = r.tables["issues"].groupby("kind").detail.apply(list)
+    assert ("class 'bottle box': 100% of its 6 annotations are boxes (the shape fills >= 95% of its bounding box): "
+            "box labels rather than outlines, unless the objects are upright rectangles") in notes["box_shaped_class"]
+    assert len(notes["box_shaped_class"]) == 2                   # the 1-px caps are squares too; bottles are not
+    assert any(t.startswith("class 'bottle': 100% of its 6 annotations lie inside an annotation of class 'bottle box' (6)")
+               for t in notes["class_inside_class"]) and len(notes["class_inside_class"]) == 2
+    assert r.summary["issues"]["class_notes"] == {"box_shaped_class": 2, "class_inside_class": 2}
+    assert r.summary["box_shaped_annotations"] == 12 and r.summary["annotations_inside_other_class"] == 12
+    assert r.summary["named_copies"]["images_named"] == 0

@@ -292,6 +292,7 @@ def test_a_group_bigger_than_a_fold_is_reported_loudly():
     big = oversized_groups(f)
     assert len(big) == 1 and big[0]["images"] >= 80 and not f.iloc[chain[0]].holdout.any()
     summary = split_summary(f, {}, Links(near=chain), pd.DataFrame(columns=["key_a", "key_b", "joined"]), True)
-    lines = split_warnings(summary, 3)
+    lines = summary["warnings"]
+    assert lines == split_warnings({k: v for k, v in summary.items() if k != "warnings"})
     assert any("more than a fold's share" in line and big[0]["group"] in line for line in lines)
     assert any(line.startswith("folds are uneven") for line in lines)

@@ -23,7 +23,8 @@ from pycocotools import mask as mask_utils
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.data.coco import Dataset
+from pipeline.data.coco import ISSUE_COLUMNS, Dataset
+from pipeline.data.sources import naming_summary
 from pipeline.labels import IGNORE_INDEX
 from pipeline.data.masks import paint_order, rle_runs, rle_spans, span_pixels, to_rle, union, unknown_class_index
 from pipeline.io import parallel_map
@@ -97,7 +98,8 @@ def _image_stats(task: tuple, dense: Optional[bool] = None) -> dict:
     key, h, w, segs, classes, rule, unknown_class, unknown = task
     n_px = h * w
     if not segs:
-        return dict(key=key, n_px=n_px, areas=[], perimeters=[], painted={0: n_px}, pairs={}, lost={})
+        return dict(key=key, n_px=n_px, areas=[], perimeters=[], box_fill=[], inside=[], painted={0: n_px}, pairs={},
+                    lost={})
     rles = [to_rle(s, h, w, h, w) for s in segs]
     boxes = np.array([mask_utils.toBbox(r) for r in rles]).reshape(-1, 4)
     value: list[Optional[int]] = [None if c == unknown_class and unknown == "background" else
@@ -112,8 +114,32 @@ def _image_stats(task: tuple, dense: Optional[bool] = None) -> dict:
         areas = [_area(r) for r in rles]
         painted, pairs, lost = _rle_overlaps(rles, areas, boxes, paint, (h, w))
     painted[0] = n_px - sum(painted.values())
+    box_px = np.maximum(boxes[:, 2] * boxes[:, 3], 1)
+    inside = _inside_other_class(rles, areas, boxes, classes) if len(segs) <= DENSE_ABOVE else [None] * len(segs)
     return dict(key=key, n_px=n_px, areas=areas, perimeters=(2 * boxes[:, 2:].sum(axis=1)).tolist(),
+                box_fill=(np.asarray(areas) / box_px).tolist(), inside=inside,
                 painted=dict(painted), pairs=dict(pairs), lost=dict(lost))
+
+
+def _inside_other_class(rles: list[dict], areas: list[int], boxes: np.ndarray, classes: list[int]) -> list[Optional[int]]:
+    """Per annotation, the class of another-class annotation covering at least INSIDE_SHARE of its
+    pixels (the largest such cover), else None. Only pairs whose boxes nest that far are intersected
+    (a shape inside another lies inside its box)."""
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    iw = np.clip(np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]), 0, None)
+    ih = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
+    nested = iw * ih >= INSIDE_SHARE * np.maximum(boxes[:, 2] * boxes[:, 3], 1)[:, None]
+    cls = np.asarray(classes)
+    nested &= cls[:, None] != cls[None]
+    out: list[Optional[int]] = [None] * len(rles)
+    for i in np.flatnonzero(nested.any(axis=1)):
+        best = 0.0
+        for j in np.flatnonzero(nested[i]):
+            share = _area(_intersect(_canonical(rles[i]), _canonical(rles[j]))) / max(areas[i], 1)
+            if share >= INSIDE_SHARE and share > best:
+                best, out[i] = share, int(cls[j])
+    return out
 
 
 class Painting(NamedTuple):
@@ -132,6 +158,10 @@ class Painting(NamedTuple):
 
 
 DENSE_ABOVE = 300        # annotations in one image above which the pixel-array path runs
+BOX_FILL = 0.95          # an annotation filling this much of its own box is box-shaped
+INSIDE_SHARE = 0.9       # an annotation with this share of its pixels under another class's lies inside it
+CLASS_NOTE_SHARE = 0.5   # a class is noted when at least this share of its annotations is box-shaped or inside
+CLASS_NOTE_MIN = 5       # ...and it has at least this many annotations
 MAX_DENSE_CLASSES = 16   # classes present in one image that the dense path's bit codes hold
 
 
@@ -235,9 +265,36 @@ def analyse(ds: Dataset, overlap: str, unknown: str = "keep", unknown_name: str 
     per_image = pd.DataFrame({"key": ds.images.key, "image_id": ds.images.image_id,
                               "annotations": ds.images.key.map(by_image.size()).fillna(0).astype(int),
                               "classes": ds.images.key.map(by_image.class_idx.nunique()).fillna(0).astype(int)})
-    tables = {"class_stats": class_table, "annotations": _annotation_table(ds, stats, by_key), "per_image": per_image,
-              **overlaps, "issues": ds.issues}
+    annotations = _annotation_table(ds, stats, by_key)
+    issues = pd.concat([ds.issues, _shape_notes(annotations)], ignore_index=True) if len(annotations) else ds.issues
+    tables = {"class_stats": class_table, "annotations": annotations, "per_image": per_image,
+              **overlaps, "issues": issues}
     return EdaResult(tables=tables, summary=_summary(ds, tables, overlap_summary))
+
+
+def _shape_notes(annotations: pd.DataFrame) -> pd.DataFrame:
+    """Info rows for the issues table: classes whose annotations are mostly their own boxes (a
+    detection export turned into segmentation), and classes whose annotations mostly lie inside
+    another class's (the same object labelled twice, or parts inside wholes)."""
+    rows = []
+    for name, a in annotations.groupby("class", sort=True):
+        n = len(a)
+        if n < CLASS_NOTE_MIN:
+            continue
+        boxes = int((a.box_fill >= BOX_FILL).sum())
+        if boxes >= CLASS_NOTE_SHARE * n:
+            rows.append(dict(kind="box_shaped_class", detail=f"class {name!r}: {boxes / n:.0%} of its {n:,} annotations "
+                             f"are boxes (the shape fills >= {BOX_FILL:.0%} of its bounding box): box labels rather than outlines, "
+                             "unless the objects are upright rectangles"))
+        inside = a.inside_class[a.inside_class != ""]
+        if len(inside) >= CLASS_NOTE_SHARE * n:
+            top = inside.value_counts()
+            rows.append(dict(kind="class_inside_class", detail=f"class {name!r}: {len(inside) / n:.0%} of its {n:,} "
+                             f"annotations lie inside an annotation of class {top.index[0]!r} ({top.iloc[0]:,})"
+                             + (f" or of {', '.join(map(repr, top.index[1:4]))}" if len(top) > 1 else "")
+                             + ": the same object labelled twice, or parts inside wholes"))
+    return pd.DataFrame([dict(severity="info", file="", image_id=None, ann_id=None, action="noted", **r) for r in rows],
+                        columns=ISSUE_COLUMNS)
 
 
 def _annotation_table(ds: Dataset, stats: list[dict], by_key: dict) -> pd.DataFrame:
@@ -253,6 +310,9 @@ def _annotation_table(ds: Dataset, stats: list[dict], by_key: dict) -> pd.DataFr
         "area_frac": area_px / full_px, "area_px": area_px,
         "json_area": pd.to_numeric(ann_tab.json_area, errors="coerce").to_numpy(),
     })
+    table["box_fill"] = np.concatenate([np.asarray(s["box_fill"], float) for s in stats]) if len(anns) else np.array([])
+    inside = [c for s in stats for c in s["inside"]] if len(anns) else []
+    table["inside_class"] = [ds.classes[c] if c is not None else "" for c in inside]
     table["json_area_ratio"] = table.json_area / table.area_px.where(table.area_px > 0)
     off = (table.json_area - table.area_px).abs()
     table["json_area_mismatch"] = (off > AREA_MISMATCH_FRAC * table.area_px) & (off > perimeter)
@@ -326,7 +386,12 @@ def _summary(ds: Dataset, t: dict[str, pd.DataFrame], overlap: dict) -> dict:
         "rarest_class": str(present.sort_values("instances")["class"].iloc[0]) if len(present) else None,
         "overlap": overlap,
         "json_area_mismatch": int(t["annotations"].json_area_mismatch.sum()),
-        "issues": {"skipped": int((issues.severity == "error").sum()), "notes": int((issues.severity == "info").sum())},
+        "box_shaped_annotations": int((t["annotations"].box_fill >= BOX_FILL).sum()) if len(anns) else 0,
+        "annotations_inside_other_class": int((t["annotations"].inside_class != "").sum()) if len(anns) else 0,
+        # copies an exporter named as one source (Roboflow's .rf.): the split keeps each source in one group
+        "named_copies": naming_summary(ds.images.file_name),
+        "issues": {"skipped": int((issues.severity == "error").sum()), "notes": int((issues.severity == "info").sum()),
+                   "class_notes": {k: int((issues.kind == k).sum()) for k in ("box_shaped_class", "class_inside_class")}},
         # data.corrections applied (pipeline/data/corrections.py): {relabelled, deleted, added: count}
         "corrections": {str(k): int(v) for k, v in issues[issues.kind == "correction"].action.value_counts().items()},
     }

@@ -297,10 +297,11 @@ def oversized_groups(folds: pd.DataFrame, limit: int = 5) -> list[dict]:
             for g, n in big.head(limit).items()]
 
 
-def split_warnings(summary: dict, n_folds: int) -> list[str]:
+def split_warnings(summary: dict) -> list[str]:
     """Sentences for the user when folds are uneven or a group is bigger than a fold's share."""
     out = []
     sizes = summary["fold_images"]
+    n_folds = len(sizes)
     if len(sizes) > 1:
         target = sum(sizes.values()) / len(sizes)
         off = {k: v / target - 1 for k, v in sizes.items()}
@@ -327,7 +328,7 @@ def split_summary(folds: pd.DataFrame, balance: dict, links: Links, pairs: pd.Da
     sets = {"same_source": [keys[list(g)] for g in links.named], "identical": [keys[list(g)] for g in links.identical],
             "near_dup": list(zip(inside.key_a, inside.key_b))}
     sizes = folds.groupby("group").size()
-    return {"images": len(folds), "holdout_images": int(folds.holdout.sum()),
+    summary = {"images": len(folds), "holdout_images": int(folds.holdout.sum()),
             "fold_images": {str(k): int(n) for k, n in sorted(counts.items()) if k >= 0}, "balance": balance,
             "groups": {"groups": int(len(sizes)), "from_names": len(links.named),
                        "images_in_named_groups": int(sum(len(g) for g in links.named)),
@@ -336,6 +337,7 @@ def split_summary(folds: pd.DataFrame, balance: dict, links: Links, pairs: pd.Da
             "near_dups": {"joined": joined, "pairs": int(len(inside)), "pairs_joined": int(joined_pairs.sum()),
                           "pairs_apart": int(apart.sum())},
             **leak_report(folds, sets)}
+    return {**summary, "warnings": split_warnings(summary)}
 
 
 def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:

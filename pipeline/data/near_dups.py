@@ -48,7 +48,11 @@ from pipeline.workspace import NearDupFiles
 
 PAIR_COLUMNS = ["key_a", "key_b", "method", "hash_distance", "inliers", "view", "disagree", "overlap", "joined"]
 LSH_TABLES, LSH_BITS, LSH_BUCKET = 16, 20, 8   # candidate search (see candidate_pairs)
+LSH_SPLIT = 2           # each table's buckets are voted in 2**LSH_SPLIT parts (by their key's top bits)
 TOP_K = 5               # candidates kept per image, most votes first
+QUICK = 300             # keypoints (strongest first) a candidate is matched on first...
+QUICK_MAYBE = 5         # ...and all of them when that gives this many inliers but fewer than min_inliers
+SATURATE = 30000        # votes are capped here (far above any doubt) so the uint16 tally never wraps
 MIN_VOTES = 10
 CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
 FAST_THRESHOLD = 10     # ORB's corner threshold (OpenCV's default 20 finds few corners in dark photos)
@@ -71,8 +75,11 @@ def trim_box(img: np.ndarray) -> tuple[int, int, int, int]:
     border bands: from each edge, rows/columns in which at least BAND_SHARE of the pixels lie within
     BAND_TOLERANCE of that edge's colour (white, black, grey or any other pad). Keeps at least
     MIN_KEEP of each side."""
-    a = img.astype(np.int16) if img.ndim == 3 else img.astype(np.int16)[..., None]
-    h, w = a.shape[:2]
+    h, w = img.shape[:2]
+    f = max(1, min(h, w) // 128)          # looked at on a copy ~128 px across: the bands are wide, 1/f the work
+    small = cv2.resize(img, (w // f, h // f), interpolation=cv2.INTER_AREA) if f > 1 else img
+    a = small.astype(np.int16) if small.ndim == 3 else small.astype(np.int16)[..., None]
+    sh, sw = a.shape[:2]
 
     def run(lines: np.ndarray, limit: int) -> int:   # lines: (n, m, C) from the edge inwards
         ref = np.median(lines[0], axis=0)
@@ -80,12 +87,15 @@ def trim_box(img: np.ndarray) -> tuple[int, int, int, int]:
         n = int(np.argmin(close)) if not close.all() else len(close)
         return min(n, limit)
 
-    ky, kx = int(h * (1 - MIN_KEEP)), int(w * (1 - MIN_KEEP))
+    ky, kx = int(sh * (1 - MIN_KEEP)), int(sw * (1 - MIN_KEEP))
     top = run(a, ky)
     bottom = run(a[::-1], ky - top)
-    left = run(a.transpose(1, 0, 2), kx)
-    right = run(a.transpose(1, 0, 2)[::-1], kx - left)
-    return top, h - bottom, left, w - right
+    cols = np.ascontiguousarray(a.transpose(1, 0, 2))
+    left = run(cols, kx)
+    right = run(cols[::-1], kx - left)
+    # a boundary cell of the small copy mixes band and content, so it stops the run: bands are
+    # trimmed to within f pixels, content never
+    return top * f, h - bottom * f, left * f, w - right * f
 
 
 def pad_mask(grey: np.ndarray) -> np.ndarray:
@@ -113,11 +123,23 @@ def phash_d4(grey: np.ndarray) -> np.ndarray:
     return out
 
 
-def _orb(grey: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    # local contrast first: night and back-lit photos otherwise give a handful of keypoints
-    kps, des = cv2.ORB_create(nfeatures=n_features, fastThreshold=FAST_THRESHOLD).detectAndCompute(CLAHE.apply(grey), None)
-    pts = np.float32([k.pt for k in kps]).reshape(-1, 2)
-    return pts, (des if des is not None else np.zeros((0, 32), np.uint8))
+def _orb(grey: np.ndarray, n_features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pts, des, mpts, mdes): ORB keypoints and descriptors of the image and of its mirror image.
+    The mirror's keypoints are the image's, reflected (FAST corners are symmetric; the orientation
+    angle a becomes 180 - a): only their descriptors are computed, not a second detection."""
+    flat = CLAHE.apply(grey)   # local contrast first: night and back-lit photos otherwise give a handful of keypoints
+    orb = cv2.ORB_create(nfeatures=n_features, fastThreshold=FAST_THRESHOLD)
+    kps, des = orb.detectAndCompute(flat, None)
+    if des is not None:                # strongest first: a quick check matches the first QUICK only
+        order = np.argsort([-k.response for k in kps], kind="stable")
+        kps, des = [kps[i] for i in order], des[order]
+    w = grey.shape[1]
+    mirrored = [cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360, k.response, k.octave, k.class_id)
+                for k in kps]
+    mkps, mdes = orb.compute(np.ascontiguousarray(flat[:, ::-1]), mirrored) if mirrored else ((), None)
+    empty = np.zeros((0, 32), np.uint8)
+    return (np.float32([k.pt for k in kps]).reshape(-1, 2), des if des is not None else empty,
+            np.float32([k.pt for k in mkps]).reshape(-1, 2), mdes if mdes is not None else empty)
 
 
 def features(path: str, height: int, width: int, side: int, n_features: int) -> dict:
@@ -129,8 +151,7 @@ def features(path: str, height: int, width: int, side: int, n_features: int) -> 
     img = decode_oriented(path, height, width, target_size(height, width, side), dct_min_factor=1)
     t, b, l, r = trim_box(img)
     grey = np.ascontiguousarray(cv2.cvtColor(img[t:b, l:r], cv2.COLOR_RGB2GRAY))
-    pts, des = _orb(grey, n_features)
-    mpts, mdes = _orb(np.ascontiguousarray(grey[:, ::-1]), n_features)
+    pts, des, mpts, mdes = _orb(grey, n_features)
     th, tw = target_size(*grey.shape, THUMB)
     thumb = cv2.resize(grey, (tw, th), interpolation=cv2.INTER_AREA)
     pad = pad_mask(thumb)
@@ -147,7 +168,21 @@ def _features_task(args: tuple) -> dict:
 def extract(images: pd.DataFrame, side: int, n_features: int, workers: int = 0) -> list[dict]:
     """features() of every row of `images` (columns path, height, width), in row order."""
     tasks = [(r.path, r.height, r.width, side, n_features) for r in images.itertuples(index=False)]
-    return parallel_map(_features_task, tasks, "near_dups", workers, serial_below=32)
+    # descriptors go straight into one buffer as each image arrives: held once, never twice. Its
+    # untouched tail (ORB may find fewer than n_features) is never paged in.
+    buffer = np.empty((2 * len(tasks) * n_features, 32), np.uint8)
+    used = 0
+
+    def keep(f: dict) -> dict:
+        nonlocal used
+        for name in ("des", "mdes"):
+            n = len(f[name])
+            buffer[used:used + n] = f[name]
+            f[name] = buffer[used:used + n]
+            used += n
+        return f
+
+    return parallel_map(_features_task, tasks, "near_dups", workers, serial_below=32, keep=keep)
 
 
 def hash_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> list[tuple[int, int, int, int]]:
@@ -168,6 +203,43 @@ def hash_pairs(hashes: np.ndarray, max_distance: int, block: int = 256) -> list[
     return out
 
 
+def _descriptors(feats: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(all descriptors (D, 32) uint8, owner (D,) int32): image i's own as owner i, its mirror
+    image's as owner N + i, in the order extract() buffers them (i's, i's mirror's, i + 1's...),
+    so that buffer is used as it is, without a copy."""
+    n = len(feats)
+    des = [d for f in feats for d in (f["des"], f["mdes"])]
+    sizes = [len(d) for d in des]
+    ids = np.stack([np.arange(n), np.arange(n) + n], axis=1).ravel().astype(np.int32)
+    owner = np.repeat(ids, sizes)
+    base = feats[0]["des"].base
+    if base is not None and all(d.base is base for d in des):
+        ptr = [d.__array_interface__["data"][0] for d in des if len(d)]
+        if ptr == sorted(ptr) and len(base) >= sum(sizes):
+            start = (ptr[0] - base.__array_interface__["data"][0]) // 32 if ptr else 0
+            return base[start:start + sum(sizes)], owner
+    return (np.concatenate(des) if des else np.zeros((0, 32), np.uint8)), owner
+
+
+def _vote(key: np.ndarray, shift: int, n: int, code_type: type, votes: np.ndarray) -> None:
+    """Add one vote per pair of images whose descriptors share a small bucket. key: (D,) int64 of
+    bucket key << shift | owner (owner: image i, or N + i for its mirror image); votes: (N * N * 2,)
+    uint16, indexed by (i * N + j) * 2 + mirrored for i < j."""
+    key.sort()                                  # one sort of (bucket key, owner), no argsort + gather
+    k, w = (key >> shift).astype(np.int32), (key & ((1 << shift) - 1)).astype(code_type)
+    new = np.r_[True, k[1:] != k[:-1]]
+    small = np.diff(np.r_[np.flatnonzero(new), len(k)])[np.cumsum(new, dtype=np.int32) - 1] <= LSH_BUCKET
+    del new
+    for off in range(1, LSH_BUCKET):
+        m = (k[off:] == k[:-off]) & small[off:]
+        a, b = w[:-off][m], w[off:][m]
+        # upright-upright and mirror-mirror are one geometry; upright-mirror finds flipped copies
+        mirrored = (a >= n) != (b >= n)
+        a, b = a % n, b % n
+        other = a != b
+        np.add.at(votes, ((np.minimum(a, b) * n + np.maximum(a, b)) * 2 + mirrored)[other], 1)
+
+
 def candidate_pairs(feats: list[dict], top_k: Optional[int] = None, seed: int = 0) -> dict[tuple[int, int, bool], int]:
     """Image pairs worth a geometric check, from locality-sensitive hashing of all ORB descriptors at
     once: {(i, j, mirrored): votes} with i < j; mirrored: j's mirror image matched i.
@@ -178,56 +250,70 @@ def candidate_pairs(feats: list[dict], top_k: Optional[int] = None, seed: int = 
     A pair is a candidate when it has at least MIN_VOTES and is among the top_k of either image, so
     the geometric checks grow linearly with the images. (On the facade photos, crops of one photo
     got 230+ votes at the 5th percentile, unrelated pairs 16 at the median and 33 at the 99th.)
-    Keys are computed bit by bit in int32: memory stays a few bytes per descriptor.
+    Memory: each table is sorted as int64 (key, owner) in 2**LSH_SPLIT parts and votes are counted
+    into one uint16 (N, N, 2) array (100 MB at 5,000 images), never a list of every colliding pair.
     """
     n, top_k = len(feats), top_k or TOP_K
-    des = [f["des"] for f in feats] + [f["mdes"] for f in feats]
-    owner = np.repeat(np.arange(2 * n, dtype=np.int32), [len(d) for d in des])
-    if n < 2 or len(owner) == 0:
+    if n < 2:
         return {}
-    packed = np.concatenate(des)
+    packed, owner = _descriptors(feats)
+    if not len(packed):
+        return {}
+    votes = np.zeros(n * n * 2, np.uint16)
+    code_type = np.int32 if n * n * 2 < 2 ** 31 else np.int64
+    shift = int(2 * n - 1).bit_length()
     rng = np.random.default_rng(seed)
-    codes = []
     for _ in range(LSH_TABLES):
-        key = np.zeros(len(packed), np.int32)
-        for b, bit in enumerate(rng.choice(256, LSH_BITS, replace=False)):
-            key |= ((packed[:, bit // 8] >> (7 - bit % 8)) & 1).astype(np.int32) << b
-        order = np.argsort(key, kind="stable")
-        k, w = key[order], owner[order]
-        _, inverse, counts = np.unique(k, return_inverse=True, return_counts=True)
-        small = counts[inverse] <= LSH_BUCKET
-        del inverse
-        for off in range(1, LSH_BUCKET):
-            m = (k[off:] == k[:-off]) & small[off:] & (w[off:] % n != w[:-off] % n)
-            a, b2 = w[:-off][m].astype(np.int64), w[off:][m].astype(np.int64)
-            # upright-upright and mirror-mirror are one geometry; upright-mirror finds flipped copies
-            mirrored = (a >= n) != (b2 >= n)
-            i, j = np.minimum(a % n, b2 % n), np.maximum(a % n, b2 % n)
-            codes.append((i * n + j) * 2 + mirrored)
-    pair, votes = np.unique(np.concatenate(codes), return_counts=True)
-    keep = votes >= MIN_VOTES
-    ij, mir = pair[keep] // 2, (pair[keep] % 2).astype(bool)
-    pairs = pd.DataFrame({"i": ij // n, "j": ij % n, "m": mir, "votes": votes[keep]})
-    both = pd.concat([pairs, pairs.rename(columns={"i": "j", "j": "i"})])
-    top = both.sort_values("votes", ascending=False, kind="stable").groupby("i").head(top_k)
-    return {(min(i, j), max(i, j), bool(m)): int(v) for i, j, m, v in top[["i", "j", "m", "votes"]].itertuples(index=False)}
+        # LSH_BITS sampled bits: whole bytes (8 of ORB's 256 tests each) are as random a sample as
+        # single bits and take one column read, not eight
+        cols = rng.choice(32, -(-LSH_BITS // 8), replace=False)
+        np.minimum(votes, SATURATE, out=votes)      # one table adds < 2**15 to a pair: uint16 never wraps
+        first = packed[:, cols[0]] >> (8 - LSH_SPLIT)
+        for part in range(2 ** LSH_SPLIT):          # buckets split by their key's top bits: 1/4 the scratch memory
+            idx = np.flatnonzero(first == part)
+            key = owner[idx].astype(np.int64)
+            for b, c in enumerate(cols):
+                keep = min(8, LSH_BITS - 8 * b)
+                key |= (packed[idx, c] >> (8 - keep)).astype(np.int64) << (shift + 8 * b)
+            del idx
+            _vote(key, shift, n, code_type, votes)
+    # each image's top_k (partner, view) by votes, read a block of rows at a time from the upper
+    # triangle and its transpose (no table of every voted pair)
+    votes = votes.reshape(n, n, 2)
+    out: dict[tuple[int, int, bool], int] = {}
+    k = min(top_k, 2 * n)
+    for r0 in range(0, n, 256):
+        rows = np.arange(r0, min(n, r0 + 256))
+        block = (votes[rows] + votes[:, rows].transpose(1, 0, 2)).reshape(len(rows), 2 * n)
+        top = np.argpartition(-block.astype(np.int32), k - 1, axis=1)[:, :k]
+        for r, cols in zip(rows, top):
+            for c in cols:
+                v = int(block[r - r0, c])
+                j, m = int(c // 2), bool(c % 2)
+                if v >= MIN_VOTES and j != r:
+                    out[(min(r, j), max(r, j), m)] = v
+    return out
 
 
-def affine_match(a: dict, b: dict, mirrored: bool = False) -> tuple[int, Optional[np.ndarray]]:
+def affine_match(a: dict, b: dict, mirrored: bool = False, first: Optional[int] = None) -> tuple[int, Optional[np.ndarray]]:
     """(inliers, A): how many ratio-tested ORB matches from image a to image b (to b's mirror image
-    when mirrored) agree on one affine map A (2x3, a's feature pixels -> b's; RANSAC)."""
+    when mirrored) agree on one affine map A (2x3, a's feature pixels -> b's; RANSAC).
+    first: match only the first (strongest) keypoints of each image."""
     bp, bd = (b["mpts"], b["mdes"]) if mirrored else (b["pts"], b["des"])
-    if len(a["des"]) < 3 or len(bd) < 3:
+    ap, ad = a["pts"], a["des"]
+    if first:
+        ap, ad, bp, bd = ap[:first], ad[:first], bp[:first], bd[:first]
+    if len(ad) < 3 or len(bd) < 3:
         return 0, None
-    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(a["des"], bd, k=2)
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(ad, bd, k=2)
     good = [m[0] for m in knn if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
     if len(good) < 3:
         return 0, None
-    src = a["pts"][[m.queryIdx for m in good]]
+    src = ap[[m.queryIdx for m in good]]
     dst = bp[[m.trainIdx for m in good]]
     extent = max(np.ptp(src, axis=0).max(), np.ptp(dst, axis=0).max(), 1.0)
     A, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=0.01 * extent)
-    if A is None or mask is None:
+    if A is None or mask is None or not np.isfinite(A).all():
         return 0, None
     det = abs(np.linalg.det(A[:, :2]))
     if not 1 / 25 <= det <= 25:          # collapses or blows up the image: not a crop or a resize
@@ -298,22 +384,31 @@ def _verify_init(feats: Optional[list[dict]] = None) -> None:
 
 
 def _verify(task: tuple) -> tuple[int, float, float]:
-    i, j, mirrored = task
-    n, A = affine_match(_FEATS[i], _FEATS[j], mirrored)
-    return (n, *pixel_check(_FEATS[i], _FEATS[j], A=A, mirrored=mirrored)) if A is not None else (n, 1.0, 0.0)
+    i, j, mirrored, min_inliers = task
+    a, b = _FEATS[i], _FEATS[j]
+    n, A = affine_match(a, b, mirrored, first=QUICK)       # the strongest keypoints settle most pairs
+    if n < min_inliers and n >= QUICK_MAYBE:
+        n, A = affine_match(a, b, mirrored)
+    if n < min_inliers or A is None:
+        return n, 1.0, 0.0
+    return (n, *pixel_check(a, b, A=A, mirrored=mirrored))
 
 
-def verify(feats: list[dict], pairs: list[tuple[int, int, bool]], workers: int = 0) -> list[tuple[int, float, float]]:
+def verify(feats: list[dict], pairs: list[tuple[int, int, bool]], workers: int = 0,
+           min_inliers: int = 20) -> list[tuple[int, float, float]]:
     """(inliers, disagree, overlap) of each candidate (i, j, mirrored), across `workers` processes
-    (0 = all cores). The features reach forked workers by inheritance (no copy per worker), and
-    other start methods through the initializer."""
+    (0 = all cores): the QUICK strongest keypoints first, all of them when that is inconclusive
+    (QUICK_MAYBE or more inliers, fewer than min_inliers); the pixel check for pairs that pass.
+    The features reach forked workers by inheritance (no copy per worker), and other start
+    methods through the initializer."""
     global _FEATS
     _FEATS = feats
     import multiprocessing as mp
 
     init = (_verify_init, ()) if mp.get_start_method() == "fork" else (_verify_init, (feats,))
     try:
-        return parallel_map(_verify, pairs, "near_dups check", workers, serial_below=64, init=init)
+        return parallel_map(_verify, [(*p, min_inliers) for p in pairs], "near_dups check", workers, serial_below=64,
+                            init=init)
     finally:
         _FEATS = []
 
@@ -336,7 +431,7 @@ def find_pairs(images: pd.DataFrame, settings: Optional[NearDups] = None, worker
         found[(i, j)] = dict(method="hash", hash_distance=d, inliers=0, view=str(v), disagree=dis, overlap=ov)
     candidates = sorted(candidate_pairs(feats))
     best: dict[tuple[int, int], tuple] = {}   # per pair, the view (upright or mirror) whose pixels agree best
-    for (i, j, m), (inl, dis, ov) in zip(candidates, verify(feats, candidates, workers)):
+    for (i, j, m), (inl, dis, ov) in zip(candidates, verify(feats, candidates, workers, n.min_inliers)):
         if inl >= n.min_inliers and (dis, -inl) < best.get((i, j), (2.0, 0))[:2]:
             best[(i, j)] = (dis, -inl, ov, m)
     for (i, j), (dis, neg_inl, ov, m) in best.items():

@@ -31,6 +31,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 1em 2em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
 nav a { margin-right: 1em; } .muted { color: #666; font-size: 0.9em; }
+.warn { background: #fff3cd; border-left: 4px solid #d39e00; padding: 0.4em 0.8em; }
 .cards { display: flex; gap: 1em; flex-wrap: wrap; margin: 1em 0; }
 .card { border: 1px solid #ddd; border-radius: 8px; padding: 0.8em 1.2em; min-width: 180px; }
 .card b { display: block; font-size: 1.8em; }
@@ -165,7 +166,16 @@ def _data(ws: Workspace, m: dict) -> str:
 
 
 def _split(ws: Workspace, m: dict) -> str:
-    return ("<h2 id='split'>Split</h2>" + (_kv(m["split"]) if m["split"] else "")
+    """Warnings first (uneven folds, a group bigger than a fold), then the split's figures."""
+    split = dict(m["split"] or {})
+    warnings = split.pop("warnings", [])
+    groups = dict(split.get("groups") or {})
+    oversized = groups.pop("oversized", [])
+    if groups:
+        split["groups"] = groups
+    return ("<h2 id='split'>Split</h2>"
+            + "".join(f"<p class='warn'>&#9888; {html.escape(w)}</p>" for w in warnings)
+            + (_table(pd.DataFrame(oversized)) if oversized else "") + (_kv(split) if split else "")
             + _figure(ws.split_files.fold_balance_png, "class presence per validation fold"))
 
 
