@@ -296,3 +296,17 @@ def test_a_group_bigger_than_a_fold_is_reported_loudly():
     assert lines == split_warnings({k: v for k, v in summary.items() if k != "warnings"})
     assert any("more than a fold's share" in line and big[0]["group"] in line for line in lines)
     assert any(line.startswith("folds are uneven") for line in lines)
+
+
+def test_the_report_puts_split_warnings_and_oversized_groups_first(tmp_path):
+    from pipeline.config import Paths
+    from pipeline.evaluation.report import _split
+    from pipeline.workspace import Workspace
+
+    rf = roboflow_dataset(n_sources=60)
+    chain = [list(range(0, 80))]
+    f = make_folds(rf, Split(strategy="multilabel", n_folds=3, holdout=0.1, seed=0), links=Links(near=chain))
+    metrics = {"split": split_summary(f, {}, Links(near=chain), pd.DataFrame(columns=["key_a", "key_b"]), True)}
+    page = _split(Workspace(Paths(split=str(tmp_path))), metrics)
+    assert page.index("class='warn'") < page.index("more than a fold") < page.index("fold_images")
+    assert metrics["split"]["groups"]["oversized"]                # the page's copy was trimmed, not the metrics

@@ -62,6 +62,8 @@ MIN_OVERLAP = 0.1       # share of the first image the aligned second must cover
 BLUR = 1.0              # Gaussian sigma (thumbnail pixels) before comparing: forgives a pixel of misalignment
 CELLS = 8               # the comparison grid (cells of the thumbnail)
 DIFFER = 0.7            # mean normalised grey difference above which a cell disagrees
+MIN_CELLS = 8           # cells both images cover that a verdict needs (a 50 % x 50 % crop covers 16)
+PAD_SPREAD = 8          # grey levels a pad region spans (1st to 99th percentile)
 BAND_TOLERANCE = 12     # grey levels a pad band's pixels may stray from its colour (JPEG ringing)
 BAND_SHARE = 0.98       # share of a row/column that must be pad colour for it to count as band
 MIN_KEEP = 0.25         # a trim never keeps less than this share of a side (a blank photo stays whole)
@@ -99,16 +101,23 @@ def trim_box(img: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def pad_mask(grey: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the flat regions connected to the border of a grey uint8 image (letterbox bands,
-    the black or white fill a rotation or shear leaves in the corners). Flat: 3x3 standard
-    deviation under 4 grey levels (JPEG noise in a band stays under it; texture does not)."""
+    """(H, W) bool: the uniform regions connected to the border of a grey uint8 image (letterbox
+    bands, the black or white fill a rotation or shear leaves in the corners). A region counts when
+    it is flat (3x3 standard deviation under 4 grey levels: JPEG noise in a band stays under it,
+    texture does not) and one colour (98 % of it within PAD_SPREAD grey levels: a sky or a smooth
+    gradient is flat but not one colour, and stays content)."""
     g = grey.astype(np.float32)
     mean = cv2.blur(g, (3, 3))
     flat = (cv2.blur(g * g, (3, 3)) - mean * mean) < 16.0
-    n, labels = cv2.connectedComponents(flat.astype(np.uint8), connectivity=4)
+    _, labels = cv2.connectedComponents(flat.astype(np.uint8), connectivity=4)   # 0: not flat
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    edge = edge[flat[np.isin(labels, edge)].any()] if len(edge) else edge
-    return np.isin(labels, edge[edge > 0]) & flat if n > 1 else np.zeros_like(flat)
+    pad = np.zeros(grey.shape, bool)
+    for label in edge[edge > 0]:
+        region = labels == label
+        lo, hi = np.percentile(grey[region], [1, 99])
+        if hi - lo <= PAD_SPREAD:
+            pad |= region
+    return pad
 
 
 def phash_d4(grey: np.ndarray) -> np.ndarray:
@@ -351,7 +360,7 @@ def disagreement(a: np.ndarray, b: np.ndarray, M: Optional[np.ndarray] = None,
     ys, xs = np.linspace(0, h, CELLS + 1).astype(int), np.linspace(0, w, CELLS + 1).astype(int)
     cells = [(diff[y0:y1, x0:x1].sum() / n, n) for y0, y1 in zip(ys, ys[1:]) for x0, x1 in zip(xs, xs[1:])
              if (n := valid[y0:y1, x0:x1].sum()) >= 0.5 * (y1 - y0) * (x1 - x0)]
-    if not cells:
+    if len(cells) < MIN_CELLS:           # too little of both to judge: no verdict, no join
         return 1.0, overlap
     return float(np.mean([m > DIFFER for m, _ in cells])), overlap
 
