@@ -310,3 +310,11 @@ def test_the_report_puts_split_warnings_and_oversized_groups_first(tmp_path):
     page = _split(Workspace(Paths(split=str(tmp_path))), metrics)
     assert page.index("class='warn'") < page.index("more than a fold") < page.index("fold_images")
     assert metrics["split"]["groups"]["oversized"]                # the page's copy was trimmed, not the metrics
+
+
+def test_a_class_mix_worse_than_random_is_said():
+    base = {"fold_images": {"0": 10, "1": 10}, "groups": {"oversized": []}}
+    worse = split_warnings({**base, "balance": {"class_dev": 0.05, "random_class_dev": 0.03}})
+    assert len(worse) == 1 and "class_dev 0.0500 vs 0.0300" in worse[0]
+    assert split_warnings({**base, "balance": {"class_dev": 0.031, "random_class_dev": 0.03}}) == []
+    assert split_warnings({**base, "balance": {}}) == []

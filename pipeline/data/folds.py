@@ -298,7 +298,8 @@ def oversized_groups(folds: pd.DataFrame, limit: int = 5) -> list[dict]:
 
 
 def split_warnings(summary: dict) -> list[str]:
-    """Sentences for the user when folds are uneven or a group is bigger than a fold's share."""
+    """Sentences for the user when folds are uneven, their class mix is worse than random KFold's,
+    or a group is bigger than a fold's share."""
     out = []
     sizes = summary["fold_images"]
     n_folds = len(sizes)
@@ -308,6 +309,11 @@ def split_warnings(summary: dict) -> list[str]:
         if max(abs(v) for v in off.values()) > FOLD_TOLERANCE:
             out.append("folds are uneven: " + ", ".join(f"fold {k} {v} images ({off[k]:+.0%})" for k, v in sizes.items())
                        + f" against {target:.0f} each")
+    bal = summary.get("balance") or {}
+    if bal.get("class_dev", 0) > max(1.2 * bal.get("random_class_dev", 0), bal.get("random_class_dev", 0) + 0.005):
+        out.append(f"the folds' class mix strays from the pool's more than random KFold's does on the same groups "
+                   f"(class_dev {bal['class_dev']:.4f} vs {bal['random_class_dev']:.4f}): few distinct label sets "
+                   "or large groups leave stratification little to work with; see balance.csv")
     for g in summary["groups"]["oversized"]:
         out.append(f"group {g['group']!r} holds {g['images']} images ({g['share']:.0%} of the pool), more than a "
                    f"fold's share (1/{n_folds}); it forces fold {g['fold']}'s size. Check reports/near_dups "
