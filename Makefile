@@ -20,7 +20,7 @@ export DO_NOT_TRACK := 1
 $(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --progress-bar off -r requirements.txt -c constraints.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-	$(BIN)/python -c "import torch, segmentation_models_pytorch, albumentations, pycocotools, dvc, mlflow, iterstrat, imagehash, xdist, pydensecrf.densecrf"
+	$(BIN)/python -c "import torch, segmentation_models_pytorch, albumentations, pycocotools, dvc, mlflow, iterstrat, xdist, pydensecrf.densecrf"
 	touch $@
 
 install: $(VENV)/.installed

@@ -119,7 +119,7 @@ class NearDups(_UsesRuntime):
     enabled: bool = True
     hash_distance: int = Field(8, ge=0, le=64)   # pHash bits that may differ (resizes, re-encodes, brightness)
     min_inliers: int = Field(20, ge=4)           # ORB matches agreeing on one affine map (crops)
-    max_disagree: float = Field(0.1, ge=0, le=1)  # share of aligned pixels that may differ for a pair to join
+    max_disagree: float = Field(0.1, ge=0, le=1)  # share of aligned cells that may differ for a pair to join
     side: int = Field(512, ge=64)                # long side the images are looked at
     n_features: int = Field(1000, ge=50)          # ORB keypoints per image (and as many on its mirror image)
     include_test: bool = True                    # also find test images that repeat labelled ones
@@ -154,11 +154,6 @@ class Split(_Section):
     join_near_dups: Optional[bool] = None   # null: when group is null; true/false: always/never
     holdout: float = Field(0.1, ge=0.0, lt=0.9)
     seed: int = 42
-
-    @property
-    def pattern(self) -> Optional[str]:
-        """The group pattern's regex, when split.group is one."""
-        return self.group.pattern if isinstance(self.group, GroupPattern) else None
 
     @property
     def joins_near_dups(self) -> bool:

@@ -24,7 +24,6 @@ A training run for fold k trains on `fold != k and not holdout` and validates on
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,6 +35,7 @@ from sklearn.model_selection import KFold, ShuffleSplit
 
 from pipeline.config import Split
 from pipeline.data.coco import DataError, Dataset
+from pipeline.data.sources import pattern_sources
 
 IMAGE_QUANTILES = (0.25, 0.5, 0.75)   # count bins that split the images evenly...
 MASS_BINS = 5                          # ...plus bins holding equal shares of the objects (the long tail)
@@ -66,10 +66,8 @@ def group_keys(images: pd.DataFrame, group) -> pd.Series:
         return images.key.rename("group")
     pattern = getattr(group, "pattern", None)
     if pattern is not None:
-        rx = re.compile(pattern)
-        found = [rx.search(str(f)) for f in images.file_name]
-        return pd.Series([f"pattern:{m.group(1)}" if m and m.group(1) else k for m, k in zip(found, images.key)],
-                         index=images.index, name="group")
+        found = pattern_sources(images.file_name.tolist(), pattern)
+        return pd.Series([s or k for s, k in zip(found, images.key)], index=images.index, name="group")
     if group == "folder":
         return images.file_name.map(lambda f: str(Path(f).parent)).rename("group")
     if group not in images.columns:
@@ -176,6 +174,8 @@ def even_out(g_fold: np.ndarray, g_size: np.ndarray, g_labels: np.ndarray, toler
         return fold
     target = g_size[fold >= 0].sum() / len(ks)
     labels = g_labels.astype(float)
+    # labels per image, pool-wide: moves stay inside the pool, so it never changes
+    rate = labels[fold >= 0].sum(0) / max(g_size[fold >= 0].sum(), 1)
     for _ in range(len(fold)):
         sizes = np.array([g_size[fold == k].sum() for k in ks])
         if sizes.max() <= target * (1 + tolerance) and sizes.min() >= target * (1 - tolerance):
@@ -185,7 +185,6 @@ def even_out(g_fold: np.ndarray, g_size: np.ndarray, g_labels: np.ndarray, toler
         cand = np.flatnonzero((fold == big) & (g_size < gap))
         if not len(cand):
             break
-        rate = labels[fold >= 0].sum(0) / max(g_size[fold >= 0].sum(), 1)    # labels per image, pool-wide
         harm = np.abs(labels[cand] - rate * g_size[cand, None]).sum(1) / np.maximum(g_size[cand], 1)
         pick = cand[np.lexsort((harm, np.abs(g_size[cand] - gap / 2)))[0]]
         fold[pick] = small

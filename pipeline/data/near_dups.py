@@ -122,7 +122,7 @@ def pad_mask(grey: np.ndarray) -> np.ndarray:
 
 def phash_d4(grey: np.ndarray) -> np.ndarray:
     """(8,) uint64 pHash of each D4 view of a grey image: the sign of the 8x8 lowest DCT frequencies
-    of its 32x32 thumbnail against their median (imagehash's phash, on an INTER_AREA thumbnail)."""
+    of its 32x32 thumbnail against their median (imagehash's phash algorithm, on an INTER_AREA thumbnail)."""
     small = cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float64)
     out = np.zeros(8, np.uint64)
     for v, view in enumerate(D4):
@@ -386,10 +386,9 @@ def pixel_check(a: dict, b: dict, view: int = 0, A: Optional[np.ndarray] = None,
 _FEATS: list[dict] = []
 
 
-def _verify_init(feats: Optional[list[dict]] = None) -> None:
+def _verify_init(feats: list[dict]) -> None:
     global _FEATS
-    if feats is not None:
-        _FEATS = feats
+    _FEATS = feats
 
 
 def _verify(task: tuple) -> tuple[int, float, float]:
@@ -414,7 +413,7 @@ def verify(feats: list[dict], pairs: list[tuple[int, int, bool]], workers: int =
     _FEATS = feats
     import multiprocessing as mp
 
-    init = (_verify_init, ()) if mp.get_start_method() == "fork" else (_verify_init, (feats,))
+    init = None if mp.get_start_method() == "fork" else (_verify_init, (feats,))
     try:
         return parallel_map(_verify, [(*p, min_inliers) for p in pairs], "near_dups check", workers, serial_below=64,
                             init=init)
@@ -441,10 +440,10 @@ def find_pairs(images: pd.DataFrame, settings: Optional[NearDups] = None, worker
     candidates = sorted(candidate_pairs(feats))
     best: dict[tuple[int, int], tuple] = {}   # per pair, the view (upright or mirror) whose pixels agree best
     for (i, j, m), (inl, dis, ov) in zip(candidates, verify(feats, candidates, workers, n.min_inliers)):
-        if inl >= n.min_inliers and (dis, -inl) < best.get((i, j), (2.0, 0))[:2]:
-            best[(i, j)] = (dis, -inl, ov, m)
-    for (i, j), (dis, neg_inl, ov, m) in best.items():
-        inl = -neg_inl
+        old = best.get((i, j))
+        if inl >= n.min_inliers and (old is None or (dis, -inl) < (old[0], -old[1])):
+            best[(i, j)] = (dis, inl, ov, m)
+    for (i, j), (dis, inl, ov, m) in best.items():
         row = found.get((i, j)) or dict(method="orb", hash_distance=int(np.bitwise_count(hashes[i] ^ hashes[j]).min()))
         dis = min(dis, row.get("disagree", 1.0))
         found[(i, j)] = {**row, "method": "both" if row["method"] == "hash" else "orb", "inliers": inl,

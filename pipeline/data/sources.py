@@ -23,24 +23,25 @@ EXPORTERS = {
 }
 
 
+def pattern_sources(file_names: Sequence[str], pattern: str) -> list[Optional[str]]:
+    """'pattern:<first capture>' of a user's regex searched in each whole file_name, or None where
+    it does not match (or captures nothing). split.group {pattern: ...} groups by it."""
+    rx = re.compile(pattern)
+    return [f"pattern:{m.group(1)}" if (m := rx.search(str(f))) and m.group(1) else None for f in file_names]
+
+
 def source_names(file_names: Sequence[str], pattern: Optional[str] = None) -> pd.Series:
     """The source photo of each file name, or None where no naming applies.
 
-    pattern: a user's regex (first capture = source), tried on the whole file_name first; then every
-    EXPORTERS regex on the base name. Sources are prefixed with the naming that found them, so two
-    namings never join by accident."""
-    mine = re.compile(pattern) if pattern else None
+    pattern: a user's regex (pattern_sources), tried first; then every EXPORTERS regex on the base
+    name. Sources are prefixed with the naming that found them, so two namings never join by accident."""
+    mine = pattern_sources(file_names, pattern) if pattern else [None] * len(file_names)
     known = [(name, re.compile(rx)) for name, rx in EXPORTERS.items()]
     out = []
-    for f in file_names:
-        f = str(f)
-        m = mine.search(f) if mine else None
-        if m and m.group(1):
-            out.append(f"pattern:{m.group(1)}")
-            continue
-        base = PurePosixPath(f.replace("\\", "/")).name
+    for f, own in zip(file_names, mine):
+        base = PurePosixPath(str(f).replace("\\", "/")).name
         hit = next(((n, m) for n, rx in known if (m := rx.match(base))), None)
-        out.append(f"{hit[0]}:{hit[1].group(1)}" if hit else None)
+        out.append(own or (f"{hit[0]}:{hit[1].group(1)}" if hit else None))
     return pd.Series(out, dtype=object, name="source")
 
 
