@@ -37,6 +37,7 @@ from pipeline.io import write_json
 
 DEFAULT_EXPERIMENT = "segmentation"
 SESSION_TAG = "pipeline.session"
+LABEL_TAG = "pipeline.experiment"   # the parent's and its stage runs' experiment label (experiment_label)
 
 
 def _mlflow():
@@ -140,24 +141,34 @@ def _clean(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _parent_run(client, experiment_id: str, spec: dict) -> str:
+def experiment_label(exp_name: Optional[str], params: dict[str, Any]) -> str:
+    """What runs are called: the DVC experiment's name, else the recipe (model-encoder)."""
+    if exp_name:
+        return exp_name
+    model, encoder = params.get("model"), params.get("encoder")
+    return "-".join(str(v) for v in (model, encoder) if v)
+
+
+def _parent_run(client, experiment_id: str, spec: dict) -> tuple[str, str]:
+    """(run id, experiment label) of this pipeline execution's parent run, created by its first stage:
+    named '<experiment or model-encoder> · <month-day hour:minute>', with the params file logged flat."""
     key = spec["session"]
     found = client.search_runs([experiment_id], filter_string=f"tags.`{SESSION_TAG}` = '{key}'", max_results=1)
     if found:
-        return found[0].info.run_id
-    exp_name = spec["dvc_exp_name"]
-    name = exp_name or f"repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        return found[0].info.run_id, found[0].data.tags.get(LABEL_TAG, "")
+    params_file = Path(spec["root"]) / PARAMS_FILE
+    flat = flatten(load_params(params_file)) if params_file.exists() else {}
+    label = experiment_label(spec["dvc_exp_name"], flat)
+    name = f"{label or 'pipeline'} · {time.strftime('%m-%d %H:%M')}"
     tags = {SESSION_TAG: key, "pipeline.role": "parent", "git.sha": _clean(git_sha(spec["root"])),
-            "dvc.exp_name": _clean(exp_name), "mlflow.runName": name}
+            "dvc.exp_name": _clean(spec["dvc_exp_name"]), LABEL_TAG: label, "mlflow.runName": name}
     _mark_killed(client, experiment_id)
     run = client.create_run(experiment_id, tags=tags, run_name=name)
-    params_file = Path(spec["root"]) / PARAMS_FILE
-    if params_file.exists():
-        flat = flatten(load_params(params_file))
+    if flat:
         from mlflow.entities import Param
 
         client.log_batch(run.info.run_id, params=[Param(k, _clean(v)[:6000]) for k, v in sorted(flat.items())])
-    return run.info.run_id
+    return run.info.run_id, label
 
 
 def _alive(key: str) -> bool:
@@ -183,6 +194,23 @@ def _mark_killed(client, experiment_id: str) -> None:
                                   "attributes.status = 'RUNNING'", max_results=1000)
         for run in [*kids, parent]:
             client.set_terminated(run.info.run_id, status="KILLED")
+
+
+CHAMPION = "champion"
+CHAMPION_METRIC_TAG, CHAMPION_SCORE_TAG = "cv.metric", "cv.score"
+
+
+def champion_moves(champion_tags: Optional[dict[str, str]], metric: str, score: float) -> bool:
+    """Does a version scoring `score` (out of fold, in `metric`) take the alias from the champion
+    (its version tags; None: there is none)? Only by beating it in the same metric: a champion scored
+    in another metric, or with no score, keeps the alias (compare them yourself)."""
+    if champion_tags is None:
+        return True
+    try:
+        best = float(champion_tags[CHAMPION_SCORE_TAG])
+    except (KeyError, ValueError):
+        return False
+    return champion_tags.get(CHAMPION_METRIC_TAG) == metric and score > best
 
 
 class TrackingFailed(ConfigError):
@@ -279,8 +307,8 @@ class StageRun:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._send(op="metrics", metrics=clean, step=step, parent=parent)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._send(op="tags", tags={k: str(v) for k, v in tags.items()})
+    def set_tags(self, tags: dict[str, str], parent: bool = False) -> None:
+        self._send(op="tags", tags={k: str(v) for k, v in tags.items()}, parent=parent)
 
     def log_artifacts(self, folder: str | Path, artifact_path: Optional[str] = None) -> None:
         self._send(op="artifacts", path=str(Path(folder).resolve()), artifact_path=artifact_path)
@@ -288,17 +316,27 @@ class StageRun:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         self._send(op="artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
-    def log_model(self, folder: str | Path, artifact_path: str, registered_name: Optional[str] = None) -> None:
+    def log_model(self, folder: str | Path, artifact_path: str, registered_name: Optional[str] = None,
+                  tags: Optional[dict[str, str]] = None, score: Optional[tuple[str, float]] = None) -> None:
         """Log a saved MLflow model folder as this run's artifacts and, with a name, register it as the
-        next version of that model in the registry (`models:/<name>/<version>`)."""
-        self._send(op="model", path=str(Path(folder).resolve()), artifact_path=artifact_path, name=registered_name)
+        next version of that model (`models:/<name>/<version>`), tagged with `tags`. score = (metric
+        name, out-of-fold value): the alias `champion` moves to this version only if it beats the
+        champion's score in the same metric (`models:/<name>@champion`); never on a holdout score."""
+        self._send(op="model", path=str(Path(folder).resolve()), artifact_path=artifact_path, name=registered_name,
+                   tags={k: str(v) for k, v in (tags or {}).items()}, score=list(score) if score else None)
 
-    def write_metrics(self, path: str | Path, metrics: dict[str, Any], parent: bool = False) -> Path:
-        """Write the DVC metrics JSON (nested as given) and log its numeric leaves to MLflow."""
+    def write_metrics(self, path: str | Path, metrics: dict[str, Any], details_path: Optional[str | Path] = None,
+                      details: Optional[dict[str, Any]] = None) -> Path:
+        """Write the DVC metrics JSON `path` (the stage's few headline numbers, nested as given) and,
+        with `details`, everything the stage measured to `details_path`, a file DVC does not read as
+        metrics (pipeline/evaluation/headline.py). The numeric leaves of the details (else of the
+        headline) go to this stage's MLflow run."""
         write_json(path, metrics)
-        flat = {k.replace(".", "/"): v for k, v in flatten(metrics).items() if isinstance(v, (int, float))
-                and not isinstance(v, bool)}
-        self.log_metrics(flat, parent=parent)
+        if details is not None:
+            write_json(details_path, details)
+        flat = {k.replace(".", "/"): v for k, v in flatten(details if details is not None else metrics).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.log_metrics(flat)
         return Path(path)
 
     def close(self, status: str) -> None:
@@ -370,13 +408,15 @@ class _Logger:
         with self.lock, _sqlite_setup_lock(spec["uri"]):
             exp = client.get_experiment_by_name(spec["experiment"])
             exp_id = exp.experiment_id if exp else client.create_experiment(spec["experiment"])
-            parent_id = _parent_run(client, exp_id, spec)
+            parent_id, label = _parent_run(client, exp_id, spec)
             failed = self.parents.setdefault(parent_id, False)
         if not failed:   # a parent FAILED by one stage stays FAILED (dvc repro --keep-going runs on)
             client.update_run(parent_id, status="RUNNING")
         stage, fold, seed = spec["stage"], spec["fold"], spec["seed"]
         name = stage if fold is None else f"{stage}@{fold}" if seed is None else f"{stage}@{fold}-{seed}"  # = DVC's
+        name = f"{label} · {name}" if label else name   # curves of two experiments overlaid stay told apart
         tags = {"pipeline.stage": stage, "pipeline.role": "stage", "git.sha": _clean(git_sha(spec["root"])),
+                LABEL_TAG: label,
                 "dvc.stage": _clean(spec["dvc_stage"]), "dvc.exp_name": _clean(spec["dvc_exp_name"]),
                 "mlflow.parentRunId": parent_id}
         if fold is not None:
@@ -402,6 +442,7 @@ class _Logger:
                 op = m.pop("op")
                 if op == "start":
                     run_id, parent_id = self.open_runs(m)
+                    spec_uri = m["uri"]
                     client = self.client
                 elif op == "metrics":
                     from mlflow.entities import Metric
@@ -413,7 +454,7 @@ class _Logger:
                             client.log_batch(target, metrics=batch[i:i + 1000])
                 elif op == "tags":
                     for k, v in m["tags"].items():
-                        client.set_tag(run_id, k, v)
+                        client.set_tag(parent_id if m.get("parent") else run_id, k, v)
                 elif op == "artifacts":
                     client.log_artifacts(run_id, m["path"], m["artifact_path"])
                 elif op == "artifact":
@@ -421,7 +462,8 @@ class _Logger:
                 elif op == "model":
                     client.log_artifacts(run_id, m["path"], m["artifact_path"])
                     if m["name"]:
-                        self.register(client, m["name"], run_id, m["artifact_path"])
+                        self.register(client, m["name"], run_id, m["artifact_path"], m.get("tags") or {},
+                                      m.get("score"), spec_uri)
                 elif op == "end":
                     status = m["status"]
                     break
@@ -446,16 +488,33 @@ class _Logger:
             pass
         conn.close()
 
-    def register(self, client, name: str, run_id: str, artifact_path: str) -> None:
+    def register(self, client, name: str, run_id: str, artifact_path: str, tags: dict[str, str],
+                 score: Optional[list], uri: str) -> None:
+        """A new version of `name`, tagged; `champion` moves to it only if it beats the champion's
+        out-of-fold score in the same metric (the compare-and-move is one at a time per store)."""
         from mlflow.exceptions import MlflowException
 
         with self.lock:
             try:
                 client.get_registered_model(name)
             except MlflowException:
-                client.create_registered_model(name, description="the pipeline's final ensemble (stage submit)")
+                client.create_registered_model(name, description="the pipeline's final ensemble (stage submit); "
+                                               "@champion: the best out-of-fold score so far")
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-        client.create_model_version(name, source, run_id)
+        if score:
+            tags = {**tags, CHAMPION_METRIC_TAG: score[0], CHAMPION_SCORE_TAG: repr(float(score[1]))}
+        version = client.create_model_version(name, source, run_id, tags=tags)
+        if not score:
+            return
+        with self.lock, _sqlite_setup_lock(uri):
+            try:
+                champ = client.get_model_version_by_alias(name, CHAMPION)
+            except MlflowException:
+                champ = None
+            if champion_moves(champ.tags if champ else None, score[0], float(score[1])):
+                client.set_registered_model_alias(name, CHAMPION, version.version)
+                print(f"registry: {name} version {version.version} is the new @{CHAMPION} "
+                      f"({score[0]} {float(score[1]):.4f} out of fold)", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
         """The dvc process has ended: its parent runs that no stage failed are FINISHED."""

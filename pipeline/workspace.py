@@ -203,8 +203,8 @@ class Workspace:
         return self.histories(tag) / f"{member_name(fold, seed)}.csv"
 
     def members_metrics(self, tag: str) -> Path:
-        """metrics/<train | train_round2>: every run's best-epoch scores."""
-        return self._dir("metrics") / tag
+        """metrics/details/<train | train_round2>: every run's best-epoch scores (not DVC metrics)."""
+        return self._dir("metrics") / "details" / tag
 
     def member_metrics(self, tag: str, fold: int, seed: int) -> Path:
         return self.members_metrics(tag) / f"{member_name(fold, seed)}.json"
@@ -265,8 +265,12 @@ class Workspace:
         return self._dir("reports") / "index.html"
 
     def metrics_json(self, stage: str) -> Path:
-        """metrics/<stage>.json: the small JSON DVC reads as the stage's metrics."""
+        """metrics/<stage>.json: the stage's few headline numbers, what DVC reads as its metrics."""
         return self._dir("metrics") / f"{stage}.json"
 
+    def details_json(self, stage: str) -> Path:
+        """metrics/details/<stage>.json: everything the stage measured (the report reads it; DVC does not)."""
+        return self._dir("metrics") / "details" / f"{stage}.json"
 
-FINAL_VARIANT = "holdout/final"   # metrics/ensemble.json key of the final ensemble judged on the holdout
+
+FINAL_VARIANT = "holdout/final"   # metrics/details/ensemble.json key of the final ensemble judged on the holdout

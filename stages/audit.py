@@ -9,6 +9,7 @@ from pipeline.data.coco import dataset_from_params
 from pipeline.evaluation.audit import audit, plot_suspects, review_coco, review_sheet, summary_line
 from pipeline.evaluation.oof import read_oof
 from pipeline.io import atomic_dir, write_json
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import AuditFiles, DemoFiles, Workspace
 
@@ -31,7 +32,7 @@ def main() -> None:
             review_sheet(suspects, ds, dict(zip(oof.key, oof.width)), p.audit.top_k).to_csv(out.review_csv, index=False)
             write_json(out.review_coco_json, review_coco(suspects, p.paths.oof, ds, p.audit))
         run.log_artifacts(ws.audit.dir, "audit")
-        run.write_metrics(ws.metrics_json("audit"), {"audit": metrics})
+        write_metrics(run, ws, "audit", {"audit": metrics})
         print(summary_line(metrics, ws.audit.suspects_csv))
 
 

@@ -6,6 +6,7 @@ from pipeline.config import load_params
 from pipeline.devices import pick_device
 from pipeline.evaluation.blend import blend_experiments, summary_line
 from pipeline.io import atomic_dir, write_json
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import BlendFiles, Workspace
 
@@ -22,10 +23,9 @@ def main() -> None:
             table.to_csv(out.variants_csv, index=False)
             write_json(out.blend_json, summary)
         run.log_artifacts(ws.blend.dir, "blend")
-        run.write_metrics(ws.metrics_json("blend"), {"blend": {
+        write_metrics(run, ws, "blend", {"blend": {
             "experiments": len(summary["experiments"]), "mIoU": summary["blend_mIoU"],
-            "best_single_mIoU": summary["best_single_mIoU"], "gain_vs_best_single": summary["gain_vs_best_single"]}},
-            parent=True)
+            "best_single_mIoU": summary["best_single_mIoU"], "gain_vs_best_single": summary["gain_vs_best_single"]}})
         print(summary_line(summary))
 
 

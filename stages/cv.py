@@ -4,7 +4,7 @@ from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.cv import cv_scores, summary_line, write_cv
-from pipeline.evaluation.metrics import flat_scores
+from pipeline.evaluation.headline import parent_metrics, write_metrics
 from pipeline.models.checkpoint import ModelSet
 from pipeline.tracking import stage_run
 from pipeline.workspace import Workspace
@@ -20,17 +20,13 @@ def main() -> None:
         s = cv_scores(ModelSet(ws.models(1), tuple(p.train.folds), tuple(p.train.seeds)), classes, p.metric)
         write_cv(s, classes, ws)
         run.log_artifacts(ws.cv.dir, "cv")
-        run.log_metrics(flat_scores(s, "cv"), parent=True)  # on the parent: experiments compare side by side
-        run.write_metrics(ws.metrics_json("cv"), {"cv": {
+        details = {"cv": {
             **{k: s[k] for k in ("mIoU", "pixel_acc", "mean_acc", "fwIoU", "per_fold_mIoU", "per_seed_mIoU")},
-            "IoU": {k: v for k, v in s["IoU"].items() if v is not None}, **({"metric": s["metric"]} if "metric" in s else {})}})
+            "IoU": {k: v for k, v in s["IoU"].items() if v is not None}, **({"metric": s["metric"]} if "metric" in s else {})}}
+        write_metrics(run, ws, "cv", details)
+        run.log_metrics(parent_metrics("cv", details), parent=True)   # experiments compare side by side
         if "metric" in s:
-            m = s["metric"]
-            run.log_metrics({"cv/metric": m["value"], "cv/metric_ci95_low": m["ci95_low"],
-                             "cv/metric_ci95_high": m["ci95_high"],
-                             "cv/shakeup_sd": m["shakeup"]["sd"]}, parent=True)
-            print(summary_line(m))
-
+            print(summary_line(s["metric"]))
 
 if __name__ == "__main__":
     cli.run(main)

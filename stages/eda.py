@@ -4,6 +4,7 @@ from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params
 from pipeline.data.eda import analyse, write_report
 from pipeline.io import atomic_dir
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import EdaFiles, Workspace
 
@@ -20,7 +21,7 @@ def main() -> None:
         with atomic_dir(ws.eda.dir) as tmp:
             write_report(result, EdaFiles(tmp))
         run.log_artifacts(ws.eda.dir, "eda")
-        run.write_metrics(ws.metrics_json("eda"), {"eda": result.summary})
+        write_metrics(run, ws, "eda", {"eda": result.summary})
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from pipeline import cli
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.devices import pick_device
-from pipeline.evaluation.variants import evaluate_variants, submitted_variant, summary_lines, variants_metrics
+from pipeline.evaluation.variants import (evaluate_variants, submitted_variant, summary_lines, train_minutes,
+                                          variants_metrics)
 from pipeline.io import atomic_dir, write_json
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import EnsembleFiles, Workspace
 
@@ -24,11 +26,9 @@ def main() -> None:
             table.to_csv(out.variants_csv, index=False)
             write_json(out.postprocess_json, {**refiner.to_json(), "fitted": fit_log})
         run.log_artifacts(ws.ensemble.dir, "ensemble")
-        variants = variants_metrics(table)
         submitted = submitted_variant(table, refiner)
-        run.write_metrics(ws.metrics_json("ensemble"), {"ensemble": variants, "submitted": submitted})
-        # Also on the parent run: two experiments' variant tables compare side by side in the MLflow UI.
-        run.log_metrics({f"ensemble/{k}/mIoU": v["mIoU"] for k, v in variants.items()}, parent=True)
+        write_metrics(run, ws, "ensemble", {"ensemble": {"submitted": submitted, "train_min": train_minutes(ws, p.train),
+                                                         "variants": variants_metrics(table)}})
         for line in summary_lines(submitted, fit_log, table):
             print(line)
 

@@ -3,8 +3,9 @@
     python -m stages.leaderboard [--sort cv_mIoU|holdout_mIoU] [--md | --csv]
 
 Columns: experiment, CV mIoU, the CV metric's 95 % interval over images, the paired difference from
-the top row on the same out-of-fold images, the holdout mIoU of the final ensemble, the best holdout
-variant, training minutes (all folds and seeds), and the params that differ between the rows.
+the top row on the same out-of-fold images, the holdout mIoU of what it submits with its interval and
+the submitted variant's id, training minutes (all folds, seeds and rounds), and the params that differ
+between the rows.
 """
 import argparse
 

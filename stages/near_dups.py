@@ -7,6 +7,7 @@ from pipeline.config import load_params
 from pipeline.data.coco import dataset_from_params, load_test_set
 from pipeline.data.near_dups import PAIR_COLUMNS, clusters, find_pairs, summary, with_test_images, write_report
 from pipeline.io import atomic_dir
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import NearDupFiles, Workspace
 
@@ -26,7 +27,7 @@ def main() -> None:
         with atomic_dir(ws.near_dups.dir) as tmp:
             write_report(images, pairs, cluster, NearDupFiles(tmp))
         run.log_artifacts(ws.near_dups.dir, "near_dups")
-        run.write_metrics(ws.metrics_json("near_dups"), {"near_dups": summary(images, pairs, cluster)})
+        write_metrics(run, ws, "near_dups", {"near_dups": summary(images, pairs, cluster)})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pipeline.config import load_params
 from pipeline.devices import pick_device
 from pipeline.evaluation.oof import write_oof
 from pipeline.models.checkpoint import ModelSet
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import Workspace
 
@@ -18,7 +19,7 @@ def main() -> None:
         s = write_oof(ModelSet.final(p.infer, p.train, Workspace(p.paths)), p, pick_device(p.infer.device))
         print(f"out-of-fold (final ensemble's members per fold, TTA, at most {p.oof.max_side} px): "
               f"mIoU {s['mIoU']:.4f} -> {p.paths.oof}")
-        run.write_metrics(Workspace(p.paths).metrics_json("oof"), {"oof": {
+        write_metrics(run, Workspace(p.paths), "oof", {"oof": {
             "mIoU": s["mIoU"], "pixel_acc": s["pixel_acc"], "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}})
 
 

@@ -8,6 +8,7 @@ from pipeline.config import load_params
 from pipeline.data.coco import load_test_set
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
 from pipeline.io import atomic_dir
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import PseudoFiles, Workspace
 from pipeline.devices import pick_device
@@ -26,7 +27,7 @@ def main() -> None:
             report.to_csv(out.report_csv, index=False)
             pd.Series(left_out, name="file_name").to_csv(out.left_out_csv, index=False)
         run.log_artifact(ws.pseudo.report_csv, "pseudo")
-        run.write_metrics(ws.metrics_json("pseudo"), {"pseudo": {
+        write_metrics(run, ws, "pseudo", {"pseudo": {
             "test_images": len(test), "left_out_in_labelled_pool": len(left_out), **summary}})
 
 

@@ -1,5 +1,5 @@
 """Stage report: reports/index.html, one self-contained page of everything the pipeline found and
-scored; prints the headline (CV mIoU, the best honest ensemble on the holdout, where the page is)."""
+scored; prints the headline (CV mIoU, what is submitted and its holdout score, where the page is)."""
 from pipeline import cli
 from pipeline.config import load_params
 from pipeline.evaluation.report import write_report
@@ -15,9 +15,9 @@ def main() -> None:
     with stage_run("report", p) as run:
         path, head = write_report(p.paths, recipe)
         run.log_artifact(path, "report")
-    best = head["best_holdout"]
+    sub = head["submitted"]
     print(f"CV mIoU {head['cv_mIoU']:.4f}" if head["cv_mIoU"] is not None else "CV mIoU: none", end="")
-    print(f"; best on the holdout: {best[0].replace('_', ' ')} {best[1]:.4f}" if best else "; no holdout")
+    print(f"; submitted ({sub['id']}): holdout mIoU {sub['mIoU']:.4f}" if sub.get("mIoU") is not None else "; no holdout")
     if "blend" in head:
         n, judged_on, miou, gain = head["blend"]
         print(f"blend of {n} experiments ({judged_on}): {miou:.4f}, {gain:+.4f} vs the best single experiment")

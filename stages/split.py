@@ -6,6 +6,7 @@ from pipeline.data.folds import Links, balance_report, make_folds, near_pairs, p
 from pipeline.data.near_dups import read_pairs
 from pipeline.data.sources import copies_by_name
 from pipeline.io import atomic_dir, identical_files
+from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
 from pipeline.workspace import SplitFiles, Workspace
 
@@ -33,7 +34,7 @@ def main() -> None:
         run.log_artifacts(ws.split, "split")
         for line in summary["warnings"]:
             print(f"split: WARNING: {line}", flush=True)
-        run.write_metrics(ws.metrics_json("split"), {"split": summary})
+        write_metrics(run, ws, "split", {"split": summary})
 
 
 if __name__ == "__main__":

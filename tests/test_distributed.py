@@ -60,7 +60,8 @@ def test_two_gloo_processes_match_one(tmp_path):
         assert two["metrics"][key] == one["metrics"][key], key
 
     runs = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
-    assert sorted(r.info.run_name for r in runs if r.data.tags.get("pipeline.role") == "stage") == ["train@0-0"] * 2
+    assert sorted(r.info.run_name.split(" · ")[-1] for r in runs if r.data.tags.get("pipeline.role") == "stage") == [
+        "train@0-0"] * 2
 
 
 class HalfUsed(torch.nn.Module):

@@ -12,13 +12,10 @@ from pipeline.evaluation.leaderboard import leaderboard, render
 def node(name, model, lr, cv, holdout, train_s, rev="abc1234def"):
     params = {"params.yaml": {"data": {"model": model, "train": {"lr": lr, "loss": {"ce": 1.0}},
                                        "paths": {"models": f"models-{name}"}}}}
+    submitted = {"id": "final_postprocess", "mIoU": holdout, "metric": holdout, "metric_name": "mIoU",
+                 "ci95_low": holdout - 0.05, "ci95_high": holdout + 0.05} if holdout else {}
     metrics = {"metrics/cv.json": {"data": {"cv": {"mIoU": cv}}},
-               "metrics/ensemble.json": {"data": {"ensemble": {
-                   **({"holdout/final": {"mIoU": holdout}} if holdout else {}),
-                   **({"holdout/kfold": {"mIoU": holdout - 0.01}} if holdout else {}),
-                   "out_of_fold/fold": {"mIoU": 0.99}}}},
-               "metrics/train/fold_0_seed_0.json": {"data": {"val": {"train_s": train_s}}},
-               "metrics/train/fold_1_seed_0.json": {"data": {"val": {"train_s": train_s}}}}
+               "metrics/ensemble.json": {"data": {"ensemble": {"submitted": submitted, "train_min": train_s / 30}}}}
     return {"rev": rev, "name": name, "data": {"params": params, "metrics": metrics}}
 
 
@@ -36,7 +33,7 @@ def test_rows_sorted_best_first_with_only_the_params_that_differ():
     assert [r["experiment"] for r in rows] == ["pspnet-try", "workspace", "main", "low-lr"]
     top = rows[0]
     assert top["cv_mIoU"] == 0.41 and top["holdout_mIoU"] == 0.38 and top["train_min"] == 1.0
-    assert top["best_holdout"] == "0.3800 final"   # out-of-fold rows are not holdout
+    assert top["submitted"] == "final_postprocess" and top["holdout_ci95"] == "[0.3300, 0.4300]"
     assert top["params"] == "model=pspnet train.lr=0.003"                        # paths.* and train.loss do not differ
     assert rows[-1]["holdout_mIoU"] is None and rows[-1]["params"] == "model=unet train.lr=0.001"
     assert [r["experiment"] for r in leaderboard(TREE, "holdout_mIoU")] == ["pspnet-try", "workspace", "main", "low-lr"]
@@ -45,11 +42,11 @@ def test_rows_sorted_best_first_with_only_the_params_that_differ():
 def test_formats():
     rows = leaderboard(TREE)
     text = render(rows).splitlines()
-    assert text[0].split() == ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "best_holdout", "train_min",
-                               "params"]
-    assert len(text) == 5 and "—" in text[-1] and max(map(len, text)) < 140
+    assert text[0].split() == ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "holdout_ci95", "submitted",
+                               "train_min", "params"]
+    assert len(text) == 5 and "—" in text[-1] and max(map(len, text)) < 160
     md = render(rows, "md").splitlines()
-    assert md[1] == "|---|---|---|---|---|---|---|---|" and md[2].startswith("| pspnet-try | 0.4100 | — | — | 0.3800 |")
+    assert md[1] == "|---|---|---|---|---|---|---|---|---|" and md[2].startswith("| pspnet-try | 0.4100 | — | — | 0.3800 |")
     parsed = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
     assert parsed[0]["experiment"] == "pspnet-try" and float(parsed[0]["cv_mIoU"]) == 0.41
 
@@ -61,8 +58,8 @@ def test_a_blended_experiment_is_ranked_by_its_blend():
     alone["data"]["metrics"]["metrics/blend.json"] = {"data": {"blend": {"experiments": 1, "mIoU": 0.36}}}
     tree = [{**node("main", "unet", 0.003, 0.30, 0.35, 60), "experiments": [{"revs": [blended]}, {"revs": [alone]}]}]
     rows = {r["experiment"]: r for r in leaderboard(tree, "holdout_mIoU")}
-    assert rows["fpn-unet"]["holdout_mIoU"] == 0.42 and rows["fpn-unet"]["best_holdout"] == "0.4200 blend_of_2_experiments"
-    assert rows["fpn"]["holdout_mIoU"] == 0.36
+    assert rows["fpn-unet"]["holdout_mIoU"] == 0.42 and rows["fpn-unet"]["submitted"] == "blend_of_2_experiments"
+    assert rows["fpn"]["holdout_mIoU"] == 0.36 and rows["fpn"]["submitted"] == "final_postprocess"
 
 
 def test_intervals_and_paired_differences_from_the_top_row():

@@ -109,11 +109,41 @@ def test_per_image_ious_and_each_class_worst_image_known_answer():
     assert worst_per_class(per_image, 1) == [(1, 1, 0.25)]
 
 
-def test_report_headline_picks_the_best_holdout_variant_and_the_final_ensemble():
+def test_one_truth_for_what_is_submitted():
+    """The report's cards, the leaderboard and the parent run read the submitted variant by its id,
+    never the best holdout row; with a blend of several experiments, the blend is what is submitted."""
+    from pipeline.evaluation.headline import headline as dvc_headline, parent_metrics, submitted
     from pipeline.evaluation.report import headline
 
-    ens = {"holdout/kfold": {"mIoU": 0.5}, "holdout/final": {"mIoU": 0.45},
-           "out_of_fold/fold_tta": {"mIoU": 0.9}, "holdout/fold_mean": {"mIoU": 0.4}}
+    ens = {"submitted": {"id": "final_postprocess", "variant": "final + postprocess", "mIoU": 0.45, "metric": 0.45,
+                         "metric_name": "mIoU", "ci95_low": 0.4, "ci95_high": 0.5}, "train_min": 3.5,
+           "variants": {"holdout/kfold": {"mIoU": 0.5}, "holdout/final_postprocess": {"mIoU": 0.45}}}
     head = headline({"mIoU": 0.42}, ens)
-    assert head == {"cv_mIoU": 0.42, "best_holdout": ("kfold", 0.5), "final_holdout": 0.45}
-    assert headline({}, {}) == {"cv_mIoU": None, "best_holdout": None, "final_holdout": None}
+    assert head["submitted"] == {"id": "final_postprocess", "mIoU": 0.45, "ci95": (0.4, 0.5), "metric_name": "mIoU",
+                                 "metric": 0.45}
+    assert head["cv"] == {"name": "mIoU", "value": 0.42, "ci95": None}
+    assert submitted(ens, {"experiments": 1, "mIoU": 0.3})["id"] == "final_postprocess"
+    assert submitted(ens, {"experiments": 2, "mIoU": 0.6}) == {"id": "blend_of_2_experiments", "mIoU": 0.6, "ci95": None,
+                                                               "metric_name": "mIoU", "metric": 0.6}
+    assert headline({}, {})["submitted"] == {} and headline({}, {})["cv_mIoU"] is None
+    assert parent_metrics("submit", {"ensemble": ens}) == {"holdout/mIoU": 0.45, "train/minutes": 3.5,
+                                                           "holdout/mIoU_ci95_low": 0.4, "holdout/mIoU_ci95_high": 0.5}
+    # DVC reads the headline only: the variant table stays in the details
+    assert dvc_headline("ensemble", {"ensemble": ens}) == {"ensemble": {"submitted": ens["submitted"], "train_min": 3.5}}
+
+
+def test_parent_run_metrics_are_each_under_one_name():
+    from pipeline.evaluation.headline import HEADLINE, headline, parent_metrics
+
+    cv = {"cv": {"mIoU": 0.6, "pixel_acc": 0.9, "mean_acc": 0.7, "fwIoU": 0.8, "per_fold_mIoU": {"0": 0.5},
+                 "IoU": {"Background": 0.9, "Paper": 0.3},
+                 "metric": {"name": "mIoU", "value": 0.6, "ci95_low": 0.55, "ci95_high": 0.65, "images": 9,
+                            "shakeup": {"sd": 0.01}}}}
+    assert parent_metrics("cv", cv) == {"cv/mIoU": 0.6, "cv/pixel_acc": 0.9, "cv/mean_acc": 0.7, "cv/mIoU_ci95_low": 0.55,
+                                        "cv/mIoU_ci95_high": 0.65, "cv/IoU/Background": 0.9, "cv/IoU/Paper": 0.3}
+    assert headline("cv", cv) == {"cv": {"mIoU": 0.6, "pixel_acc": 0.9, "mean_acc": 0.7, "metric": {
+        "name": "mIoU", "value": 0.6, "ci95_low": 0.55, "ci95_high": 0.65}}}
+    other = {"cv": {**cv["cv"], "metric": {"name": "image mIoU", "value": 0.5, "ci95_low": 0.4, "ci95_high": 0.6}}}
+    assert parent_metrics("cv", other)["cv/image mIoU"] == 0.5 and parent_metrics("cv", other)["cv/mIoU"] == 0.6
+    assert headline("audit", {"audit": {"images": 3, "suspects": 2, "noise": {"k": 5}}}) == {"audit": {"images": 3, "suspects": 2}}
+    assert set(HEADLINE) >= {"cv", "ensemble", "blend"}

@@ -47,11 +47,11 @@ def test_registered_ensemble_predicts_in_a_fresh_process_as_predict_does(tmp_pat
 
     save_ensemble_model(tmp_path / "model", members, infer, SPEC)
     with stage_run("submit") as run:
-        run.log_model(tmp_path / "model", "model", "segmentation-ensemble")
+        run.log_model(tmp_path / "model", "model", "segmentation-ensemble", {"experiment": "t"}, ("mIoU", 0.5))
 
     files = ["a.jpg", "b.png", "sub/c.jpg"]
     script = ("import sys, numpy as np, pandas as pd, mlflow.pyfunc\n"
-              "m = mlflow.pyfunc.load_model('models:/segmentation-ensemble/1')\n"
+              "m = mlflow.pyfunc.load_model('models:/segmentation-ensemble@champion')\n"
               "out = m.predict(pd.DataFrame({'path': sys.argv[2:]}))\n"
               "np.savez(sys.argv[1], *out)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the model brings its own code

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -22,7 +23,8 @@ def test_stages_of_one_session_share_a_parent(tmp_path):
     with stage_run("masks", Params().only("masks")) as run:
         run.log_metrics({"masks/images": 3})
     with stage_run("eda", Params().only("eda", "split")) as run:
-        run.write_metrics(tmp_path / "m.json", {"eda": {"images": 3, "overlap": {"images": 1}, "name": "x"}})
+        run.write_metrics(tmp_path / "m.json", {"eda": {"images": 3}}, tmp_path / "details" / "m.json",
+                          {"eda": {"images": 3, "overlap": {"images": 1}, "name": "x"}})
     all_runs = runs()
     parents = [r for r in all_runs if r.data.tags.get("pipeline.role") == "parent"]
     children = [r for r in all_runs if r.data.tags.get("pipeline.role") == "stage"]
@@ -30,11 +32,12 @@ def test_stages_of_one_session_share_a_parent(tmp_path):
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert parent.info.status == "FINISHED"
-    eda = next(c for c in children if c.info.run_name == "eda")
-    assert eda.data.metrics == {"eda/images": 3.0, "eda/overlap/images": 1.0}
+    eda = next(c for c in children if c.data.tags["pipeline.stage"] == "eda")
+    assert eda.data.metrics == {"eda/images": 3.0, "eda/overlap/images": 1.0}   # the details, on the stage's run
+    assert json.loads((tmp_path / "m.json").read_text()) == {"eda": {"images": 3}}   # the headline, for DVC
     assert eda.data.params["split.strategy"] == "multilabel" and eda.data.params["split.n_folds"] == "3"
-    assert json.loads((tmp_path / "m.json").read_text())["eda"]["overlap"]["images"] == 1
-    masks = next(c for c in children if c.info.run_name == "masks")
+    assert json.loads((tmp_path / "details" / "m.json").read_text())["eda"]["overlap"]["images"] == 1
+    masks = next(c for c in children if c.data.tags["pipeline.stage"] == "masks")
     assert masks.data.params["masks.overlap"] == "smaller_on_top" and masks.data.params["masks.max_side"] == "null"
 
 
@@ -55,12 +58,43 @@ def test_different_sessions_get_different_parents(monkeypatch):
     assert len([r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]) == 2
 
 
-def test_parent_named_after_dvc_experiment(monkeypatch):
+def test_runs_named_after_the_dvc_experiment_or_the_recipe(monkeypatch, tmp_path):
+    """Parent: '<experiment> · <date>'; its stage runs carry the experiment too, so two experiments'
+    curves overlaid in the UI are told apart. Without a DVC experiment, the recipe names them."""
     monkeypatch.setenv("DVC_EXP_NAME", "pspnet-try")
     with stage_run("eda"):
         pass
     [parent] = [r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]
-    assert parent.info.run_name == "pspnet-try" and parent.data.tags["dvc.exp_name"] == "pspnet-try"
+    [child] = [r for r in runs() if r.data.tags.get("pipeline.role") == "stage"]
+    assert re.fullmatch(r"pspnet-try · \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
+    assert parent.data.tags["dvc.exp_name"] == "pspnet-try" and child.info.run_name == "pspnet-try · eda"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.setenv("PIPELINE_SESSION", "other")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    (tmp_path / "params.yaml").write_text("model: pspnet\nencoder: resnet18\n")
+    with stage_run("split"):
+        pass
+    [child] = [r for r in runs() if r.data.tags.get("pipeline.stage") == "split"]
+    assert child.info.run_name == "pspnet-resnet18 · split"
+
+
+def test_champion_moves_only_to_a_better_out_of_fold_score(tmp_path, monkeypatch):
+    """Every registered version is tagged; @champion moves only when a version beats it in the same
+    out-of-fold metric: not to a worse, an equal, an unscored or an otherwise-scored one."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors: {}\n")
+    scores = [("mIoU", 0.5), ("mIoU", 0.4), ("mIoU", 0.6), ("mIoU", 0.6), ("image mIoU", 0.9), None]
+    for i, score in enumerate(scores):
+        monkeypatch.setenv("PIPELINE_SESSION", f"run-{i}")
+        with stage_run("submit") as run:
+            run.log_model(folder, "model", "ens", {"experiment": f"e{i}"}, score)
+    client = mlflow.tracking.MlflowClient(tracking_uri())
+    champion = client.get_model_version_by_alias("ens", "champion")
+    assert str(champion.version) == "3" and champion.tags["experiment"] == "e2" and float(champion.tags["cv.score"]) == 0.6
+    versions = {str(v.version): v.tags for v in client.search_model_versions("name='ens'")}
+    assert {k: v["experiment"] for k, v in versions.items()} == {str(i + 1): f"e{i}" for i in range(len(scores))}
+    assert versions["5"]["cv.metric"] == "image mIoU" and "cv.score" not in versions["6"]
 
 
 def test_standalone_session_key_outside_dvc(monkeypatch):

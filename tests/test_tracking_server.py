@@ -72,7 +72,8 @@ def test_stages_log_to_a_shared_server(server, tmp_path):
     found = rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
     tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in found}
     parents = [r for r in found if tags[r["info"]["run_id"]].get("pipeline.role") == "parent"]
-    stages = {r["info"]["run_name"]: r for r in found if tags[r["info"]["run_id"]].get("pipeline.role") == "stage"}
+    stages = {tags[r["info"]["run_id"]]["pipeline.stage"]: r for r in found
+              if tags[r["info"]["run_id"]].get("pipeline.role") == "stage"}
     assert len(parents) == 1 and set(stages) == {"demo_data", "eda"}
     assert all(tags[r["info"]["run_id"]]["mlflow.parentRunId"] == parents[0]["info"]["run_id"] for r in stages.values())
     assert all(r["info"]["status"] == "FINISHED" for r in found)

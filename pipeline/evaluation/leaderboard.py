@@ -1,8 +1,9 @@
 """The leaderboard: every DVC experiment (and the workspace) on one line — its name, the params
 that differ between the rows, CV mIoU, the CV metric's 95 % bootstrap interval over images, the paired
 difference from the top row on the same out-of-fold images (is it really behind?), the holdout mIoU
-of what it submits (the final ensemble, or the fitted blend when it blends other experiments), the
-best holdout variant, and training time — read from `dvc exp show --json`, sorted best first.
+of what it submits with its interval and the submitted variant's id (headline.submitted: the final
+ensemble as refined, or the fitted blend when it blends other experiments), and training minutes —
+read from the headline metrics in `dvc exp show --json`, sorted best first.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from pipeline.config import flatten
-from pipeline.workspace import FINAL_VARIANT, Workspace
+from pipeline.evaluation.headline import cv_score, submitted
+from pipeline.workspace import Workspace
 
 IGNORED_PARAMS = ("paths.",)   # where outputs go is not a recipe
-COLUMNS = ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "best_holdout", "train_min", "params"]
+COLUMNS = ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "holdout_ci95", "submitted", "train_min", "params"]
 
 
 def dvc_experiments(cwd: Optional[str] = None) -> list[dict]:
@@ -55,27 +57,20 @@ def _workspace(params: dict) -> Workspace:
                                      metrics=params.get("paths.metrics", "metrics")))
 
 
+def _ci(ci: Optional[tuple[float, float]], name: str) -> Optional[str]:
+    if not ci:
+        return None
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]" + (f" {name}" if name != "mIoU" else "")
+
+
 def row(name: str, data: dict) -> dict[str, Any]:
     params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
     metrics, ws = data.get("metrics") or {}, _workspace(params)
-    cv = _metric(metrics, ws.metrics_json("cv").as_posix()).get("cv", {})
-    variants = _metric(metrics, ws.metrics_json("ensemble").as_posix()).get("ensemble", {})
-    final = variants.get(FINAL_VARIANT, {})
-    holdout = {k.split("/", 1)[1]: v["mIoU"] for k, v in variants.items() if k.startswith("holdout/") and "mIoU" in v}
-    blend = _metric(metrics, ws.metrics_json("blend").as_posix()).get("blend", {})
-    if blend.get("experiments", 1) > 1:   # the submission is the blend of experiments (stage blend)
-        final = {"mIoU": blend["mIoU"]}
-        holdout[f"blend_of_{blend['experiments']}_experiments"] = blend["mIoU"]
-    best = max(holdout, key=holdout.get) if holdout else None
-    train_s = sum(m.get("data", {}).get("val", {}).get("train_s", 0.0) for path, m in metrics.items()
-                  if "/train/" in path.replace("\\", "/") and isinstance(m, dict))
-    m = cv.get("metric") or {}
-    ci = f"[{m['ci95_low']:.4f}, {m['ci95_high']:.4f}]" if "ci95_low" in m else None
-    if ci and m.get("name", "mIoU") != "mIoU":
-        ci += f" {m['name']}"
-    return {"experiment": name, "cv_mIoU": cv.get("mIoU"), "cv_ci95": ci, "vs_top": None,
-            "holdout_mIoU": final.get("mIoU"), "best_holdout": f"{holdout[best]:.4f} {best}" if best else None,
-            "train_min": round(train_s / 60, 1) if train_s else None, "_params": params}
+    head = {s: _metric(metrics, ws.metrics_json(s).as_posix()).get(s, {}) for s in ("cv", "ensemble", "blend")}
+    cv, sub = cv_score(head["cv"]), submitted(head["ensemble"], head["blend"])
+    return {"experiment": name, "cv_mIoU": head["cv"].get("mIoU"), "cv_ci95": _ci(cv["ci95"], cv["name"]),
+            "vs_top": None, "holdout_mIoU": sub.get("mIoU"), "holdout_ci95": _ci(sub.get("ci95"), sub.get("metric_name")),
+            "submitted": sub.get("id"), "train_min": head["ensemble"].get("train_min"), "_params": params}
 
 
 def leaderboard(tree: list[dict], sort: str = "cv_mIoU",

@@ -1,7 +1,7 @@
 """One offline page a team reads after `dvc repro`: reports/index.html, self-contained (figures inlined
 as base64 PNG, no script, no remote anything), built from what the stages wrote:
 
-  headline   CV mIoU, the best variant on the holdout and the final ensemble's, the submission
+  headline   CV mIoU with its interval, what is submitted and its holdout score (headline.submitted)
   data       EDA summary, class balance, overlapping labels, data issues, near-duplicates
   split      fold balance
   training   every model's curves (validation mIoU, training loss) by epoch
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import pandas as pd
 
 from pipeline.io import atomic_file
-from pipeline.workspace import FINAL_VARIANT, Member, Workspace
+from pipeline.evaluation.headline import cv_score, submitted
+from pipeline.workspace import Member, Workspace
 
 if TYPE_CHECKING:
     from pipeline.config import Paths
@@ -34,7 +35,7 @@ nav a { margin-right: 1em; } .muted { color: #666; font-size: 0.9em; }
 .warn { background: #fff3cd; border-left: 4px solid #d39e00; padding: 0.4em 0.8em; }
 .cards { display: flex; gap: 1em; flex-wrap: wrap; margin: 1em 0; }
 .card { border: 1px solid #ddd; border-radius: 8px; padding: 0.8em 1.2em; min-width: 180px; }
-.card b { display: block; font-size: 1.8em; }
+.card b { display: block; font-size: 1.8em; } .card b span { font-size: 0.45em; font-weight: normal; margin-left: 0.4em; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; } th { background: #f4f4f4; }
 td:first-child, th:first-child { text-align: left; }
@@ -98,12 +99,10 @@ def _curves(histories: dict[str, pd.DataFrame]) -> str:
     return _fig_png(fig)
 
 
-def headline(cv: dict, ensemble: dict) -> dict[str, Any]:
-    """{'cv_mIoU', 'best_holdout': (variant, mIoU) or None, 'final_holdout': mIoU or None}."""
-    holdout = {k.split("/", 1)[1]: v["mIoU"] for k, v in ensemble.items() if k.startswith("holdout/") and "mIoU" in v}
-    best = max(holdout, key=holdout.get) if holdout else None
-    final = holdout.get(FINAL_VARIANT.split("/", 1)[1])
-    return {"cv_mIoU": cv.get("mIoU"), "best_holdout": (best, holdout[best]) if best else None, "final_holdout": final}
+def headline(cv: dict, ensemble: dict, blend: Optional[dict] = None) -> dict[str, Any]:
+    """The cards' numbers from stages cv, ensemble and blend's metrics: {'cv_mIoU', 'cv': headline.cv_score,
+    'submitted': headline.submitted ({} before stage ensemble)}."""
+    return {"cv_mIoU": cv.get("mIoU"), "cv": cv_score(cv), "submitted": submitted(ensemble, blend)}
 
 
 STAGES = ("eda", "near_dups", "split", "cv", "ensemble", "audit")   # whose metrics JSON the page reads
@@ -112,8 +111,8 @@ STAGES = ("eda", "near_dups", "split", "cv", "ensemble", "audit")   # whose metr
 def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = None) -> tuple[Path, dict]:
     """Build the page from the outputs under `paths` (the params' paths section); returns (path, headline)."""
     ws = Workspace(paths)
-    m = {s: _json(ws.metrics_json(s)).get(s, {}) for s in STAGES}
-    head = headline(m["cv"], m["ensemble"])
+    m = {s: _json(ws.details_json(s)).get(s, {}) for s in STAGES}
+    head = headline(m["cv"], m["ensemble"], _json(ws.metrics_json("blend")).get("blend"))
     blend = _json(ws.blend.blend_json)
     if len(blend.get("experiments", [])) > 1:
         head["blend"] = (len(blend["experiments"]), blend["judged_on"], blend["blend_mIoU"], blend["gain_vs_best_single"])
@@ -134,12 +133,15 @@ def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = N
 def _top(recipe: dict[str, Any], head: dict, eda: dict, sections: dict) -> str:
     """Title, the recipe, links to the sections and the headline cards."""
     fmt = (lambda v: "—" if v is None else f"{v:.4f}")
-    cards = [("CV mIoU (out-of-fold)", fmt(head["cv_mIoU"])),
-             ("final ensemble, holdout", fmt(head["final_holdout"]))]
-    if head["best_holdout"]:
-        cards.append((f"best on holdout: {head['best_holdout'][0].replace('_', ' ')}", fmt(head["best_holdout"][1])))
-    if "blend" in head:
-        cards.append((f"blend of {head['blend'][0]} experiments, {head['blend'][1]}", fmt(head["blend"][2])))
+    ci = (lambda c: f"<span class='muted'>[{c[0]:.4f}, {c[1]:.4f}]</span>" if c else "")
+    cv, sub = head["cv"], head["submitted"]
+    cards = [("CV mIoU (out-of-fold)", fmt(head["cv_mIoU"]) + (ci(cv["ci95"]) if cv["name"] == "mIoU" else ""))]
+    if cv["name"] != "mIoU":
+        cards.append((f"CV {cv['name']} (out-of-fold)", fmt(cv["value"]) + ci(cv["ci95"])))
+    # What is submitted and its holdout score: judged, never picked, on the holdout (the variant table
+    # below says whether another variant beats it by more than chance).
+    cards.append((f"submitted ({sub.get('id', 'none').replace('_', ' ')}), holdout mIoU", fmt(sub.get("mIoU"))
+                  + (ci(sub["ci95"]) if sub.get("ci95") and sub["metric_name"] == "mIoU" else "")))
     cards.append(("images (labelled)", str(eda.get("images", "—"))))
     return (f"<h1>Segmentation report</h1><p class='muted'>{html.escape(' · '.join(f'{k} {v}' for k, v in recipe.items()))}</p>"
             + "<nav>" + "".join(f"<a href='#{a}'>{a}</a>" for a in sections) + "</nav>"

@@ -15,6 +15,7 @@ Single-model rows use the first seed of train.seeds. Every row has the chosen me
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, replace
@@ -38,7 +39,7 @@ from pipeline.models.checkpoint import InputSpec, ModelSet
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
-    from pipeline.config import Infer, ParamsView
+    from pipeline.config import Infer, ParamsView, Train
 
 
 def score_images(ensemble: Ensemble, table: pd.DataFrame, batch_size: int = 8, metric: Optional[Metric] = None,
@@ -336,6 +337,18 @@ def summary_lines(submitted: dict, fit_log: list[dict], table: pd.DataFrame) -> 
                    f"[{b['vs_submitted_low']:+.4f}, {b['vs_submitted_high']:+.4f}] (paired, same images); picking it "
                    "by this holdout makes its holdout score optimistic (every row: the variant table)")
     return out
+
+
+def train_minutes(ws: Workspace, train: "Train") -> float:
+    """Wall-clock minutes of training behind the ensemble: every member of both rounds, from their
+    metrics details (a member not trained yet counts 0)."""
+    total = 0.0
+    for tag in ("train", "train_round2"):
+        for fold in train.folds:
+            for seed in train.seeds:
+                f = ws.member_metrics(tag, fold, seed)
+                total += json.loads(f.read_text()).get("val", {}).get("train_s", 0.0) if f.exists() else 0.0
+    return round(total / 60, 1)
 
 
 def variants_metrics(table: pd.DataFrame) -> dict:

@@ -3,7 +3,7 @@ preparation in one folder that `mlflow.pyfunc.load_model(uri).predict(...)` runs
 giving the class maps `stages.predict` gives. The `pipeline` package travels inside the model
 (code_paths), so loading needs the requirements, not this repository.
 
-    model = mlflow.pyfunc.load_model("models:/segmentation-ensemble/latest")
+    model = mlflow.pyfunc.load_model("models:/segmentation-ensemble@champion")
     maps = model.predict(pd.DataFrame({"path": ["photo1.jpg", "photo2.jpg"]}))
     # -> [(H, W) uint8 class map per image, at its own size, in input order]
 """
