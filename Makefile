@@ -29,7 +29,7 @@ demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install
-	OMP_NUM_THREADS=$(TEST_THREADS) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=$(TEST_THREADS) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # Re-pin the stack after changing requirements.txt: a fresh venv, the newest allowed versions, frozen.
 lock:
@@ -41,8 +41,9 @@ lock:
 bench: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.run_all
 
+# Prints the URL of the runs table (recipe and headline scores, best CV first), then serves the UI.
 ui: install
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages.ui
 
 clean:
 	rm -rf data/demo data/masks data/split reports metrics

@@ -9,8 +9,8 @@ RUNNING while the pipeline runs (between stages too), FAILED (or KILLED) as soon
 (`python -m stages.eda`) gets a parent of its own, finished with it. Set PIPELINE_SESSION to group
 runs yourself (the parent then takes the status of its last stage).
 
-Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db — the user's repo even
-when DVC runs the stage in a temporary workspace (`dvc exp run --temp/--queue`). A tracking server
+Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db (pipeline/mlflow_store.py:
+where the store is, the runs view it shows, a local store moving with its repo). A tracking server
 that does not answer is reported before the stage does any work. Experiment:
 $MLFLOW_EXPERIMENT_NAME, else "segmentation". MLflow is imported lazily, telemetry off.
 
@@ -27,15 +27,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from pipeline.config import PARAMS_FILE, ConfigError, ParamsView, flatten, load_params
 from pipeline.io import write_json
-
-DEFAULT_EXPERIMENT = "segmentation"
+from pipeline.mlflow_store import (DEFAULT_EXPERIMENT, TrackingUnreachable, check_server, ensure_runs_view,  # noqa: F401
+                                   experiment_name, relocate_store, repo_root, tracking_uri)
+from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock
 SESSION_TAG = "pipeline.session"
 LABEL_TAG = "pipeline.experiment"   # the parent's and its stage runs' experiment label (experiment_label)
 
@@ -46,54 +46,6 @@ def _mlflow():
     import mlflow
 
     return mlflow
-
-
-def repo_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd())
-
-
-def tracking_uri() -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = repo_root().resolve()
-    for parent in root.parents:  # DVC's temporary experiment workspaces live in <repo>/.dvc/tmp/exps/...
-        if parent.name == "exps" and parent.parent.name == "tmp" and parent.parent.parent.name == ".dvc":
-            root = parent.parent.parent.parent
-            break
-    return f"sqlite:///{root / 'mlflow.db'}"
-
-
-@contextmanager
-def _sqlite_setup_lock(uri: str) -> Iterator[None]:
-    """Parallel experiments (`dvc queue start -j N`) share one sqlite file: the first to touch it
-    creates its tables, and two doing that at once collide. A file lock makes set-up one at a time."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    lock = Path(uri[len("sqlite:///"):] + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-class TrackingUnreachable(ConfigError):
-    pass
-
-
-def check_server(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, naming the server, when an HTTP tracking server does not answer (MLflow's own
-    client would retry for minutes, after the stage had done its work)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            r.read()
-    except (OSError, ValueError) as e:
-        raise TrackingUnreachable(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {e}. "
-                                  "Start it, or unset MLFLOW_TRACKING_URI to log to mlflow.db in the repo") from None
 
 
 def _proc(pid: int) -> tuple[int, list[str], str]:
@@ -359,7 +311,7 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
     """Open this stage's child run under the pipeline execution's parent run (see "The logger")."""
     uri = tracking_uri()
     check_server(uri)
-    spec = dict(uri=uri, experiment=os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT),
+    spec = dict(uri=uri, experiment=experiment_name(),
                 session=session_key(), stage=stage, fold=fold, seed=seed, root=str(repo_root()),
                 dvc_stage=os.environ.get("DVC_STAGE"), dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
                 params={k: _clean(v)[:6000] for k, v in params.flat().items()} if params is not None else {})
@@ -392,6 +344,7 @@ class _Logger:
         self.lock = threading.Lock()
         self.client = None
         self.parents: dict[str, bool] = {}   # parent run id -> a stage of it failed (dvc sessions)
+        self.views: set[str] = set()          # experiments whose runs view is up to date
 
     def mlflow_client(self, uri: str):
         with self.lock:
@@ -399,6 +352,8 @@ class _Logger:
                 mlflow = _mlflow()
                 mlflow.set_tracking_uri(uri)
                 with _sqlite_setup_lock(uri):
+                    if uri.startswith("sqlite:///"):
+                        relocate_store(Path(uri[len("sqlite:///"):]))   # a repo moved or copied: its artifacts too
                     self.client = mlflow.tracking.MlflowClient(uri)  # creates (or migrates) the store's tables
             return self.client
 
@@ -408,6 +363,9 @@ class _Logger:
         with self.lock, _sqlite_setup_lock(spec["uri"]):
             exp = client.get_experiment_by_name(spec["experiment"])
             exp_id = exp.experiment_id if exp else client.create_experiment(spec["experiment"])
+            if exp_id not in self.views:   # the runs table a team opens (mlflow_store.RUNS_VIEW_KEY)
+                ensure_runs_view(client, exp_id)
+                self.views.add(exp_id)
             parent_id, label = _parent_run(client, exp_id, spec)
             failed = self.parents.setdefault(parent_id, False)
         if not failed:   # a parent FAILED by one stage stays FAILED (dvc repro --keep-going runs on)

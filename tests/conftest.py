@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -45,6 +51,37 @@ def image(i: int, w: int = 10, h: int = 8, folder: str = "imgs") -> dict:
     return {"id": i, "file_name": f"{folder}/{i:03d}.png", "width": w, "height": h}
 
 
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free localhost port (store and artifacts under `folder`): its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server",
+                             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+                             "--artifacts-destination", str(folder / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_in_tmp(tmp_path, monkeypatch):
     """Every test logs to its own sqlite file, never to the repo's mlflow.db. A URI an earlier test set
@@ -59,7 +96,7 @@ def _mlflow_in_tmp(tmp_path, monkeypatch):
 
 # The longest files first: under `pytest -n auto --dist loadfile` (make test) each runs whole on one
 # worker, so the end-to-end DAG starts at once and the other workers share the rest meanwhile.
-LONGEST_FIRST = ("test_e2e.py", "test_distributed.py", "test_interrupt.py", "test_tracking.py", "test_tracking_server.py",
+LONGEST_FIRST = ("test_e2e.py", "test_distributed.py", "test_interrupt.py", "test_tracking.py",
                  "test_served.py", "test_training.py", "test_models.py")
 
 

@@ -35,7 +35,7 @@ def run_stage(tmp, name: str, devices: int) -> dict:
     out = subprocess.run([sys.executable, "-m", "stages.train", "--fold", "0", "--seed", "0"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout + out.stderr
-    metrics = json.loads((work / "metrics/train/fold_0_seed_0.json").read_text())["val"]
+    metrics = json.loads((work / "metrics/details/train/fold_0_seed_0.json").read_text())["val"]
     history = (work / "plots/train/fold_0_seed_0.csv").read_text().splitlines()
     return {"metrics": metrics, "history": [dict(zip(history[0].split(","), map(float, r.split(",")))) for r in history[1:]],
             "confusion": np.load(work / "models/fold_0/seed_0/val_confusion.npy"), "log": out.stdout + out.stderr}

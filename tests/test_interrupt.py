@@ -78,8 +78,8 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
             assert f"resuming after epoch {ck['epoch']}" in out, out
     out, _ = stage(killed).communicate(timeout=300)
     assert load_checkpoint(last)["state"] == "done" and "epoch 1/" not in out, out
-    a = json.loads((straight / "metrics/train/fold_0_seed_0.json").read_text())["val"]
-    b = json.loads((killed / "metrics/train/fold_0_seed_0.json").read_text())["val"]
+    a = json.loads((straight / "metrics/details/train/fold_0_seed_0.json").read_text())["val"]
+    b = json.loads((killed / "metrics/details/train/fold_0_seed_0.json").read_text())["val"]
     assert b["mIoU"] == pytest.approx(a["mIoU"], rel=1e-5) and b["best_epoch"] == a["best_epoch"]
     ha = load_checkpoint(straight / "models/fold_0/seed_0/last.pt")["history"]
     hb = load_checkpoint(last)["history"]

@@ -147,3 +147,22 @@ def test_parent_run_metrics_are_each_under_one_name():
     assert parent_metrics("cv", other)["cv/image mIoU"] == 0.5 and parent_metrics("cv", other)["cv/mIoU"] == 0.6
     assert headline("audit", {"audit": {"images": 3, "suspects": 2, "noise": {"k": 5}}}) == {"audit": {"images": 3, "suspects": 2}}
     assert set(HEADLINE) >= {"cv", "ensemble", "blend"}
+
+
+def test_seed_ensembles_are_judged_with_every_seed_of_every_fold():
+    """The variant specs (what the ensemble stage scores): with several seeds, a seed ensemble out of
+    fold and a k-fold x seed ensemble on the holdout, over every fold and seed; with one seed, none.
+    (The end-to-end test trains one seed to stay fast; these specs are what changes with more.)"""
+    from pipeline.config import Params
+    from pipeline.evaluation.variants import HOLDOUT, OOF, variants
+
+    raw = Params().model_dump()
+    raw["train"].update(folds=[0, 1], seeds=[3, 5])
+    specs = {v.id: v for v in variants(Params.model_validate(raw).only("infer", "train", "paths"), has_round2=True)}
+    assert specs["fold_seeds"].judged_on == OOF and specs["kfold_seeds"].judged_on == HOLDOUT
+    for key in ("fold_seeds", "kfold_seeds"):
+        assert sorted((k, s) for _, k, s, _ in specs[key].members) == [(0, 3), (0, 5), (1, 3), (1, 5)]
+    assert {(k, s) for _, k, s, _ in specs["kfold"].members} == {(0, 3), (1, 3)}   # single models: the first seed
+    raw["train"].update(seeds=[3])
+    assert not {"fold_seeds", "kfold_seeds"} & {v.id for v in variants(Params.model_validate(raw).only(
+        "infer", "train", "paths"), has_round2=True)}

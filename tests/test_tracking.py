@@ -8,7 +8,7 @@ import mlflow
 import pytest
 
 from pipeline.config import Params
-from pipeline.tracking import _sqlite_setup_lock, session_key, stage_run, tracking_uri
+from pipeline.tracking import _sqlite_setup_lock, champion_moves, session_key, stage_run, tracking_uri
 
 
 def runs(experiment="segmentation"):
@@ -58,9 +58,10 @@ def test_different_sessions_get_different_parents(monkeypatch):
     assert len([r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]) == 2
 
 
-def test_runs_named_after_the_dvc_experiment_or_the_recipe(monkeypatch, tmp_path):
+def test_runs_named_after_the_dvc_experiment(monkeypatch):
     """Parent: '<experiment> · <date>'; its stage runs carry the experiment too, so two experiments'
-    curves overlaid in the UI are told apart. Without a DVC experiment, the recipe names them."""
+    curves overlaid in the UI are told apart (without a DVC experiment the recipe names them,
+    'unet-mobilenet_v2 · ...': tests/test_e2e.py)."""
     monkeypatch.setenv("DVC_EXP_NAME", "pspnet-try")
     with stage_run("eda"):
         pass
@@ -68,33 +69,29 @@ def test_runs_named_after_the_dvc_experiment_or_the_recipe(monkeypatch, tmp_path
     [child] = [r for r in runs() if r.data.tags.get("pipeline.role") == "stage"]
     assert re.fullmatch(r"pspnet-try · \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     assert parent.data.tags["dvc.exp_name"] == "pspnet-try" and child.info.run_name == "pspnet-try · eda"
-    monkeypatch.delenv("DVC_EXP_NAME")
-    monkeypatch.setenv("PIPELINE_SESSION", "other")
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    (tmp_path / "params.yaml").write_text("model: pspnet\nencoder: resnet18\n")
-    with stage_run("split"):
-        pass
-    [child] = [r for r in runs() if r.data.tags.get("pipeline.stage") == "split"]
-    assert child.info.run_name == "pspnet-resnet18 · split"
 
 
-def test_champion_moves_only_to_a_better_out_of_fold_score(tmp_path, monkeypatch):
+def test_champion_moves_only_to_a_better_out_of_fold_score(tmp_path):
     """Every registered version is tagged; @champion moves only when a version beats it in the same
     out-of-fold metric: not to a worse, an equal, an unscored or an otherwise-scored one."""
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "MLmodel").write_text("flavors: {}\n")
-    scores = [("mIoU", 0.5), ("mIoU", 0.4), ("mIoU", 0.6), ("mIoU", 0.6), ("image mIoU", 0.9), None]
-    for i, score in enumerate(scores):
-        monkeypatch.setenv("PIPELINE_SESSION", f"run-{i}")
-        with stage_run("submit") as run:
+    scores = [("mIoU", 0.5), ("mIoU", 0.4), ("mIoU", 0.6), ("image mIoU", 0.9)]
+    with stage_run("submit") as run:   # one logger registers them in order, as four pipelines' would
+        for i, score in enumerate(scores):
             run.log_model(folder, "model", "ens", {"experiment": f"e{i}"}, score)
     client = mlflow.tracking.MlflowClient(tracking_uri())
     champion = client.get_model_version_by_alias("ens", "champion")
     assert str(champion.version) == "3" and champion.tags["experiment"] == "e2" and float(champion.tags["cv.score"]) == 0.6
     versions = {str(v.version): v.tags for v in client.search_model_versions("name='ens'")}
     assert {k: v["experiment"] for k, v in versions.items()} == {str(i + 1): f"e{i}" for i in range(len(scores))}
-    assert versions["5"]["cv.metric"] == "image mIoU" and "cv.score" not in versions["6"]
+    assert versions["4"]["cv.metric"] == "image mIoU"
+    # the rule itself, on the champion's tags: only a strictly better score in the same metric moves it
+    tags = {"cv.metric": "mIoU", "cv.score": "0.6"}
+    assert champion_moves(None, "mIoU", 0.1) and champion_moves(tags, "mIoU", 0.61)
+    assert not champion_moves(tags, "mIoU", 0.6) and not champion_moves(tags, "mIoU", 0.59)
+    assert not champion_moves(tags, "image mIoU", 0.9) and not champion_moves({"cv.metric": "mIoU"}, "mIoU", 0.9)
 
 
 def test_standalone_session_key_outside_dvc(monkeypatch):
@@ -249,3 +246,29 @@ def test_a_failed_stage_fails_the_parent_at_once_and_for_good(monkeypatch):
 
     time.sleep(2)
     assert _parent_status() == ["FAILED"]
+
+
+def test_a_local_store_moves_with_its_repo(tmp_path):
+    """A copied or moved repo: relocate_store() points its runs, experiments and model versions at the
+    artifacts beside the moved mlflow.db (MLflow records absolute paths), so they load again."""
+    import shutil
+
+    from pipeline.mlflow_store import relocate_store
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{old / 'mlflow.db'}")
+    exp = client.create_experiment("segmentation", artifact_location=str(old / "mlruns" / "1"))
+    run = client.create_run(exp)
+    (tmp_path / "note.txt").write_text("hello")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"), "notes")
+    client.create_registered_model("ens")
+    client.create_model_version("ens", f"{run.info.artifact_uri}/notes", run.info.run_id)
+    assert relocate_store(old / "mlflow.db") is None          # nothing moved yet
+    shutil.move(old, new)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{new / 'mlflow.db'}")
+    assert relocate_store(new / "mlflow.db") == str(old)
+    got = client.download_artifacts(run.info.run_id, "notes/note.txt", str(tmp_path))
+    assert open(got).read() == "hello" and client.get_run(run.info.run_id).info.artifact_uri.startswith(str(new))
+    assert client.get_model_version("ens", "1").source.startswith(str(new))
+    assert relocate_store(new / "mlflow.db") is None          # idempotent

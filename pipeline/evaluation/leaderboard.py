@@ -16,6 +16,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
+import pandas as pd
 
 from pipeline.config import flatten
 from pipeline.evaluation.headline import cv_score, submitted
@@ -31,6 +32,73 @@ def dvc_experiments(cwd: Optional[str] = None) -> list[dict]:
     if out.returncode != 0:
         raise RuntimeError(f"dvc exp show failed: {out.stderr.strip()}")
     return json.loads(out.stdout)
+
+
+HEADLINE_FILES = ("cv", "ensemble", "blend")   # the headline metrics the leaderboard reads
+
+
+def _git(args: list[str], cwd: Optional[str]) -> Optional[str]:
+    out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd)
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_experiments(cwd: Optional[str] = None) -> list[dict]:
+    """The tree `dvc exp show --json` prints, read from git alone (DVC may hold its lock, as it does while
+    a stage runs): the workspace, HEAD, and every DVC experiment under refs/exps (any baseline: one a
+    teammate pushed and you pulled too), with params.yaml and the headline metrics of each."""
+    import yaml
+
+    def data(read: Callable[[str], Optional[str]]) -> dict:
+        text = read("params.yaml")
+        params = yaml.safe_load(text) if text else {}
+        folder = _workspace(flatten(params or {})).metrics_json
+        metrics = {}
+        for stage in HEADLINE_FILES:
+            path = folder(stage).as_posix()
+            text = read(path)
+            if text:
+                metrics[path] = {"data": json.loads(text)}
+        return {"params": {"params.yaml": {"data": params or {}}}, "metrics": metrics}
+
+    def at(rev: str) -> Callable[[str], Optional[str]]:
+        return lambda path: _git(["show", f"{rev}:{path}"], cwd)
+
+    def here(path: str) -> Optional[str]:
+        f = Path(cwd or ".") / path
+        return f.read_text() if f.exists() else None
+
+    head = (_git(["rev-parse", "HEAD"], cwd) or "").strip()
+    refs = (_git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], cwd) or "").split("\n")
+    exps = [{"revs": [{"rev": sha, "name": ref.rsplit("/", 1)[-1], "data": data(at(sha))}]}
+            for ref, sha in (line.split() for line in refs if line.strip())
+            if len(ref.split("/")) == 5]   # refs/exps/<sha[:2]>/<sha[2:]>/<name>; not DVC's exec/celery refs
+    tree = [{"rev": "workspace", "data": data(here)}]
+    if head:
+        branch = (_git(["rev-parse", "--abbrev-ref", "HEAD"], cwd) or "HEAD").strip()
+        tree.append({"rev": head, "name": branch if branch != "HEAD" else head[:7], "data": data(at(head)),
+                     "experiments": exps})
+    return tree
+
+
+def experiment_curves(name: str, histories: Path, cwd: Optional[str] = None) -> Optional[pd.DataFrame]:
+    """An experiment's validation mIoU by epoch, averaged over its round-1 models (the csv files under
+    `histories`, Workspace.histories("train"), which git holds): for 'workspace', a commit or an
+    experiment's name (refs/exps). None if it has none."""
+    if name == "workspace":
+        folder = Path(cwd or ".") / histories
+        frames = [pd.read_csv(f) for f in sorted(folder.iterdir())] if folder.is_dir() else []
+    else:
+        ref = name
+        for line in (_git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], cwd) or "").splitlines():
+            if len(line.split()[0].split("/")) == 5 and line.split()[0].rsplit("/", 1)[-1] == name:
+                ref = line.split()[1]
+        listing = _git(["ls-tree", "-r", "--name-only", ref, f"{histories.as_posix()}/"], cwd) or ""
+        frames = [pd.read_csv(io.StringIO(_git(["show", f"{ref}:{p}"], cwd) or ""))
+                  for p in listing.split()]
+    frames = [f for f in frames if "val/mIoU" in f and "epoch" in f]
+    if not frames:
+        return None
+    return pd.concat(frames).dropna(subset=["val/mIoU"]).groupby("epoch", as_index=False)["val/mIoU"].mean()
 
 
 def _entries(nodes: list[dict]) -> Iterator[tuple[str, dict]]:
@@ -66,7 +134,7 @@ def _ci(ci: Optional[tuple[float, float]], name: str) -> Optional[str]:
 def row(name: str, data: dict) -> dict[str, Any]:
     params = flatten((data.get("params") or {}).get("params.yaml", {}).get("data") or {})
     metrics, ws = data.get("metrics") or {}, _workspace(params)
-    head = {s: _metric(metrics, ws.metrics_json(s).as_posix()).get(s, {}) for s in ("cv", "ensemble", "blend")}
+    head = {s: _metric(metrics, ws.metrics_json(s).as_posix()).get(s, {}) for s in HEADLINE_FILES}
     cv, sub = cv_score(head["cv"]), submitted(head["ensemble"], head["blend"])
     return {"experiment": name, "cv_mIoU": head["cv"].get("mIoU"), "cv_ci95": _ci(cv["ci95"], cv["name"]),
             "vs_top": None, "holdout_mIoU": sub.get("mIoU"), "holdout_ci95": _ci(sub.get("ci95"), sub.get("metric_name")),
@@ -102,7 +170,7 @@ def paired_with_top(rows: list[dict], images) -> None:
         return p.get("metric.kind", "dataset"), p.get("metric.size", "native")
 
     top_params = rows[0]["_params"]
-    top = images(rows[0]["experiment"], top_params)
+    top = images(rows[0]["experiment"], top_params) if rows[0]["cv_mIoU"] is not None else None
     if top is None:
         return
     kind, size = metric_of(top_params)
@@ -110,7 +178,8 @@ def paired_with_top(rows: list[dict], images) -> None:
     seed, draws = int(top_params.get("metric.seed", 0)), int(top_params.get("metric.bootstrap", stats.DRAWS))
     where = {k: i for i, k in enumerate(top[0])}
     for r in rows[1:]:
-        got = images(r["experiment"], r["_params"]) if metric_of(r["_params"])[1] == size else None
+        scored = r["cv_mIoU"] is not None and metric_of(r["_params"])[1] == size   # (opening a revision costs seconds)
+        got = images(r["experiment"], r["_params"]) if scored else None
         if got is None:
             continue
         both = [(where[k], i) for i, k in enumerate(got[0]) if k in where]

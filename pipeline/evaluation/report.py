@@ -7,6 +7,8 @@ as base64 PNG, no script, no remote anything), built from what the stages wrote:
   training   every model's curves (validation mIoU, training loss) by epoch
   scores     per-class CV IoU and accuracy, the out-of-fold confusion matrix
   ensembles  the variant table (each trick judged on images none of its members saw)
+  blend      the blend across experiments (when blend.experiments names some)
+  experiments every experiment of the repo: the leaderboard and the validation curves overlaid
   errors     the worst validation images (each class's worst image per model, and a table)
   test       the submission's gallery
 """
@@ -119,7 +121,7 @@ def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = N
     if m["audit"]:
         head["audit"] = (m["audit"]["suspects"], str(ws.audit.suspects_csv))
     sections = {"data": _data, "split": _split, "training": _training, "scores": _scores, "ensembles": _ensembles,
-                "blend": _blend, "errors": _errors, "audit": _audit, "test": _test}
+                "blend": _blend, "experiments": _experiments, "errors": _errors, "audit": _audit, "test": _test}
     parts = [_top(recipe, head, m["eda"], sections)] + [write(ws, m) for write in sections.values()]
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Segmentation report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>")
@@ -244,6 +246,40 @@ def _blend(ws: Workspace, m: dict) -> str:
             f"{blend['best_single_mIoU']:.4f}, {blend['gain_vs_best_single']:+.4f}"
             + ("" if len(blend["experiments"]) > 1 else " (no other experiments: set blend.experiments)")
             + "</p>" + _table(b[cols]))
+
+
+def _experiments(ws: Workspace, m: dict) -> str:
+    """Every experiment of the repo (the leaderboard, read from git as the report runs): CV with its
+    interval, the paired difference from the best on the same out-of-fold images, the submitted
+    holdout score, the params that differ; and their validation curves overlaid."""
+    from pipeline.evaluation.leaderboard import dvc_images, experiment_curves, git_experiments, leaderboard
+
+    part = "<h2 id='experiments'>Experiments</h2>"
+    rows = [r for r in leaderboard(git_experiments(), images=dvc_images())
+            if r["cv_mIoU"] is not None or r["holdout_mIoU"] is not None]
+    if not rows:
+        return part
+    part += ("<p class='muted'>every experiment of this repo as this report was built (live: "
+             "<code>python -m stages.leaderboard</code>); vs_top: CV minus the top row's on the out-of-fold images "
+             "both scored, with its paired 95 % interval (one holding 0: not told apart); holdout: what each "
+             "submits, judged (never picked) there" + ("" if len(rows) > 1 else
+             "; only this experiment so far: <code>dvc exp run -n NAME -S model=pspnet</code> adds one") + "</p>")
+    part += _table(pd.DataFrame(rows).rename(columns={"holdout_mIoU": "submitted holdout mIoU"}))
+    curves = {r["experiment"]: c for r in rows if (c := experiment_curves(r["experiment"], ws.histories("train"))) is not None}
+    if len(curves) > 1:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        for name, c in curves.items():
+            ax.plot(c["epoch"], c["val/mIoU"], marker=".", label=name)
+        ax.set(title="validation mIoU (mean over an experiment's models)", xlabel="epoch")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        part += _fig_png(fig)
+    return part
 
 
 def _errors(ws: Workspace, m: dict) -> str:

@@ -80,7 +80,7 @@ ModelRef = tuple[Path, int, int, str]   # (models folder, fold, seed, checkpoint
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the variant table. `id` names its metrics (`<judged_on>/<id>` in metrics/ensemble.json
+    """One row of the variant table. `id` names its metrics (`<judged_on>/<id>` in metrics/details/ensemble.json
     and MLflow: stable, never parsed from the label); `label` is what a person reads. Judged out of
     fold (each fold's members on that fold's validation images, summed) or on the holdout (all
     members at once); `tta`: infer's views and scales, else the identity alone."""
