@@ -34,7 +34,7 @@ from typing import Any, Iterator, Optional
 from pipeline.config import PARAMS_FILE, ConfigError, ParamsView, flatten, load_params
 from pipeline.io import write_json
 from pipeline.mlflow_store import (DEFAULT_EXPERIMENT, TrackingUnreachable, check_server, ensure_runs_view,  # noqa: F401
-                                   experiment_name, relocate_store, repo_root, tracking_uri)
+                                   experiment_name, relocate_store, repo_root, tracking_uri)  # noqa: F401
 from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock
 SESSION_TAG = "pipeline.session"
 LABEL_TAG = "pipeline.experiment"   # the parent's and its stage runs' experiment label (experiment_label)
@@ -83,7 +83,7 @@ def session_key() -> str:
 def git_sha(root: Optional[str] = None) -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=root or repo_root())
+                             cwd=root or os.getcwd())
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -312,7 +312,10 @@ def stage_run(stage: str, params: Optional[ParamsView] = None, fold: Optional[in
     uri = tracking_uri()
     check_server(uri)
     spec = dict(uri=uri, experiment=experiment_name(),
-                session=session_key(), stage=stage, fold=fold, seed=seed, root=str(repo_root()),
+                session=session_key(), stage=stage, fold=fold, seed=seed,
+                # the workspace the stage runs in: its params and commit. (Not DVC_ROOT: `dvc exp run
+                # --temp/--queue` points that at the user's repo while the stage runs in a copy.)
+                root=os.getcwd(),
                 dvc_stage=os.environ.get("DVC_STAGE"), dvc_exp_name=os.environ.get("DVC_EXP_NAME"),
                 params={k: _clean(v)[:6000] for k, v in params.flat().items()} if params is not None else {})
     run = StageRun(_connect(spec))

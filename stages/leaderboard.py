@@ -10,7 +10,7 @@ between the rows.
 import argparse
 
 from pipeline import cli
-from pipeline.evaluation.leaderboard import dvc_experiments, dvc_images, leaderboard, render
+from pipeline.evaluation.leaderboard import dvc_images, git_experiments, leaderboard, render
 
 PARAMS = ()
 
@@ -22,7 +22,7 @@ def main() -> None:
     fmt.add_argument("--md", action="store_const", const="md", dest="fmt", help="a markdown table")
     fmt.add_argument("--csv", action="store_const", const="csv", dest="fmt", help="CSV")
     args = ap.parse_args()
-    print(render(leaderboard(dvc_experiments(), args.sort, dvc_images()), args.fmt or "text"))
+    print(render(leaderboard(git_experiments(), args.sort, dvc_images()), args.fmt or "text"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.evaluation.leaderboard import dvc_experiments, leaderboard
+from pipeline.evaluation.leaderboard import git_experiments, leaderboard
 from tests.conftest import REPO, SEED, mlflow_server
 
 # Every assertion below is mechanics or a constructed known answer, never a learnt outcome of these
@@ -219,8 +219,8 @@ def test_dvc_plots_and_the_leaderboard(repro):
         assert not re.findall(r"<(?:script|link|img|iframe)[^>]+(?:src|href)=[\"']?(?:https?:)?//", page)
         assert {"workspace_reports_eda_class_balance.png", "workspace_plots_cv_confusion.png"} <= {
             f.name for f in (ws / f"plots_{cmd[0]}/static").iterdir()}
-    # The leaderboard reads the workspace's headline metrics through `dvc exp show` (as stages.leaderboard does).
-    board = {r["experiment"]: {k: str(v) for k, v in r.items()} for r in leaderboard(dvc_experiments(cwd=str(ws)))}
+    # The leaderboard reads the headline metrics git holds (as stages.leaderboard does).
+    board = {r["experiment"]: {k: str(v) for k, v in r.items()} for r in leaderboard(git_experiments(cwd=str(ws)))}
     assert float(board["workspace"]["cv_mIoU"]) == pytest.approx(read(ws, "cv")["mIoU"], abs=1e-4), board
     sub = read(ws, "ensemble")["submitted"]   # one truth: the submitted variant, read by its id
     assert float(board["workspace"]["holdout_mIoU"]) == pytest.approx(sub["mIoU"], abs=1e-4)
@@ -321,7 +321,7 @@ def test_a_team_shares_experiments_through_git_dvc_remotes_and_one_mlflow_server
     sh(["git", "clone", "-q", "--branch", "main", str(git), str(b)], tmp_path, env)
     for cmd in (["dvc", "pull"], ["dvc", "exp", "pull", "origin", "twin"]):
         sh(cmd, b, env)
-    board = {r["experiment"]: r for r in leaderboard(dvc_experiments(cwd=str(b)))}   # as stages.leaderboard reads it
+    board = {r["experiment"]: r for r in leaderboard(git_experiments(cwd=str(b)))}   # as stages.leaderboard reads it
     assert "twin" in board and board["twin"]["cv_mIoU"] == pytest.approx(read(a, "cv")["mIoU"], abs=1e-4), board
 
     out = sh(["dvc", "exp", "run", "-n", "pair", "-S", "blend.experiments=[twin]"], b, env)

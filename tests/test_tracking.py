@@ -58,17 +58,23 @@ def test_different_sessions_get_different_parents(monkeypatch):
     assert len([r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]) == 2
 
 
-def test_runs_named_after_the_dvc_experiment(monkeypatch):
+def test_runs_named_after_the_dvc_experiment_with_its_own_params(monkeypatch, tmp_path):
     """Parent: '<experiment> · <date>'; its stage runs carry the experiment too, so two experiments'
     curves overlaid in the UI are told apart (without a DVC experiment the recipe names them,
-    'unet-mobilenet_v2 · ...': tests/test_e2e.py)."""
+    'unet-mobilenet_v2 · ...': tests/test_e2e.py). Its params are the workspace's the stage runs in,
+    not DVC_ROOT's (which `dvc exp run --temp/--queue` points at the user's repo)."""
     monkeypatch.setenv("DVC_EXP_NAME", "pspnet-try")
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "params.yaml").write_text("model: pspnet\ntrain: {epochs: 7}\n")
+    monkeypatch.chdir(tmp_path / "exp")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))   # the user's repo: another params.yaml, or none
     with stage_run("eda"):
         pass
     [parent] = [r for r in runs() if r.data.tags.get("pipeline.role") == "parent"]
     [child] = [r for r in runs() if r.data.tags.get("pipeline.role") == "stage"]
     assert re.fullmatch(r"pspnet-try · \d\d-\d\d \d\d:\d\d", parent.info.run_name), parent.info.run_name
     assert parent.data.tags["dvc.exp_name"] == "pspnet-try" and child.info.run_name == "pspnet-try · eda"
+    assert parent.data.params["train.epochs"] == "7" and parent.data.params["model"] == "pspnet"
 
 
 def test_champion_moves_only_to_a_better_out_of_fold_score(tmp_path):

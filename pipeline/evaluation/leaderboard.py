@@ -3,7 +3,8 @@ that differ between the rows, CV mIoU, the CV metric's 95 % bootstrap interval o
 difference from the top row on the same out-of-fold images (is it really behind?), the holdout mIoU
 of what it submits with its interval and the submitted variant's id (headline.submitted: the final
 ensemble as refined, or the fitted blend when it blends other experiments), and training minutes —
-read from the headline metrics in `dvc exp show --json`, sorted best first.
+read from the headline metrics git holds for the workspace, HEAD and every DVC experiment ref (any
+baseline, so a teammate's pulled experiment shows even after new commits), sorted best first.
 """
 from __future__ import annotations
 
@@ -26,14 +27,6 @@ IGNORED_PARAMS = ("paths.",)   # where outputs go is not a recipe
 COLUMNS = ["experiment", "cv_mIoU", "cv_ci95", "vs_top", "holdout_mIoU", "holdout_ci95", "submitted", "train_min", "params"]
 
 
-def dvc_experiments(cwd: Optional[str] = None) -> list[dict]:
-    """`dvc exp show --json` (workspace, commits and their experiments), as DVC prints it."""
-    out = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, cwd=cwd)
-    if out.returncode != 0:
-        raise RuntimeError(f"dvc exp show failed: {out.stderr.strip()}")
-    return json.loads(out.stdout)
-
-
 HEADLINE_FILES = ("cv", "ensemble", "blend")   # the headline metrics the leaderboard reads
 
 
@@ -43,9 +36,10 @@ def _git(args: list[str], cwd: Optional[str]) -> Optional[str]:
 
 
 def git_experiments(cwd: Optional[str] = None) -> list[dict]:
-    """The tree `dvc exp show --json` prints, read from git alone (DVC may hold its lock, as it does while
-    a stage runs): the workspace, HEAD, and every DVC experiment under refs/exps (any baseline: one a
-    teammate pushed and you pulled too), with params.yaml and the headline metrics of each."""
+    """The tree `dvc exp show --json` prints, read from git alone (fast, and DVC may hold its lock, as it
+    does while a stage runs): the workspace, HEAD, and every DVC experiment under refs/exps — of any
+    baseline, unlike `dvc exp show` (one a teammate pushed, pulled after you committed) — with
+    params.yaml and the headline metrics of each."""
     import yaml
 
     def data(read: Callable[[str], Optional[str]]) -> dict:
