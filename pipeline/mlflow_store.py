@@ -126,6 +126,25 @@ def ensure_runs_view(client, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
 
 
+def open_runs_view(uri: str) -> tuple[str, Optional[str]]:
+    """Ready the store at `uri` for a person: move a copied repo's artifact paths (local store), create
+    the experiment if needed and write its runs view. Returns (experiment id, the folder the artifact
+    paths moved from, or None)."""
+    check_server(uri)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    moved = None
+    with sqlite_setup_lock(uri):
+        if uri.startswith("sqlite:///"):
+            moved = relocate_store(Path(uri[len("sqlite:///"):]))
+        client = mlflow.tracking.MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment_name())
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name())
+        ensure_runs_view(client, exp_id)
+    return exp_id, moved
+
+
 def view_url(ui: str, experiment_id: str) -> str:
     """The URL that opens the runs view in the UI at `ui` (e.g. http://127.0.0.1:5000)."""
     return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"

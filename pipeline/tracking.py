@@ -33,8 +33,7 @@ from typing import Any, Iterator, Optional
 
 from pipeline.config import PARAMS_FILE, ConfigError, ParamsView, flatten, load_params
 from pipeline.io import write_json
-from pipeline.mlflow_store import (DEFAULT_EXPERIMENT, TrackingUnreachable, check_server, ensure_runs_view,  # noqa: F401
-                                   experiment_name, relocate_store, repo_root, tracking_uri)  # noqa: F401
+from pipeline.mlflow_store import check_server, ensure_runs_view, experiment_name, relocate_store, tracking_uri
 from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock
 SESSION_TAG = "pipeline.session"
 LABEL_TAG = "pipeline.experiment"   # the parent's and its stage runs' experiment label (experiment_label)

@@ -2,12 +2,11 @@
 test.json's images -> submission.csv (+ a gallery), and is registered as an MLflow model, tagged with
 its experiment, commit and scores; `@champion` moves to it only if it beats the champion out of fold.
 The submitted variant's holdout score goes on the pipeline's parent run."""
-import json
 import os
 
 from pipeline import cli
 from pipeline.config import load_params
-from pipeline.evaluation.headline import cv_score, parent_metrics, submitted
+from pipeline.evaluation.headline import cv_score, parent_metrics, read_headline, submitted
 from pipeline.evaluation.submit import submit
 from pipeline.tracking import experiment_label, git_sha, stage_run
 from pipeline.workspace import Workspace
@@ -19,8 +18,7 @@ REGISTERED_MODEL = "segmentation-ensemble"
 def main() -> None:
     p = load_params().only(*PARAMS)
     ws = Workspace(p.paths)
-    head = {s: (json.loads(f.read_text()).get(s, {}) if (f := ws.metrics_json(s)).exists() else {})
-            for s in ("cv", "ensemble", "blend")}
+    head = {s: read_headline(ws, s) for s in ("cv", "ensemble", "blend")}
     with stage_run("submit", p) as run:
         done = submit(p, ws.submission)
         if done.gallery:

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.mlflow_store import (check_server, ensure_runs_view, experiment_name, relocate_store, sqlite_setup_lock,
-                                   tracking_uri, view_url)
+from pipeline.mlflow_store import open_runs_view, tracking_uri, view_url
 
 PARAMS = ()
 
@@ -26,23 +25,14 @@ def main() -> None:
     ap.add_argument("--print-only", action="store_true", help="write the view and print its URL; serve nothing")
     args = ap.parse_args()
     uri = tracking_uri()
-    check_server(uri)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
-
-    with sqlite_setup_lock(uri):
-        if uri.startswith("sqlite:///") and (old := relocate_store(Path(uri[len("sqlite:///"):]))):
-            print(f"mlflow.db: artifact paths moved from {old} to this repo")
-        client = mlflow.tracking.MlflowClient(uri)
-        exp = client.get_experiment_by_name(experiment_name())
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment_name())
-        ensure_runs_view(client, exp_id)
+    exp_id, moved = open_runs_view(uri)
+    if moved:
+        print(f"mlflow.db: artifact paths moved from {moved} to this repo")
     served = uri.startswith(("http://", "https://"))
     print(f"runs table: {view_url(uri if served else f'http://{args.host}:{args.port}', exp_id)}", flush=True)
-    if served or args.print_only:
-        return
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    os.execv(mlflow_cli, [mlflow_cli, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
+    if not (served or args.print_only):
+        mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+        os.execv(mlflow_cli, [mlflow_cli, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from sklearn.model_selection import KFold, ShuffleSplit
 
 from pipeline.config import Split
 from pipeline.data.coco import DataError, Dataset
-from pipeline.data.sources import pattern_sources
+from pipeline.data.sources import copies_by_name, pattern_sources
+from pipeline.io import identical_files
 
 IMAGE_QUANTILES = (0.25, 0.5, 0.75)   # count bins that split the images evenly...
 MASS_BINS = 5                          # ...plus bins holding equal shares of the objects (the long tail)
@@ -343,6 +344,18 @@ def split_summary(folds: pd.DataFrame, balance: dict, links: Links, pairs: pd.Da
                           "pairs_apart": int(apart.sum())},
             **leak_report(folds, sets)}
     return {**summary, "warnings": split_warnings(summary)}
+
+
+def split_dataset(ds: Dataset, s: Split, val_source: Optional[str], pairs: pd.DataFrame
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Stage split's one call: link images by every signal (the same file under two names, an
+    exporter's named copies, near-duplicate `pairs` whose pixels agree), draw folds that keep the linked
+    images together, and compare them with random KFold. Returns (folds, balance table, summary)."""
+    links = Links(identical=identical_files(ds.images.path), named=copies_by_name(ds.images.file_name),
+                  near=near_pairs(ds.images.key, pairs))
+    folds = make_folds(ds, s, val_source, links.joining(s.copies_by_name, s.joins_near_dups))
+    table, balance = balance_report(ds, folds, s)
+    return folds, table, split_summary(folds, balance, links, pairs, s.joins_near_dups)
 
 
 def fold_balance(fold: np.ndarray, pool: np.ndarray, presence: np.ndarray, counts: np.ndarray) -> pd.DataFrame:

@@ -12,6 +12,7 @@ The leaderboard, the report's cards, the parent run and the registered model all
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 # stage -> the keys of its metrics dict kept as DVC metrics ("a/b" = nested key b of a)
@@ -91,6 +92,12 @@ def parent_metrics(stage: str, details: dict[str, Any]) -> dict[str, float]:
                         f"holdout/{s['metric_name']}_ci95_high": s["ci95"][1]})
         return out
     raise KeyError(f"no parent metrics for stage {stage!r}")
+
+
+def read_headline(ws: Any, stage: str) -> dict[str, Any]:
+    """The headline a stage wrote to ws.metrics_json(stage) ({} before it ran); ws: a workspace.Workspace."""
+    f = ws.metrics_json(stage)
+    return json.loads(f.read_text()).get(stage, {}) if f.exists() else {}
 
 
 def write_metrics(run: Any, ws: Any, stage: str, details: dict[str, Any]) -> None:

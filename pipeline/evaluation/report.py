@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import pandas as pd
 
 from pipeline.io import atomic_file
-from pipeline.evaluation.headline import cv_score, submitted
+from pipeline.evaluation.headline import cv_score, read_headline, submitted
+from pipeline.evaluation.leaderboard import dvc_images, experiment_curves, git_experiments, leaderboard
 from pipeline.workspace import Member, Workspace
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def write_report(paths: "Paths", recipe: dict[str, Any], out: Optional[Path] = N
     """Build the page from the outputs under `paths` (the params' paths section); returns (path, headline)."""
     ws = Workspace(paths)
     m = {s: _json(ws.details_json(s)).get(s, {}) for s in STAGES}
-    head = headline(m["cv"], m["ensemble"], _json(ws.metrics_json("blend")).get("blend"))
+    head = headline(m["cv"], m["ensemble"], read_headline(ws, "blend"))
     blend = _json(ws.blend.blend_json)
     if len(blend.get("experiments", [])) > 1:
         head["blend"] = (len(blend["experiments"]), blend["judged_on"], blend["blend_mIoU"], blend["gain_vs_best_single"])
@@ -252,8 +253,6 @@ def _experiments(ws: Workspace, m: dict) -> str:
     """Every experiment of the repo (the leaderboard, read from git as the report runs): CV with its
     interval, the paired difference from the best on the same out-of-fold images, the submitted
     holdout score, the params that differ; and their validation curves overlaid."""
-    from pipeline.evaluation.leaderboard import dvc_images, experiment_curves, git_experiments, leaderboard
-
     part = "<h2 id='experiments'>Experiments</h2>"
     rows = [r for r in leaderboard(git_experiments(), images=dvc_images())
             if r["cv_mIoU"] is not None or r["holdout_mIoU"] is not None]
