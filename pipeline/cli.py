@@ -8,6 +8,7 @@ from typing import Callable
 
 from pipeline.config import ConfigError
 from pipeline.data.coco import DataError
+from pipeline.io import WriteFailed
 
 
 _KEPT = ["every output is written whole or not at all, so nothing half-done is left; `dvc repro` runs the stage again"]
@@ -21,8 +22,14 @@ def kept(message: str) -> None:
 def run(main: Callable[[], object]) -> None:
     try:
         main()
-    except (ConfigError, DataError, FloatingPointError) as e:  # FloatingPointError: NaN/inf loss, see loop.py
+    except (ConfigError, DataError, FloatingPointError, WriteFailed) as e:  # FloatingPointError: NaN/inf loss, see loop.py
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:   # disk full, permissions, a vanished file: the cause and the path, in one line
+        if e.errno is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {(e.strerror or str(e)).lower()}{where}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"interrupted: {_KEPT[0]}", file=sys.stderr)

@@ -2,6 +2,7 @@
 byte-identical file detection; progress lines for long loops."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,34 +19,139 @@ T = TypeVar("T")
 INDEX = "index.csv"   # every table of files (mask cache, pseudo-labels, out-of-fold) is <folder>/index.csv
 
 
+class WriteFailed(Exception):
+    """An output could not be written (disk full, read-only or unwritable folder); the message is
+    one line naming the file and the cause. Nothing partial is left behind."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(folder: Path, prefix: str, suffix: str) -> None:
+    """Temporary files or folders `<prefix><pid><suffix>` left by a process that was killed (SIGKILL
+    runs no clean-up): the next writer of the same output removes them."""
+    try:
+        found = list(folder.glob(f"{prefix}*{suffix}"))
+    except OSError:
+        return
+    for stale in found:
+        pid = stale.name[len(prefix):len(stale.name) - len(suffix)]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _size(n: Optional[int]) -> str:
+    return "" if not n else f" (needs ~{n / 1e6:.0f} MB)" if n >= 1e6 else f" (needs ~{n / 1e3:.0f} KB)"
+
+
+# errors that say the output cannot be written (not a bug, not a missing input)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+def _writing(e: OSError, *tmp: Path) -> bool:
+    """Is `e` the output failing to be written? (numpy's short writes carry no errno.)"""
+    return e.errno in WRITE_ERRNOS or e.errno is None or (e.filename is not None and str(e.filename) in map(str, tmp))
+
+
+def write_failed(e: OSError, path: str | Path, needs: Optional[int] = None) -> WriteFailed:
+    """`e` as one line: 'no space left on device writing models/fold_0/seed_0/last.pt (needs ~160 MB)'."""
+    cause = (e.strerror or "").lower() or f"short write ({e})"
+    try:
+        shown = os.path.relpath(path)
+        shown = str(path) if shown.startswith("..") else shown
+    except ValueError:
+        shown = str(path)
+    free = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None):
+        try:
+            free = f"; {shutil.disk_usage(Path(path).parent).free / 1e6:.0f} MB free there"
+        except OSError:
+            pass
+    return WriteFailed(f"{cause} writing {shown}{_size(needs)}{free}")
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename."""
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename.
+    A failed write (disk full, no permission) is a WriteFailed naming `path`; the folder is removed."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    prefix = f"{path.name}.tmp-"
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path.parent, prefix, "")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise write_failed(e, path) from e
     try:
         yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _writing(e, tmp, path):
+            raise
+        raise write_failed(e, path) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path, needs: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary name beside `path` (same suffix, so writers pick the same format); on
-    success it replaces `path` in one rename, on failure it is removed."""
+    success it replaces `path` in one rename, on failure it is removed. A failed write (disk full,
+    no permission) is a WriteFailed naming `path` (and `needs`, the bytes it takes, when known)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    prefix = f".{path.stem}.tmp-"
+    tmp = path.with_name(f"{prefix}{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path.parent, prefix, path.suffix)
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if not _writing(e, tmp, path):
+            raise
+        raise write_failed(e, path, needs) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes | memoryview) -> Path:
+    """Write `data` to `path` atomically (see atomic_file)."""
+    with atomic_file(path, needs=len(data)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return Path(path)
+
+
+def write_image(path: str | Path, image, *options: int) -> bytes:
+    """cv2.imwrite that fails loudly: an image OpenCV cannot encode, or a file that cannot be
+    written (disk full), is a WriteFailed naming the file — cv2.imwrite only returns False. Not
+    atomic by itself: for files inside an atomic_dir, or one-off pictures. Returns the bytes written."""
+    import cv2
+
+    path = Path(path)
+    ok, data = cv2.imencode(path.suffix, image, list(options))
+    if not ok:
+        raise WriteFailed(f"OpenCV could not encode {path} ({getattr(image, 'shape', '?')})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data.tobytes())
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise write_failed(e, path, len(data)) from e
+    return data.tobytes()
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

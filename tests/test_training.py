@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import signal
+import zipfile
 
 import albumentations as A
 import numpy as np
@@ -21,7 +22,7 @@ from pipeline.data.masks import build_mask_cache
 from pipeline.data.mix import cutmix, paste_classes
 from pipeline.training import fold as fold_module
 from pipeline.training import trainer as trainer_module
-from pipeline.models.checkpoint import load_checkpoint
+from pipeline.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.training.run import PARAMS, train_fold
 from tests.conftest import SEED, write_coco
 
@@ -306,6 +307,36 @@ def test_a_run_killed_in_any_state_resumes_in_it_and_equals_an_uninterrupted_one
                 assert torch.allclose(resumed[name][k].float(), v.float(), rtol=1e-4, atol=1e-6), (name, k)
         for f in [k for k in straight if k.startswith("val_confusion")]:
             assert np.abs(resumed[f] - straight[f]).sum() <= 0.001 * straight[f].sum(), f
+
+
+def test_a_damaged_checkpoint_of_any_kind_is_never_used(prepared, tmp_path):
+    """A byte flipped in the middle of best/swa/ema/last.pt, or a truncated file: the stage stops
+    with one error naming the file and how to restore it, before anything is reused, retrained or
+    deleted (the previous test left fold 2 finished, with all four kinds)."""
+    p = params_for(prepared, epochs=3, swa_epochs=2, ema={"decay": 0.9, "warmup": True})
+    out = prepared / "models/fold_2/seed_0"
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    for name in ("best", "swa", "ema", "last", "truncated"):
+        file = out / f"{'best' if name == 'truncated' else name}.pt"
+        data = bytearray(before[file])
+        if name == "truncated":
+            data = data[:len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0x10
+        file.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match=rf"{file}: damaged checkpoint .*`dvc checkout -f {file}`"):
+            train_fold(2, 0, p)
+        with pytest.raises(CheckpointError, match="damaged"):
+            load_checkpoint(file)                          # and so on every load (predict, oof, served...)
+        assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == {**before, file: bytes(data)}
+        file.write_bytes(before[file])
+    # Byte-reproducible: the archive names no (temporary) file, so one state saved twice, under two
+    # names, is the same bytes; an identical retrain gives an identical dvc.lock (bench/faults.py).
+    ck = load_checkpoint(out / "best.pt")
+    for name in ("a.pt", "b.pt"):
+        save_checkpoint(tmp_path / name, **ck)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert {n.split("/")[0] for n in zipfile.ZipFile(out / "best.pt").namelist()} == {"archive"}
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, monkeypatch):

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, write_image
 from pipeline.workspace import DemoFiles
 
 CATEGORIES = ["UNKNOWN", "General trash", "Paper", "Paper pack", "Metal", "Glass", "Plastic",
@@ -231,7 +231,7 @@ def make_demo(out_dir: str | Path, n_train: int, n_test: int, image_size: int, s
                 folder = f"batch_{i // IMAGES_PER_BATCH + 1:02d}" if split == "train" else "test"
                 file_name = f"{folder}/{i:04d}.jpg"
                 (tmp / folder).mkdir(exist_ok=True)
-                cv2.imwrite(str(tmp / file_name), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                write_image(tmp / file_name, img, cv2.IMWRITE_JPEG_QUALITY, 95)
                 images.append({"id": i, "file_name": file_name, "width": w, "height": h})
                 for obj in objects:
                     anns.append({"id": len(anns), "image_id": i, "category_id": cat_id[obj.pop("category")], **obj})

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import DataError, Dataset
 from pipeline.labels import IGNORE_INDEX
-from pipeline.io import atomic_dir, parallel_map
+from pipeline.io import atomic_dir, parallel_map, write_image
 from pipeline.workspace import CLASSES_JSON, INDEX
 
 if TYPE_CHECKING:
@@ -343,11 +343,7 @@ def _cache_one(task: dict) -> dict:
     label = image_label(task["anns"], (task["height"], task["width"]), out_hw, task["rule"],
                         task["unknown_class"], task["unknown"])
     # Level 1: decodes ~3x faster than OpenCV's default level, for a few % more bytes.
-    ok, png = cv2.imencode(".png", label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise OSError(f"could not encode the mask of {task['key']}")
-    Path(task["mask_file"]).parent.mkdir(parents=True, exist_ok=True)
-    Path(task["mask_file"]).write_bytes(png.tobytes())
+    png = write_image(task["mask_file"], label, cv2.IMWRITE_PNG_COMPRESSION, 1)
     src = Path(task["src"]).read_bytes()
     if task["image_file"]:
         try:

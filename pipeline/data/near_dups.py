@@ -43,7 +43,7 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline.config import NearDups
 from pipeline.data.masks import decode_oriented, target_size
-from pipeline.io import parallel_map
+from pipeline.io import parallel_map, write_image
 from pipeline.workspace import NearDupFiles
 
 PAIR_COLUMNS = ["key_a", "key_b", "method", "hash_distance", "inliers", "view", "disagree", "overlap", "joined"]
@@ -537,4 +537,4 @@ def montage(images: pd.DataFrame, cluster: pd.Series, out: str, max_clusters: in
         rows = [np.full((thumb, 48 + per_row * thumb, 3), 255, np.uint8)]
         cv2.putText(rows[0], "no near-duplicate images found", (8, thumb // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.6,
                     (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.imwrite(str(out), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))
+    write_image(out, cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))

@@ -20,7 +20,7 @@ import pandas as pd
 from pipeline.data.dataset import fold_tables
 from pipeline.data.masks import read_classes, read_image, target_size
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
-from pipeline.io import atomic_dir, read_index
+from pipeline.io import atomic_dir, read_index, write_image
 from pipeline.workspace import INDEX, Workspace
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> di
                 truth = cv2.resize(cv2.imread(val["mask"][i], cv2.IMREAD_UNCHANGED), (w, h),
                                    interpolation=cv2.INTER_NEAREST_EXACT)
                 np.save(tmp / f"probs/{n}.npy", quantise(prob))
-                cv2.imwrite(str(tmp / f"masks/{n}.png"), truth)
+                write_image(tmp / f"masks/{n}.png", truth)
                 cm.update(prob.argmax(0).cpu(), torch.from_numpy(truth))
                 rows.append({"key": val.key[i], "fold": k, "height": h, "width": w, "probs": f"probs/{n}.npy",
                              "mask": f"masks/{n}.png"})

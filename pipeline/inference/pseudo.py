@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from pipeline.config import Pseudo
 from pipeline.data.masks import content_digest, prepare_image, read_classes, target_size
 from pipeline.inference.ensemble import Ensemble, image_files
-from pipeline.io import identical_files
+from pipeline.io import identical_files, write_image
 from pipeline.labels import IGNORE_INDEX
 from pipeline.models.checkpoint import ModelSet
 from pipeline.workspace import INDEX, PseudoFiles, Workspace
@@ -66,7 +66,7 @@ def pseudo_label(teacher: Ensemble, images: pd.DataFrame, out_dir: Path, keep: P
             mask_file, image_file = out_dir / "masks" / f"{name}.png", out_dir / "images" / f"{name}.npy"
             mask_file.parent.mkdir(parents=True, exist_ok=True)
             image_file.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(mask_file), label, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            write_image(mask_file, label, cv2.IMWRITE_PNG_COMPRESSION, 1)
             img = prepare_image(images.path[i], int(images.height[i]), int(images.width[i]), max_side)
             np.save(image_file, img)
             counts = np.bincount(label.ravel(), minlength=256)

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline.data.coco import DataError
 from pipeline.data.masks import palette
 from pipeline.inference.ensemble import Ensemble, image_files
-from pipeline.io import atomic_file
+from pipeline.io import atomic_file, write_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -85,9 +85,9 @@ def predict_folder(ens: Ensemble, images_dir: str | Path, out_dir: str | Path, b
         rel = files[i].relative_to(images_dir).with_suffix("")
         target = out_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(target) + ".png", pred)
+        write_image(f"{target}.png", pred)
         photo = cv2.imread(str(files[i]), cv2.IMREAD_COLOR)
         colour = pal[pred][..., ::-1]
         overlay = np.where(pred[..., None] > 0, (0.5 * photo + 0.5 * colour).astype(np.uint8), photo)
-        cv2.imwrite(str(target) + "_overlay.jpg", overlay)
+        write_image(f"{target}_overlay.jpg", overlay)
     return len(files)

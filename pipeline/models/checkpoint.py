@@ -5,6 +5,8 @@ resume: optimizer, schedule, AMP scaler, epoch, history, best score and RNG stat
 """
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -14,22 +16,92 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.augment import NORMALISE
 from pipeline.data.coco import DataError
-from pipeline.io import atomic_file
+from pipeline.io import write_bytes
 from pipeline.workspace import Member, Workspace
 
 if TYPE_CHECKING:
     from pipeline.config import Infer, Train
 
 
+DIGEST = "digest"   # every checkpoint's own key: sha256 of the rest of its contents (content_digest)
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be trusted (damaged, truncated, or written without a digest)."""
+
+
+class UnverifiedCheckpoint(CheckpointError):
+    """A checkpoint with no digest: written by an older release (or not by this pipeline)."""
+
+
+def content_digest(state: Any) -> str:
+    """sha256 over a checkpoint's contents: every tensor's dtype, shape and bytes and every plain
+    value, keys in sorted order — the same for a state and for what torch.load gives back."""
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            h.update(f"D{len(obj)}".encode())
+            for k in sorted(obj, key=repr):
+                feed(k)
+                feed(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"L{len(obj)}".encode())
+            for v in obj:
+                feed(v)
+        else:
+            h.update(f"V{type(obj).__name__}:{obj!r};".encode())
+
+    feed(state)
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    """Write atomically (a crash mid-write leaves the previous checkpoint intact) with the digest of
+    its contents inside. Serialised in memory first: torch.save to a file names its archive after
+    the (temporary) file, so an identical retrain would not give identical bytes; and a full disk
+    is then one line naming the file (io.WriteFailed), not a C++ stream error."""
+    state[DIGEST] = content_digest(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_bytes(path, buf.getbuffer())
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: damaged checkpoint ({why}); it was not used. Restore it with "
+                           f"`dvc checkout -f {path}` (if DVC has it cached), or delete it and run `dvc repro` "
+                           "to train it again")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load without unpickling arbitrary objects (safe for checkpoints from strangers)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load without unpickling arbitrary objects (safe for checkpoints from strangers), and only if
+    its contents match the digest written with them: a damaged or truncated file is a
+    CheckpointError naming the file and what to do, never weights used silently."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:   # a truncated or garbled archive: torch says so without the path
+        why = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else type(e).__name__
+        raise _damaged(path, f"unreadable: {why}") from None
+    if not isinstance(ck, dict) or DIGEST not in ck:
+        raise UnverifiedCheckpoint(f"{path}: the checkpoint has no digest (written by an older release, or not by this "
+                              "pipeline), so it cannot be checked; delete it and run `dvc repro` to train it again")
+    digest = ck.pop(DIGEST)
+    if content_digest(ck) != digest:
+        raise _damaged(path, "its contents do not match the digest written with them")
+    return ck
+
+
+def verify_checkpoints(paths) -> None:
+    """Check each checkpoint file against its digest (CheckpointError on the first bad one)."""
+    for p in paths:
+        load_checkpoint(p)
 
 
 @dataclass(frozen=True)

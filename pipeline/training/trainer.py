@@ -34,7 +34,7 @@ from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset
 from pipeline.evaluation.metrics import Metric, flat_scores, scores
 from pipeline.io import atomic_file
-from pipeline.models.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.models.checkpoint import UnverifiedCheckpoint, load_checkpoint, save_checkpoint, verify_checkpoints
 from pipeline.models.factory import encoder_of
 from pipeline.training.finish import finish_fold
 from pipeline.training.fold import FoldData, FoldRun
@@ -88,8 +88,7 @@ class Trainer:
                          t.cutmix, t.channels_last, [t.batch_side(x) for x in t.scales] if t.scales else None,
                          self.on_optimizer_step)
         self.metric = Metric.of(f.p.metric)
-        last = f.member.checkpoint("last")
-        self.restore(load_checkpoint(last, f.device) if last.exists() else {})
+        self.restore(self.read_last())
 
     def on_optimizer_step(self) -> None:
         if "ema" in self.averages:
@@ -131,17 +130,23 @@ class Trainer:
             how = {"swa_epochs": t.swa_epochs} if name == "swa" else {"ema_decay": t.ema.decay,
                                                                       "steps": int(avg.n_averaged)}
             save_checkpoint(f.member.checkpoint(name), model=avg.module.state_dict(), epoch=f.epochs, classes=f.classes,
-                            params=f.identity(), input_spec=f.input_spec(), **how)
+                            params=f.identity(), input_spec=f.input_spec(), scores=s, **how)
             with atomic_file(f.member.val_confusion(name)) as tmp:
                 np.save(tmp, cm.numpy())
             what = f"over the last {t.swa_epochs} epochs" if name == "swa" else f"decay {t.ema.decay}"
             f.say(f"{f.name} {name.upper()} {what}: val mIoU {s['mIoU']:.4f}")
-        if f.run:
-            f.run.log_metrics({f"{name}/{k}": v for k, v in flat_scores(s, "val").items()})
+        self.log_average(name, s)
+
+    def log_average(self, name: str, s: dict) -> None:
+        if self.f.run:
+            self.f.run.log_metrics({f"{name}/{k}": v for k, v in flat_scores(s, "val").items()})
 
     def on_train_end(self) -> None:
         """State finishing: the best checkpoint's reports and metrics (rank 0), then done."""
         if self.f.d.main:
+            if self.reused:   # a reused run's stage run shows its averages' scores too (kept in <name>.pt)
+                for name in self.averaged:
+                    self.log_average(name, load_checkpoint(self.f.member.checkpoint(name))["scores"])
             self.scores = finish_fold(self.f, self.model, self.data.val_dl, self.step.loss_fn, self.history)
             if not self.reused:
                 self.save("done")
@@ -187,6 +192,20 @@ class Trainer:
         save_checkpoint(f.member.checkpoint("last"), state=state, model=self.model.state_dict(), epoch=self.epoch,
                         history=self.history, best_miou=self.best, averaged=self.averaged, classes=f.classes,
                         params=f.identity(), input_spec=f.input_spec(), **full)
+
+    def read_last(self) -> dict:
+        """last.pt, verified, and every other checkpoint of this run with it: a damaged file is an
+        error naming it before anything is trained, reused or deleted (one with no digest, from an
+        older release, is not this run's: training starts afresh)."""
+        f = self.f
+        last = f.member.checkpoint("last")
+        try:
+            ck = load_checkpoint(last, f.device) if last.exists() else {}
+        except UnverifiedCheckpoint:
+            return {}
+        if ck.get("params") == f.identity():
+            verify_checkpoints(p for p in sorted(f.out.glob("*.pt")) if p != last and not p.name.startswith("."))
+        return ck
 
     def restore(self, ck: dict) -> None:
         """Resume the state last.pt holds if it is this run's (same identity); else start afresh."""
