@@ -49,6 +49,15 @@ def _user_repo(root: Path) -> Path:
     return root
 
 
+OUTBOX = ".mlflow-outbox"   # records a store did not take (pipeline/mlflow_logger.py), in the user's repo
+
+
+def outbox_dir(root: Optional[str | Path] = None) -> Path:
+    """<user's repo>/.mlflow-outbox: the repo of `root` (a stage's workspace, maybe a temporary one),
+    else of DVC_ROOT or the working directory."""
+    return _user_repo(Path(root or repo_root()).resolve()) / OUTBOX
+
+
 def tracking_uri() -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
@@ -79,17 +88,19 @@ class TrackingUnreachable(ConfigError):
     pass
 
 
-def check_server(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, naming the server, when an HTTP tracking server does not answer (MLflow's own
-    client would retry for minutes, after the stage had done its work)."""
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """TrackingUnreachable, naming the server, when an HTTP tracking server does not answer within
+    `timeout_s` (MLflow's own client would retry for minutes)."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
             r.read()
     except (OSError, ValueError) as e:
-        raise TrackingUnreachable(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {e}. "
-                                  "Start it, or unset MLFLOW_TRACKING_URI to log to mlflow.db in the repo") from None
+        why = getattr(e, "reason", None) or e
+        why = getattr(why, "strerror", None) or str(why)
+        raise TrackingUnreachable(f"the MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer "
+                                  f"({str(why).lower()})") from None
 
 
 def runs_view_state() -> dict[str, Any]:

@@ -51,12 +51,17 @@ def image(i: int, w: int = 10, h: int = 8, folder: str = "imgs") -> dict:
     return {"id": i, "file_name": f"{folder}/{i:03d}.png", "width": w, "height": h}
 
 
-@contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """A real `mlflow server` on a free localhost port (store and artifacts under `folder`): its URL."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(folder: Path, port: int = 0, crash: bool = False) -> Iterator[str]:
+    """A real `mlflow server` on `port` (0: a free one) of localhost (store and artifacts under
+    `folder`): its URL. crash: it ends with SIGKILL (an outage), not a clean shutdown."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     folder.mkdir(parents=True, exist_ok=True)
     log = open(folder / "server.log", "w")
@@ -64,7 +69,8 @@ def mlflow_server(folder: Path) -> Iterator[str]:
                              "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                              "--artifacts-destination", str(folder / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+                            start_new_session=True)   # its workers die with it
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -78,7 +84,10 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        proc.terminate()
+        if crash:
+            os.killpg(proc.pid, 9)
+        else:
+            proc.terminate()
         proc.wait(timeout=30)
 
 

@@ -155,23 +155,67 @@ def test_temporary_dvc_workspaces_log_to_the_users_repo(monkeypatch, tmp_path):
     assert tracking_uri() == f"sqlite:///{tmp_path / 'repo/mlflow.db'}"
 
 
-def test_an_unreachable_server_stops_the_stage_before_any_work(tmp_path, monkeypatch):
-    import socket
+STAGE = """
+import sys
+from pipeline.tracking import stage_run
+with stage_run("slow") as run:
+    run.log_metrics({"x": 1.0})
+    print("ready", flush=True)
+    sys.stdin.readline()             # the test stops the server meanwhile
+    run.log_metrics({"y": 2.0})
+    open("note.txt", "w").write("made while the server was down")
+    run.log_artifact("note.txt", "notes")
+"""
+
+
+def test_a_tracking_outage_never_fails_a_stage_and_its_records_are_sent_later(tmp_path):
+    """The server dies in the middle of one stage and is down when the next starts: both stages end
+    well (exit 0) in bounded time with one line saying where their records wait; once the server is
+    back, `python -m pipeline.tracking sync` sends them — one parent, every metric and artifact, true
+    statuses."""
+    import os
     import subprocess
     import sys
+    import time
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, free_port, mlflow_server
 
-    with socket.socket() as s:               # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "PYTHONPATH": str(REPO)}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), "PIPELINE_SESSION": "outage"}
+    with mlflow_server(tmp_path / "server", port, crash=True):
+        stage = subprocess.Popen([sys.executable, "-c", STAGE], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert stage.stdout.readline().strip() == "ready"
+    began = time.monotonic()
+    _, err = stage.communicate("go\n", timeout=120)
+    assert stage.returncode == 0 and "Traceback" not in err, err
+    [line] = err.splitlines()
+    assert line.startswith("mlflow: the MLflow store failed (") and "records are kept in .mlflow-outbox/" in line, line
     (tmp_path / "params.yaml").write_text("demo:\n  n_train: 4\n  n_test: 1\n")
     out = subprocess.run([sys.executable, "-m", "stages.demo_data"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert f"the MLflow tracking server http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not answer" in out.stderr
-    assert not (tmp_path / "data").exists()
+    assert out.returncode == 0 and (tmp_path / "data/demo/train.json").exists(), out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"mlflow: the MLflow tracking server {url} (MLFLOW_TRACKING_URI) does not answer ("), line
+    assert time.monotonic() - began < 60                           # seconds of waiting, not MLflow's minutes
+    assert len(list((tmp_path / ".mlflow-outbox").glob("*.json"))) == 2
+    with mlflow_server(tmp_path / "server", port):
+        sync = subprocess.run([sys.executable, "-m", "pipeline.tracking", "sync"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert sync.returncode == 0 and "sent 2 kept record(s)" in sync.stdout, sync.stdout + sync.stderr
+        assert not list((tmp_path / ".mlflow-outbox").iterdir())
+        mlflow.set_tracking_uri(url)
+        found = mlflow.search_runs(experiment_names=["segmentation"], output_format="list")
+        [parent] = [r for r in found if r.data.tags["pipeline.role"] == "parent"]
+        kids = {r.data.tags["pipeline.stage"]: r for r in found if r.data.tags["pipeline.role"] == "stage"}
+        assert set(kids) == {"slow", "demo_data"} and parent.info.status == "FINISHED"
+        assert all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id and k.info.status == "FINISHED"
+                   for k in kids.values())
+        assert kids["slow"].data.metrics == {"x": 1.0, "y": 2.0} and kids["demo_data"].data.params["demo.n_train"] == "4"
+        client = mlflow.tracking.MlflowClient(url)
+        note = client.download_artifacts(kids["slow"].info.run_id, "notes/note.txt", str(tmp_path))
+        assert open(note).read() == "made while the server was down"
 
 
 def test_runs_left_running_by_a_killed_pipeline_are_marked_killed(monkeypatch):
