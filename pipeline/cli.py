@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
@@ -20,6 +23,33 @@ def kept(message: str) -> None:
 
 
 def run(main: Callable[[], object]) -> None:
+    try:
+        _run(main)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            params_note()
+        raise
+    except BaseException:
+        params_note()
+        raise
+
+
+def params_note() -> None:
+    """A failed `dvc exp run -S ...` in the workspace leaves its values in params.yaml, for the next
+    experiment to inherit unnoticed: say so, and how to undo it."""
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_EXP_NAME") or not root or Path(root).resolve() != Path.cwd().resolve():
+        return   # not an experiment, or one in a temporary workspace (--temp, --queue): the workspace is untouched
+    try:
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"], cwd=root, timeout=10).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return
+    if changed:
+        print("note: this experiment's `-S` values stay in params.yaml after the failure (`git diff params.yaml`); "
+              "`git checkout params.yaml` restores it before the next experiment", file=sys.stderr)
+
+
+def _run(main: Callable[[], object]) -> None:
     try:
         main()
     except (ConfigError, DataError, FloatingPointError, WriteFailed) as e:  # FloatingPointError: NaN/inf loss, see loop.py

@@ -600,10 +600,19 @@ def serve(path: str, session: str) -> None:
         logger.finish()
 
 
-def sync(root: Optional[str] = None) -> tuple[int, int]:
+def sync() -> None:
     """Send every record waiting in the repo's outbox (`python -m pipeline.tracking sync`)."""
-    return Logger().send_outbox(None, root)
+    folder = outbox_dir()
+    sent, left = Logger().send_outbox(None)
+    shown = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else str(folder)
+    print(f"mlflow: sent {sent} kept record(s) to their store" + (
+        f"; {left} still waiting in {shown} (is the store reachable? see the line above)" if left else ""))
+    if left:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    serve(sys.argv[2], sys.argv[3])   # `serve <socket> <session>`: started by tracking._connect
+    if sys.argv[1] == "serve":   # `serve <socket> <session>`: started by tracking._connect
+        serve(sys.argv[2], sys.argv[3])
+    else:
+        sync()

@@ -58,9 +58,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(folder: Path, port: int = 0, crash: bool = False) -> Iterator[str]:
+def mlflow_server(folder: Path, port: int = 0) -> Iterator[str]:
     """A real `mlflow server` on `port` (0: a free one) of localhost (store and artifacts under
-    `folder`): its URL. crash: it ends with SIGKILL (an outage), not a clean shutdown."""
+    `folder`): its URL."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,8 +69,7 @@ def mlflow_server(folder: Path, port: int = 0, crash: bool = False) -> Iterator[
                              "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                              "--artifacts-destination", str(folder / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-                            start_new_session=True)   # its workers die with it
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -84,11 +83,71 @@ def mlflow_server(folder: Path, port: int = 0, crash: bool = False) -> Iterator[
     try:
         yield url
     finally:
-        if crash:
-            os.killpg(proc.pid, 9)
-        else:
-            proc.terminate()
+        proc.terminate()
         proc.wait(timeout=30)
+
+
+class Cable:
+    """A TCP proxy on a free localhost port in front of `target_port`: unplug() cuts every open
+    connection and refuses new ones (a network outage, the server itself untouched); plug() ends it."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.target, self.port, self.open, self.listener = target_port, free_port(), [], None
+        self.lock = threading.Lock()
+        self.plug()
+
+    def plug(self) -> None:
+        import threading
+
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def unplug(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)   # wakes the accept() blocked on it (close alone would not)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            for s in self.open:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self.open.clear()
+
+    def _accept(self, listener) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            with self.lock:
+                self.open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @pytest.fixture(autouse=True)

@@ -73,3 +73,28 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_write(tmp_path
         assert all(p.exists() for p in running)   # another process's write in progress is left alone
     finally:
         alive.kill()
+
+
+def test_a_failed_experiment_says_how_to_undo_its_params(tmp_path, monkeypatch, capsys):
+    """`dvc exp run -S lr=…` in the workspace writes params.yaml before the stages run; a stage that
+    fails leaves the value there for the next experiment to inherit: the stage says so."""
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.001\n")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, env={**__import__("os").environ, **env})
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 10.0\n")          # what -S wrote
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "hot")
+
+    def fails():
+        raise FloatingPointError("loss is nan")
+
+    with pytest.raises(SystemExit):
+        cli.run(fails)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: loss is nan" and "`git checkout params.yaml` restores it" in err[1]
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc/tmp/exps/tmp1"))  # --temp/--queue: the workspace is untouched
+    with pytest.raises(SystemExit):
+        cli.run(fails)
+    assert capsys.readouterr().err.splitlines() == ["error: loss is nan"]

@@ -26,9 +26,12 @@ def test_forward_backward_full_resolution(name):
     # one image takes every path two do (their batch norms see a spatial map), in 30 % less time
     batch = 1 if name in CLASSIC else 2
     x = torch.randn(batch, 3, size, size + 32)
-    logits = model(x)
-    assert logits.shape == (batch, 5, size, size + 32) and torch.isfinite(logits).all()
-    logits.square().mean().backward()
+    # oneDNN's weight gradient of fc6 (7x7, 512 -> 4096) on a 2x3 map takes ~10 s on one thread, its
+    # reference kernel 3 s: the gradient is the same, so the classics use the latter here
+    with torch.backends.mkldnn.flags(enabled=name not in CLASSIC):
+        logits = model(x)
+        assert logits.shape == (batch, 5, size, size + 32) and torch.isfinite(logits).all()
+        logits.square().mean().backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not dead, f"{name}: {len(dead)} trainable tensors never get a gradient: {dead[:5]}"
     enc = {id(p) for p in encoder_of(model).parameters()}

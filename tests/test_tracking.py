@@ -169,38 +169,39 @@ with stage_run("slow") as run:
 
 
 def test_a_tracking_outage_never_fails_a_stage_and_its_records_are_sent_later(tmp_path):
-    """The server dies in the middle of one stage and is down when the next starts: both stages end
-    well (exit 0) in bounded time with one line saying where their records wait; once the server is
-    back, `python -m pipeline.tracking sync` sends them — one parent, every metric and artifact, true
-    statuses."""
+    """The network to the server goes down in the middle of one stage and is down when the next
+    starts: both stages end well (exit 0) in bounded time with one line saying where their records
+    wait; once it is back, `python -m pipeline.tracking sync` sends them — one parent, every metric
+    and artifact, true statuses."""
     import os
     import subprocess
     import sys
     import time
 
-    from tests.conftest import REPO, free_port, mlflow_server
+    from tests.conftest import REPO, Cable, mlflow_server
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), "PIPELINE_SESSION": "outage"}
-    with mlflow_server(tmp_path / "server", port, crash=True):
+    with mlflow_server(tmp_path / "server") as server:
+        cable = Cable(int(server.rsplit(":", 1)[1]))
+        url = f"http://127.0.0.1:{cable.port}"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(REPO), "PIPELINE_SESSION": "outage"}
         stage = subprocess.Popen([sys.executable, "-c", STAGE], cwd=tmp_path, env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert stage.stdout.readline().strip() == "ready"
-    began = time.monotonic()
-    _, err = stage.communicate("go\n", timeout=120)
-    assert stage.returncode == 0 and "Traceback" not in err, err
-    [line] = err.splitlines()
-    assert line.startswith("mlflow: the MLflow store failed (") and "records are kept in .mlflow-outbox/" in line, line
-    (tmp_path / "params.yaml").write_text("demo:\n  n_train: 4\n  n_test: 1\n")
-    out = subprocess.run([sys.executable, "-m", "stages.demo_data"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0 and (tmp_path / "data/demo/train.json").exists(), out.stderr
-    [line] = out.stderr.splitlines()
-    assert line.startswith(f"mlflow: the MLflow tracking server {url} (MLFLOW_TRACKING_URI) does not answer ("), line
-    assert time.monotonic() - began < 60                           # seconds of waiting, not MLflow's minutes
-    assert len(list((tmp_path / ".mlflow-outbox").glob("*.json"))) == 2
-    with mlflow_server(tmp_path / "server", port):
+        cable.unplug()
+        began = time.monotonic()
+        _, err = stage.communicate("go\n", timeout=120)
+        assert stage.returncode == 0 and "Traceback" not in err, err
+        [line] = err.splitlines()
+        assert line.startswith("mlflow: the MLflow store failed (") and "records are kept in .mlflow-outbox/" in line, line
+        (tmp_path / "params.yaml").write_text("demo:\n  n_train: 4\n  n_test: 1\n")
+        out = subprocess.run([sys.executable, "-m", "stages.demo_data"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and (tmp_path / "data/demo/train.json").exists(), out.stderr
+        [line] = out.stderr.splitlines()
+        assert line.startswith(f"mlflow: the MLflow tracking server {url} (MLFLOW_TRACKING_URI) does not answer ("), line
+        assert time.monotonic() - began < 60                           # seconds of waiting, not MLflow's minutes
+        assert len(list((tmp_path / ".mlflow-outbox").glob("*.json"))) == 2
+        cable.plug()
         sync = subprocess.run([sys.executable, "-m", "pipeline.tracking", "sync"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert sync.returncode == 0 and "sent 2 kept record(s)" in sync.stdout, sync.stdout + sync.stderr
@@ -216,6 +217,7 @@ def test_a_tracking_outage_never_fails_a_stage_and_its_records_are_sent_later(tm
         client = mlflow.tracking.MlflowClient(url)
         note = client.download_artifacts(kids["slow"].info.run_id, "notes/note.txt", str(tmp_path))
         assert open(note).read() == "made while the server was down"
+        cable.unplug()
 
 
 def test_runs_left_running_by_a_killed_pipeline_are_marked_killed(monkeypatch):

@@ -12,12 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import VGG16_BN_Weights, VGG16_Weights, vgg16, vgg16_bn
+from torchvision.models.vgg import cfgs, make_layers
 
 
 def _vgg(pretrained: bool, bn: bool = False) -> nn.Sequential:
-    if bn:
-        return vgg16_bn(weights=VGG16_BN_Weights.IMAGENET1K_V1 if pretrained else None).features
-    return vgg16(weights=VGG16_Weights.IMAGENET1K_V1 if pretrained else None).features
+    """VGG16's convolutional part. Randomly initialised, it is built alone, as torchvision
+    initialises it: building the whole VGG16 would draw its 124M classifier weights only to drop them."""
+    if pretrained:
+        return (vgg16_bn(weights=VGG16_BN_Weights.IMAGENET1K_V1) if bn else vgg16(weights=VGG16_Weights.IMAGENET1K_V1)).features
+    features = make_layers(cfgs["D"], batch_norm=bn)
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    return features
 
 
 class _VGGStages(nn.Module):
