@@ -18,7 +18,7 @@ from pipeline.models.checkpoint import load_checkpoint
 from tests.conftest import REPO
 from tests.test_training import easy_workspace
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 def workdir(tmp, name):
@@ -67,17 +67,14 @@ def test_sigkilled_training_resumes_to_the_uninterrupted_result(tmp_path):
     ck = load_checkpoint(last)
     assert 1 <= ck["epoch"] < EPOCHS and "optimizer" in ck          # mid-run: resumable state
 
-    # The rerun is killed in the next states too: while averaging (SWA saved, the EMA's BN pass), then
-    # while writing the reports; each rerun resumes in the state the last one died in.
-    for state in ("averaging", "finishing"):
-        proc = stage(killed, kill_in=state)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == -signal.SIGKILL, out
-        assert load_checkpoint(last)["state"] == state
-        if state == "averaging":
-            assert f"resuming after epoch {ck['epoch']}" in out, out
+    # The rerun is killed in the next state too, while averaging (SWA saved, the EMA's BN pass); the
+    # next rerun resumes in that state (every state, killed in-process: tests/test_training.py).
+    proc = stage(killed, kill_in="averaging")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert load_checkpoint(last)["state"] == "averaging" and f"resuming after epoch {ck['epoch']}" in out, out
     out, _ = stage(killed).communicate(timeout=300)
-    assert load_checkpoint(last)["state"] == "done" and "epoch 1/" not in out, out
+    assert load_checkpoint(last)["state"] == "done" and "epoch 1/" not in out and "in state averaging" in out, out
     a = json.loads((straight / "metrics/details/train/fold_0_seed_0.json").read_text())["val"]
     b = json.loads((killed / "metrics/details/train/fold_0_seed_0.json").read_text())["val"]
     assert b["mIoU"] == pytest.approx(a["mIoU"], rel=1e-5) and b["best_epoch"] == a["best_epoch"]

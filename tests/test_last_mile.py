@@ -3,7 +3,6 @@ and per-image mIoU, native or at 256 px), bootstrap intervals, paired comparison
 post-processing rules fitted out of fold, the dense CRF, weight EMA and multi-scale training."""
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -16,11 +15,10 @@ from pipeline.evaluation.metrics import Metric
 from pipeline.evaluation.rules import fit_rules
 from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, VariantTable, summary_lines
 from pipeline.inference.postprocess import Crf, Refiner, Rules, apply_rules, crf_refine
-from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.loop import rescale
 from pipeline.training.nets import ema_average
 from pipeline.training.run import train_fold
-from tests.test_training import easy_workspace, killed_in_epoch_2, params_for
+from tests.test_training import easy_workspace, params_for
 
 # ---------------------------------------------------------------------------------------------- metric
 # Three 2x2 images, classes Background (0) and 1, worked by hand:
@@ -256,25 +254,8 @@ def easy(tmp_path_factory):
     return easy_workspace(tmp_path_factory.mktemp("easy_ema"), n=24)
 
 
-def test_ema_is_validated_saved_and_resumes_to_the_same_weights(easy, monkeypatch):
-    p = params_for(easy, epochs=3, batch_size=4, ema={"decay": 0.9, "warmup": True})
-    train_fold(0, 0, p)
-    out = easy / "models/fold_0/seed_0"
-    ema, last = load_checkpoint(out / "ema.pt"), load_checkpoint(out / "last.pt")
-    assert np.load(out / "val_confusion_ema.npy").sum() == 6 * 64 * 64
-    assert ema["steps"] == 3 * (18 // 4) and ema["ema_decay"] == 0.9   # every optimizer step (18 images, full batches of 4)
-    assert not torch.equal(ema["model"]["segmentation_head.0.weight"], last["model"]["segmentation_head.0.weight"])
-    straight = {k: v.clone() for k, v in ema["model"].items()}
-    shutil.rmtree(easy / "models/fold_0")
-
-    killed_in_epoch_2(monkeypatch, lambda: train_fold(0, 0, p))
-    assert load_checkpoint(out / "last.pt")["averages"]["ema"] is not None and load_checkpoint(out / "last.pt")["epoch"] == 1
-    train_fold(0, 0, p)
-    resumed = load_checkpoint(out / "ema.pt")
-    assert resumed["steps"] == 3 * (18 // 4)
-    for k, v in straight.items():
-        if v.is_floating_point():
-            torch.testing.assert_close(resumed["model"][k], v, rtol=1e-4, atol=1e-5)
+# EMA: validated, saved, counted and resumed to the same weights — tests/test_training.py (the run
+# killed in every state, whose uninterrupted run trains with SWA and EMA).
 
 
 # ------------------------------------------------------------------------------------------ multi-scale

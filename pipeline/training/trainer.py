@@ -147,9 +147,11 @@ class Trainer:
             if self.reused:   # a reused run's stage run shows its averages' scores too (kept in <name>.pt)
                 for name in self.averaged:
                     self.log_average(name, load_checkpoint(self.f.member.checkpoint(name))["scores"])
+            last = {k: v.clone() for k, v in self.model.state_dict().items()}
             self.scores = finish_fold(self.f, self.model, self.data.val_dl, self.step.loss_fn, self.history)
+            self.model.load_state_dict(last)   # finish_fold predicted the gallery with best.pt's weights
             if not self.reused:
-                self.save("done")
+                self.save("done")   # last.pt keeps the last epoch's weights (the `last` checkpoint)
         self.f.d.barrier()
         self.state = "done"
 
