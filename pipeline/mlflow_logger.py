@@ -286,7 +286,7 @@ class Logger:
         self.failed = False                  # a stage of this execution failed or died
         self.views: set[str] = set()         # experiments whose runs view is up to date
         self.execution = execution
-        self.kept: list[dict] = []           # (uri, root) of records this execution kept
+        self.kept: list[dict] = []           # (uri, root) of each record this execution's stages kept
         self.uri: Optional[str] = None       # the store and experiment of this execution (its first stage's)
         self.experiment: Optional[str] = None
         self.sending = threading.Lock()      # one sender of the outbox at a time (records of a session in order)
@@ -362,12 +362,12 @@ class Logger:
                 self.register(client, m["name"], st.run_id, m["artifact_path"], m.get("tags") or {}, m.get("score"),
                               st.spec["uri"])
 
-    def end(self, st: StageState, status: str, dvc: bool) -> None:
+    def end(self, st: StageState, status: str, dvc: bool, live: bool = True) -> None:
         """End the stage's run with `status`; a stage that failed or died ends the parent with it
         (for good: later stages of `dvc repro --keep-going` leave it so), and outside dvc the stage's
-        end is the parent's end."""
+        end is the parent's end. live: a stage of this logger's execution (not a record sent late)."""
         client = self.client(st.spec["uri"])
-        if status != "FINISHED":
+        if status != "FINISHED" and live:
             with self.lock:
                 self.failed = True
                 self.parents[st.parent_id] = True
@@ -457,7 +457,7 @@ class Logger:
             self.apply(st, {**record["spec"], "op": "start", "late": True})
         for m in record["ops"]:
             self.apply(st, m)
-        self.end(st, record["status"], record["dvc"])
+        self.end(st, record["status"], record["dvc"], live=False)
 
     def send_outbox(self, uri: Optional[str] = None, root: Optional[str] = None) -> tuple[int, int]:
         """Send the outbox's records (those for `uri`, or all), oldest first, stopping at the first
