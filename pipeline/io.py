@@ -69,7 +69,7 @@ def write_failed(e: OSError, path: str | Path, needs: Optional[int] = None) -> W
     except ValueError:
         shown = str(path)
     free = ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, None):
         try:
             free = f"; {shutil.disk_usage(Path(path).parent).free / 1e6:.0f} MB free there"
         except OSError:

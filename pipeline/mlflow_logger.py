@@ -52,7 +52,8 @@ IDLE_S = 20.0
 # MLflow's HTTP client retries 7 times with exponential backoff (minutes) and waits 120 s a call by
 # default; the logger waits seconds, then keeps the records (users may still set their own).
 LOGGER_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}   # 'View run at' per run end: `sync` prints one line
 COMPLETION_WAIT_S = 60.0   # how long a queued experiment's ref may take to reach the user's repo
 
 
@@ -102,17 +103,15 @@ def _mark_killed(client, experiment_id: str) -> None:
 
 
 # ---- did the pipeline complete? --------------------------------------------------------------------
-def _dvc_targets(argv: list[str]) -> Optional[tuple[str, list[str]]]:
-    """('repro' | 'exp', the targets) of a dvc command line, or None when it is neither."""
-    words = argv[1:]
-    while words and (words[0] in ("-m", "dvc") or words[0].endswith("dvc") or words[0].startswith("-")):
-        words = words[1:]
-    if not words:
-        return None
-    if words[0] == "repro":
-        return "repro", words[1:]
-    if words[:2] in (["exp", "run"], ["exp", "exec-run"], ["experiments", "run"]):
-        return "exp", words[2:]
+def _dvc_targets(argv: list[str]) -> Optional[tuple[list[str], str, list[str]]]:
+    """(the command line up to dvc's command, 'repro' | 'exp', the words after it) of a dvc
+    process's argv, or None when it is neither (`python -m dvc repro -s x` -> (['python', '-m',
+    'dvc'], 'repro', ['-s', 'x']))."""
+    for i, word in enumerate(argv):
+        if word == "repro":
+            return argv[:i], "repro", argv[i + 1:]
+        if word in ("exp", "experiments") and argv[i + 1:i + 2] in (["run"], ["exec-run"]):
+            return argv[:i], "exp", argv[i + 2:]
     return None
 
 
@@ -130,14 +129,14 @@ def _exp_saved(name: str, since: float, *repos: str) -> bool:
     return False
 
 
-def _not_run(root: str, how: list[str]) -> Optional[list[str]]:
-    """The stages `dvc repro <how>` should have run that `dvc status` still shows changed ([] = none),
-    or None when that cannot be told (no workspace, dvc busy)."""
+def _not_run(dvc: list[str], root: str, how: list[str]) -> Optional[list[str]]:
+    """The stages `dvc repro <how>` should have run that `dvc status` (run by the same `dvc` command
+    line) still shows changed ([] = none), or None when that cannot be told (no workspace, dvc busy)."""
     targets = [w for w in how if not w.startswith("-")]
     flags = set(how) - set(targets)
     if flags & {"--downstream", "--dry"}:
         targets = []   # what ran was more than the targets' upstream: judge the whole DAG
-    cmd = [sys.executable, "-m", "dvc", "status", "--json", *targets]
+    cmd = [*dvc, "status", "--json", *targets]
     if targets and not flags & {"-s", "--single-item"}:
         cmd.append("--with-deps")
     for _ in range(10):
@@ -149,7 +148,9 @@ def _not_run(root: str, how: list[str]) -> Optional[list[str]]:
                 return sorted(json.loads(out.stdout or "{}"))
             except ValueError:
                 return None
-        time.sleep(1.0)   # another dvc process holds the lock
+        if "lock" not in out.stderr.lower():
+            return None
+        time.sleep(1.0)   # another dvc process holds the repo's lock
     return None
 
 
@@ -168,7 +169,7 @@ class Execution:
         what = _dvc_targets(self.argv)
         if what is None or self.root is None:
             return "FINISHED", None   # not a dvc command line we can judge
-        kind, how = what
+        dvc, kind, how = what
         if kind == "exp" and not self.exp_name:
             return "FINISHED", None
         if kind == "exp":
@@ -179,7 +180,7 @@ class Execution:
                 if time.monotonic() > deadline:
                     return "KILLED", f"dvc ended before experiment {self.exp_name} was saved"
                 time.sleep(1.0)
-        left = _not_run(self.root, how)
+        left = _not_run(dvc, self.root, how)
         if left:
             return "KILLED", "dvc ended before these stages ran: " + ", ".join(left)
         return "FINISHED", None

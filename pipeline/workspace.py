@@ -45,6 +45,9 @@ class Member(Folder):
     iou_png = _File("reports/iou.png")
     curves_png = _File("reports/curves.png")
     gallery_png = _File("reports/gallery.png")   # each class's worst validation image
+    # Each epoch's wall seconds: machine-local, so kept out of last.pt (an identical retrain gives
+    # byte-identical checkpoints) and out of the folder's DVC hash (.dvcignore)
+    epoch_seconds = _File("epoch_seconds.json")
 
     @classmethod
     def of(cls, models: str | Path, fold: int, seed: int) -> "Member":

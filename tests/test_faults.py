@@ -41,13 +41,12 @@ def small_disk():
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_partial(tmp_path, small_disk, capsys):
     out = tmp_path / "models/fold_0/seed_0"
     write_json(out / "metrics.json", {"a": 1})                # small files still go through
-    with pytest.raises(WriteFailed, match=r"^file too large writing .*models/fold_0/seed_0/last\.pt "
-                                          r"\(needs ~1 MB\); \d+ MB free there$"):
+    with pytest.raises(WriteFailed, match=r"^file too large writing .*models/fold_0/seed_0/last\.pt \(needs ~1 MB\)$"):
         save_checkpoint(out / "last.pt", model={"w": torch.zeros(256, 1024)})
     with pytest.raises(WriteFailed, match=r"writing .*val_confusion\.npy"):
         with atomic_file(out / "val_confusion.npy") as tmp:
             np.save(tmp, np.zeros(100_000))
-    with pytest.raises(WriteFailed, match=r"writing .*/reports; "):
+    with pytest.raises(WriteFailed, match=r"writing .*/reports$"):
         with atomic_dir(tmp_path / "reports") as tmp:
             (tmp / "big.bin").write_bytes(bytes(100_000))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["fold_0", "metrics.json", "models", "seed_0"]

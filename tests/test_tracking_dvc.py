@@ -88,3 +88,14 @@ def test_queued_experiments_parents_log_the_params_they_ran_with(toy):
     assert got == {"lr0.1": ("0.1", "FINISHED"), "lr0.2": ("0.2", "FINISHED")}, got
     (repo / ".dvc/tmp").exists() and subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
     shutil.rmtree(repo / ".dvc/tmp", ignore_errors=True)
+
+
+def test_the_logger_reads_what_dvc_was_asked_to_run():
+    from pipeline.mlflow_logger import _dvc_targets
+
+    py, dvc = "/venv/bin/python3", "/venv/bin/dvc"
+    assert _dvc_targets([py, dvc, "repro"]) == ([py, dvc], "repro", [])
+    assert _dvc_targets([py, "-m", "dvc", "repro", "-s", "train@0-0"]) == ([py, "-m", "dvc"], "repro", ["-s", "train@0-0"])
+    assert _dvc_targets([dvc, "exp", "run", "-S", "lr=0.1"]) == ([dvc], "exp", ["-S", "lr=0.1"])
+    assert _dvc_targets([py, dvc, "exp", "exec-run", "--infofile", "x"])[1] == "exp"
+    assert _dvc_targets(["sleep", "60"]) is None and _dvc_targets([py, dvc, "status"]) is None

@@ -14,6 +14,8 @@ from pipeline.models.checkpoint import load_checkpoint
 from pipeline.training.fold import FoldRun, as_validated
 from pipeline.training.loop import validate
 
+EPOCH_S = "time/epoch_s"   # a history row's wall seconds: kept beside last.pt, not in it (Member.epoch_seconds)
+
 
 def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[dict]) -> dict:
     """The best checkpoint's scores (its epoch's validation confusion, kept in best.pt: the fold is
@@ -36,7 +38,7 @@ def finish_fold(f: FoldRun, model, val_dl: DataLoader, loss_fn, history: list[di
     with atomic_file(f.ws.history_csv(f.tag, f.fold, f.seed)) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False)
     summary = {"fold": f.fold, "seed": f.seed, "best_epoch": best["epoch"], "val_images": len(f.val_tab),
-               "train_s": round(sum(h.get("time/epoch_s", 0.0) for h in history), 1),   # wall: not reproducible
+               "train_s": round(sum(h.get(EPOCH_S, 0.0) for h in history), 1),   # wall: not reproducible
                **{k: v for k, v in s.items() if k in ("metric", "mIoU", "pixel_acc", "mean_acc", "fwIoU")},
                "IoU": {k: v for k, v in s["IoU"].items() if v is not None}}
     write_json(f.ws.member_metrics(f.tag, f.fold, f.seed), {"val": summary})

@@ -19,6 +19,7 @@ Round 2 (fine-tuning on pseudo-labels) is the subclass `Round2Trainer`.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -33,10 +34,10 @@ from pipeline.config import ConfigError
 from pipeline.data.augment import build_transform
 from pipeline.data.dataset import SegDataset
 from pipeline.evaluation.metrics import Metric, flat_scores, scores
-from pipeline.io import atomic_file
+from pipeline.io import atomic_file, write_json
 from pipeline.models.checkpoint import UnverifiedCheckpoint, load_checkpoint, save_checkpoint, verify_checkpoints
 from pipeline.models.factory import encoder_of
-from pipeline.training.finish import finish_fold
+from pipeline.training.finish import EPOCH_S, finish_fold
 from pipeline.training.fold import FoldData, FoldRun
 from pipeline.training.loop import Step, train_one_epoch
 from pipeline.training.nets import build_fold_loss, build_net, ema_average, seed_everything
@@ -107,7 +108,7 @@ class Trainer:
         if "swa" in self.averages and epoch >= f.epochs - self.t.swa_epochs:
             self.averages["swa"].update_parameters(self.model)
         self.history.append({**row, **{f"lr/{g['name']}": g["lr"] for g in self.step.opt.param_groups},
-                             "time/epoch_s": seconds})
+                             EPOCH_S: seconds})
         f.log(self.history[-1:])
         f.say(f"{f.name} epoch {epoch + 1}/{f.epochs}: train loss {row['train/loss']:.4f}" + (
             f"  val loss {row['val/loss']:.4f}  val mIoU {row['val/mIoU']:.4f}" if "val/mIoU" in row else ""))
@@ -191,8 +192,10 @@ class Trainer:
         full = {} if state in ("finishing", "done") else dict(
             optimizer=step.opt.state_dict(), schedule=step.schedule.state_dict(), scaler=step.scaler.state_dict(),
             rng=torch.get_rng_state(), averages={k: v.state_dict() for k, v in self.averages.items()})
+        write_json(f.member.epoch_seconds, [h.get(EPOCH_S) for h in self.history])
+        history = [{k: v for k, v in h.items() if k != EPOCH_S} for h in self.history]
         save_checkpoint(f.member.checkpoint("last"), state=state, model=self.model.state_dict(), epoch=self.epoch,
-                        history=self.history, best_miou=self.best, averaged=self.averaged, classes=f.classes,
+                        history=history, best_miou=self.best, averaged=self.averaged, classes=f.classes,
                         params=f.identity(), input_spec=f.input_spec(), **full)
 
     def read_last(self) -> dict:
@@ -219,6 +222,10 @@ class Trainer:
             f.out.mkdir(parents=True, exist_ok=True)
             return
         self.state, self.epoch, self.history = ck["state"], ck["epoch"], ck["history"]
+        seconds = json.loads(f.member.epoch_seconds.read_text()) if f.member.epoch_seconds.exists() else []
+        for row, s in zip(self.history, seconds):
+            if s is not None:
+                row[EPOCH_S] = s
         self.best, self.averaged = ck["best_miou"], list(ck["averaged"])
         self.model.load_state_dict(ck["model"])
         if self.state in ("training", "averaging"):
