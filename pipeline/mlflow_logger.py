@@ -262,6 +262,29 @@ def _release(claimed: Path) -> None:
     os.rename(claimed, claimed.with_name(f"{base}.json"))
 
 
+REFUSED = "refused"   # the outbox's sub-folder for records the store answered with a client error
+
+
+def _refused(e: Exception) -> bool:
+    """Did the store answer, refusing the record (an HTTP 4xx: a bad value, a deleted run)? An outage
+    or a store error (5xx, database full) is worth another try; this is not."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        return False
+    return isinstance(e, MlflowException) and 400 <= e.get_http_status_code() < 500
+
+
+def _set_aside(claimed: Path, folder: Path) -> Path:
+    base = claimed.name.split(".json")[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    files = claimed.with_name(f"{base}.files")
+    if files.exists():
+        os.rename(files, folder / files.name)
+    os.rename(claimed, folder / f"{base}.json")
+    return folder / f"{base}.json"
+
+
 def _cause(e: Exception) -> str:
     """An MLflow failure in a few words: 'the store failed: <first line>'."""
     text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
@@ -457,6 +480,9 @@ class Logger:
         if st.run_id is None:
             self.apply(st, {**record["spec"], "op": "start", "late": True})
         for m in record["ops"]:
+            if m["op"] in ("artifact", "artifacts", "model") and not Path(m["path"]).exists():
+                print(f"mlflow: {m['path']} is gone; the record is sent without it", file=sys.stderr, flush=True)
+                continue
             self.apply(st, m)
         self.end(st, record["status"], record["dvc"], live=False)
 
@@ -490,6 +516,11 @@ class Logger:
             try:
                 self.send(record)
             except Exception as e:
+                if _refused(e):   # the store answers and says no: set it aside, send the rest
+                    kept = _set_aside(claimed, folder / REFUSED)
+                    print(f"mlflow: the store refused a kept record ({type(e).__name__}: {str(e)[:200]}); "
+                          f"it is in {kept}", file=sys.stderr, flush=True)
+                    continue
                 _release(claimed)
                 print(f"mlflow: outbox not sent yet ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
                 break

@@ -324,3 +324,24 @@ def test_a_local_store_moves_with_its_repo(tmp_path):
     assert open(got).read() == "hello" and client.get_run(run.info.run_id).info.artifact_uri.startswith(str(new))
     assert client.get_model_version("ens", "1").source.startswith(str(new))
     assert relocate_store(new / "mlflow.db") is None          # idempotent
+
+
+def test_a_kept_record_the_store_refuses_is_set_aside_and_the_rest_is_sent(tmp_path, monkeypatch):
+    """The outbox never blocks on one record: one whose run the store no longer has (a 404) moves to
+    .mlflow-outbox/refused/, and an artifact that is gone is skipped; the next record is sent."""
+    from pipeline.mlflow_logger import Logger, keep
+
+    monkeypatch.chdir(tmp_path)
+    uri = tracking_uri()
+    spec = {"uri": uri, "experiment": "segmentation", "session": "s1", "stage": "eda", "fold": None, "seed": None,
+            "root": str(tmp_path), "dvc_stage": None, "dvc_exp_name": None, "params": {}, "params_file": {}, "t": 1.0}
+    ops = [{"op": "metrics", "metrics": {"x": 1.0}, "step": None, "parent": False, "t": 2.0},
+           {"op": "artifact", "path": str(tmp_path / "gone.png"), "artifact_path": None, "t": 3.0}]
+    stale = {"kind": "stage", "uri": uri, "experiment": "segmentation", "root": str(tmp_path), "session": "s0",
+             "spec": spec, "run_id": "0" * 32, "parent_id": "1" * 32, "ops": ops[:1], "status": "FINISHED", "dvc": False}
+    keep(stale)
+    keep({**stale, "session": "s1", "run_id": None, "parent_id": None, "ops": ops})
+    assert Logger().send_outbox() == (1, 0)
+    assert len(list((tmp_path / ".mlflow-outbox/refused").glob("*.json"))) == 1
+    [child] = [r for r in runs() if r.data.tags.get("pipeline.role") == "stage"]
+    assert child.data.metrics == {"x": 1.0} and child.info.status == "FINISHED"
