@@ -15,7 +15,7 @@ crop of a photo it trained on. The same training and validation images go to eve
                 then per-step cosine, batch 8; predicts the whole 320x320 image.
   pipeline      the project's train_fold and ensemble path with the same recipe in params
                 (masks.max_side 320, train.input crop, crop_scale [1, 1], crop_infer whole).
-  pipeline, photos preset   presets/photos.yaml, the recipe the README recommends for real photos.
+  pipeline, photos preset   presets/photos.yaml, the recipe docs/data.md recommends for real photos.
 
 Each recipe's final weights (no epoch picked on the validation images) predict the validation images
 at 320x320; one independent scorer, torchmetrics' MulticlassJaccardIndex (macro) over the whole

@@ -1,6 +1,6 @@
 """Turn a YOLO-segmentation export (data.yaml; <split>/images/*.jpg with <split>/labels/*.txt of
 `class x1 y1 x2 y2 ...`, coordinates as fractions of the image) into COCO jsons beside the images,
-so `bench.near_dups --data` can measure it (the trash-bag export of the README was published this way).
+so `bench.near_dups --data` can measure it (the trash-bag export of docs/data.md was published this way).
 Writes <split>/images/_annotations.coco.json; category ids are the YOLO class + 1 (0 = a parent).
 
     python -m bench.yolo_seg_to_coco ROOT
