@@ -13,7 +13,7 @@ TEST_WORKERS ?= auto
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test install lock bench ui clean
+.PHONY: demo test test-quick install lock bench ui clean
 
 # The stamp is rebuilt whenever requirements.txt or constraints.txt changes. constraints.txt pins every
 # package of the tested stack (transitive ones too): a fresh clone installs the very same libraries.
@@ -30,6 +30,10 @@ demo: install
 
 test: install
 	OMP_NUM_THREADS=$(TEST_THREADS) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+
+# While working: config, data, metrics and the model zoo's build (tests marked quick), about a minute.
+test-quick: install
+	OMP_NUM_THREADS=$(TEST_THREADS) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m quick $(PYTEST_ARGS) tests
 
 # Re-pin the stack after changing requirements.txt: a fresh venv, the newest allowed versions, frozen.
 lock:

@@ -14,6 +14,8 @@ from pipeline.data.masks import build_mask_cache
 from pipeline.data.coco import DataError, load_dataset
 from tests.conftest import image, square, write_coco
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 CATS = ["UNKNOWN", "Paper", "Metal"]  # ids 0, 1, 2
 
 

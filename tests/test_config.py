@@ -7,6 +7,8 @@ import yaml
 from pipeline.config import ConfigError, Params, flatten, load_params, parse_params
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 
 def test_repo_params_file_is_valid_and_complete():
     p = load_params(REPO / "params.yaml")

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from pipeline.config import NO_CLASS_WEIGHTS
 from pipeline.models.losses import LOSSES, BoundaryCE, build_loss, class_weights_from_pixels
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 
 def batch(seed=0):
     g = torch.Generator().manual_seed(seed)

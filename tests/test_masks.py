@@ -15,6 +15,8 @@ from pipeline.config import Masks
 from pipeline.data.masks import build_mask_cache, image_label, target_size, unknown_class_index
 from tests.conftest import image, square, write_coco
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 # The competition's categories: id 0 is a real class (UNKNOWN), so ids and class indices differ.
 CATS = [{"id": 0, "name": "UNKNOWN"}, {"id": 7, "name": "Plastic"}, {"id": 3, "name": "Plastic bag"}]
 UNKNOWN, PLASTIC, BAG = 1, 2, 3  # position in the list + 1

@@ -8,6 +8,8 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from pipeline.evaluation.metrics import ConfusionMatrix, flat_scores, scores
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 NAMES = ["bg", "a", "b", "c"]
 
 

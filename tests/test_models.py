@@ -10,6 +10,8 @@ from pipeline.config import ConfigError, ModelName
 from pipeline.models.factory import CLASSIC, MIN_SIZE, MODELS, backbone, build_model, check_input_size, encoder_of
 from pipeline.training.optim import param_groups
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 ENCODER = {"segformer": "mit_b0", "dpt": "tu-vit_tiny_patch16_224"}  # the rest: resnet18 (classics: VGG16)
 
 

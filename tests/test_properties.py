@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.masks import image_label, unknown_class_index
 from tests.conftest import image, square, write_coco
+
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 
 W, H = 16, 12
 CATS = [{"id": 0, "name": "UNKNOWN"}, {"id": 5, "name": "Paper"}, {"id": 9, "name": "Plastic bag"}]

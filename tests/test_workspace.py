@@ -12,6 +12,8 @@ from pipeline import workspace
 from pipeline.config import Paths
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
+
 FOLDERS = sorted((c for c in vars(workspace).values() if isinstance(c, type) and issubclass(c, workspace.Folder)
                   and c is not workspace.Folder), key=lambda c: c.__name__)
 # Modules that own a per-image file format (cache entries named after their image) or a format's
