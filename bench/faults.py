@@ -34,8 +34,8 @@ import torch
 import yaml
 
 from pipeline.models.checkpoint import load_checkpoint
-from tests.conftest import free_port, mlflow_server
-from tests.test_e2e import TINY, copy_as_repo, deep_update, source_files
+from tests.helpers import free_port, mlflow_server
+from tests.helpers import TINY, copy_as_repo, deep_update, source_files
 
 REPO = Path(__file__).resolve().parents[1]
 TIMES = ("minutes", "_s", "train_min", "seconds", "time")

@@ -19,7 +19,7 @@ into montages (--out) to be checked by eye: different names can still be one sce
 
     python -m bench.near_dups --data /data/trash --json train/_annotations.coco.json --out /tmp/nd
 
-Without --photos or --data it uses generated cluttered scenes (tests/test_near_dups.photo): a smoke
+Without --photos or --data it uses generated cluttered scenes (tests/helpers.photo): a smoke
 run only, since synthetic scenes are easier than photos.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def constructed(a: argparse.Namespace) -> None:
         photos = [cv2.imread(str(p)) for p in files][:a.limit]
         source = f"{len(photos)} photos from {a.photos}"
     else:
-        from tests.test_near_dups import photo
+        from tests.helpers import photo
         photos = [cv2.cvtColor(photo(s), cv2.COLOR_RGB2BGR) for s in range(60)]
         source = "60 generated scenes (smoke run: pass --photos for real ones)"
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,51 +3,10 @@ from __future__ import annotations
 
 import json
 
-import cv2
-import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.data.coco import load_dataset
 from pipeline.evaluation.audit import find_suspects, noise_recall, plot_suspects
-from tests.conftest import image, square, write_coco
-
-CLASSES = ["Background", "can", "bottle"]
-
-
-def oof_dir(tmp_path, probs: np.ndarray, truth: np.ndarray, key: str):
-    out = tmp_path / "oof"
-    (out / "probs").mkdir(parents=True)
-    (out / "masks").mkdir()
-    np.save(out / "probs/0.npy", (probs * 255).round().astype(np.uint8))
-    cv2.imwrite(str(out / "masks/0.png"), truth)
-    (out / "classes.json").write_text(json.dumps({"classes": CLASSES, "max_side": None}))
-    pd.DataFrame([{"key": key, "fold": 0, "height": truth.shape[0], "width": truth.shape[1],
-                   "probs": "probs/0.npy", "mask": "masks/0.png"}]).to_csv(out / "index.csv", index=False)
-    return out
-
-
-@pytest.fixture
-def case(tmp_path):
-    """A 20x20 image: ann 10 a can the model agrees with; ann 11 labelled bottle that the model calls
-    a can (0.8); an unlabelled 6x6 region the model calls a bottle (0.9); ann 12 a speck too small
-    to judge anything but its own pixels."""
-    write_coco(tmp_path / "data", [image(0, 20, 20)], [
-        {"id": 10, "image_id": 0, "category_id": 1, "segmentation": square(0, 0, 8, 8)},
-        {"id": 11, "image_id": 0, "category_id": 2, "segmentation": square(10, 0, 18, 8)},
-        {"id": 12, "image_id": 0, "category_id": 2, "segmentation": square(18, 18, 20, 20)}],
-        [{"id": 1, "name": "can"}, {"id": 2, "name": "bottle"}])
-    ds = load_dataset(tmp_path / "data", ["train.json"])
-    p = np.zeros((3, 20, 20), np.float32)
-    p[0] = 0.9
-    p[:, 0:8, 0:8] = np.array([0.05, 0.9, 0.05])[:, None, None]        # ann 10: a can, as labelled
-    p[:, 0:8, 10:18] = np.array([0.1, 0.8, 0.1])[:, None, None]        # ann 11: labelled bottle, looks like a can
-    p[:, 12:18, 0:6] = np.array([0.05, 0.05, 0.9])[:, None, None]      # no label: looks like a bottle
-    p[:, 18:20, 18:20] = np.array([0.1, 0.1, 0.8])[:, None, None]      # ann 12: a bottle, as labelled
-    truth = np.zeros((20, 20), np.uint8)
-    truth[0:8, 0:8], truth[0:8, 10:18], truth[18:20, 18:20] = 1, 2, 2
-    return ds, oof_dir(tmp_path, p, truth, ds.images.key[0])
-
 
 def test_suspects_are_found_ranked_and_scored(case, tmp_path):
     ds, oof = case

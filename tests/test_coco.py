@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.config import Masks
 from pipeline.data.masks import build_mask_cache
 from pipeline.data.coco import DataError, load_dataset
-from tests.conftest import image, square, write_coco
+from tests.helpers import image, square, write_coco
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, Params, flatten, load_params, parse_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 

@@ -14,7 +14,6 @@ from pipeline.data.coco import DataError, dataset_from_params
 from pipeline.data.corrections import apply_corrections
 from pipeline.data.eda import analyse
 from pipeline.evaluation.audit import REVIEW_COLUMNS, find_suspects, review_coco, review_sheet
-from tests.test_audit import case  # noqa: F401  (fixture: a 20x20 image with known suspects)
 
 
 def audit_params(**kw):

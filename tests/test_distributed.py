@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from pipeline.config import Params
-from tests.conftest import REPO
-from tests.test_training import easy_workspace
+from tests.helpers import REPO
+from tests.helpers import easy_workspace
 
 
 def run_stage(tmp, name: str, devices: int) -> dict:

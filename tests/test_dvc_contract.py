@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.code import import_closure, module_file
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 

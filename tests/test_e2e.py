@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,21 +17,8 @@ import pytest
 import yaml
 
 from pipeline.evaluation.leaderboard import git_experiments, leaderboard
-from tests.conftest import REPO, SEED, mlflow_server
+from tests.helpers import REPO, TINY, copy_as_repo, deep_update, mlflow_server, sh, source_files
 
-# Every assertion below is mechanics or a constructed known answer, never a learnt outcome of these
-# 2-epoch models: training is deterministic per CPU, not across CPUs, and this must pass on any machine
-# and with any PIPELINE_TEST_SEED (tests/conftest.py).
-TINY = {"encoder": "mobilenet_v2",   # half ResNet-18's weights: every checkpoint DVC hashes, caches and pushes
-        "demo": {"n_train": 24, "n_test": 4, "image_size": 64, "seed": SEED},
-        "split": {"n_folds": 3, "holdout": 0.15, "seed": 42 + SEED},
-        "train": {"folds": [0, 1], "seeds": [0], "epochs": 2, "image_size": 64, "batch_size": 4, "swa_epochs": 1,
-                  "class_weights": "none"},
-        "runtime": {"gallery": 2},
-        # Below 1/12 (12 classes): every pixel's top probability clears it, whatever the teacher learnt,
-        # so every test image is pseudo-labelled whole, a known answer (tests/test_pseudo.py covers the
-        # pixels a threshold drops with a constructed teacher).
-        "pseudo": {"epochs": 1, "threshold": 0.05, "min_kept": 0.3}}
 # The folds x seeds matrix, one seed: each stage process costs seconds of imports, and the suite must
 # stay under 10 minutes on 2 cores. What more seeds change (the seed-ensemble variants) is checked in
 # tests/test_metrics.py; cv over several seeds too.
@@ -40,36 +26,12 @@ MEMBERS = [f"{k}-0" for k in (0, 1)]
 DATA_HALF = ("demo_data", "masks", "near_dups", "eda", "split")
 
 
-def deep_update(d: dict, u: dict) -> dict:
-    for k, v in u.items():
-        d[k] = deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
-    return d
 
 
-def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 600) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout + out.stderr
 
 
-def copy_as_repo(src: Path, dest: Path, env: dict, files: list[str], params: dict) -> None:
-    """`files` of src (never .venv, outputs or dvc.lock) into dest, with `params` as params.yaml, as a
-    fresh git repo with one commit (DVC experiments need one)."""
-    for f in files:
-        if (src / f).is_file() and f != "dvc.lock":
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / f, dest / f)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        sh(cmd, dest, env)
 
 
-def source_files(root: Path, untracked: bool = True) -> list[str]:
-    """The files git sees under root: committed, and (untracked=True) new ones it does not ignore."""
-    extra = ["--others", "--exclude-standard"] if untracked else []
-    return subprocess.run(["git", "ls-files", "--cached", *extra], cwd=root, capture_output=True, text=True,
-                          check=True).stdout.split()
 
 
 @pytest.fixture(scope="module")

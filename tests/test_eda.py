@@ -8,7 +8,7 @@ import pytest
 from pipeline.data.coco import load_dataset
 from pipeline.data.eda import analyse, write_report
 from pipeline.workspace import EdaFiles
-from tests.conftest import image, square, write_coco
+from tests.helpers import image, square, write_coco
 
 CATS = ["Paper", "Metal", "Plastic bag"]  # category ids 0, 1, 2 -> classes 1, 2, 3
 

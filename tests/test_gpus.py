@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.devices import claim, pin
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 HOLDER = "import sys, time\nfrom pipeline.devices import claim\nprint(claim({n}, sys.argv[1], total=2), flush=True)\ntime.sleep(60)\n"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import image, square, write_coco
+from tests.helpers import image, square, write_coco
 
 from pipeline.config import Masks, TtaView
 from pipeline.data.coco import DataError, load_dataset
@@ -193,7 +193,7 @@ def test_test_time_images_are_prepared_exactly_as_validation_images(tmp_path):
     from pipeline.data.dataset import SegDataset
     from pipeline.data.masks import build_mask_cache, decode_oriented
     from pipeline.inference.ensemble import ImageFiles, image_files
-    from tests.conftest import square, write_coco
+    from tests.helpers import square, write_coco
 
     root = tmp_path / "ds"
     root.mkdir()

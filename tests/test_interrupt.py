@@ -15,8 +15,8 @@ import yaml
 
 from pipeline.config import Params
 from pipeline.models.checkpoint import load_checkpoint
-from tests.conftest import REPO
-from tests.test_training import easy_workspace
+from tests.helpers import REPO
+from tests.helpers import easy_workspace
 
 EPOCHS = 3
 
@@ -35,11 +35,11 @@ def workdir(tmp, name):
 
 def stage(work, kill_in: str | None = None, **kw):
     """The train stage as DVC runs it; kill_in: the run SIGKILLs itself at a fixed point of that state
-    (tests.test_training.kill_in), so no cleanup code runs and no timing decides where."""
+    (tests.helpers.kill_in), so no cleanup code runs and no timing decides where."""
     run = [sys.executable, "-m", "stages.train", "--fold", "0", "--seed", "0"]
     if kill_in:
         run = [sys.executable, "-c", "import os, signal, sys, pytest, stages.train as t; "
-               "from tests.test_training import kill_in; "
+               "from tests.helpers import kill_in; "
                f"kill_in(pytest.MonkeyPatch(), {kill_in!r}, lambda: os.kill(os.getpid(), signal.SIGKILL)); "
                "sys.argv[1:] = ['--fold', '0', '--seed', '0']; t.main()"]
     return subprocess.Popen(run, cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,

@@ -18,7 +18,7 @@ from pipeline.inference.postprocess import Crf, Refiner, Rules, apply_rules, crf
 from pipeline.training.loop import rescale
 from pipeline.training.nets import ema_average
 from pipeline.training.run import train_fold
-from tests.test_training import easy_workspace, params_for
+from tests.helpers import easy_workspace, params_for
 
 # ---------------------------------------------------------------------------------------------- metric
 # Three 2x2 images, classes Background (0) and 1, worked by hand:

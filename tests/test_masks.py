@@ -13,7 +13,7 @@ from pipeline.data.coco import load_dataset
 from pipeline.labels import IGNORE_INDEX
 from pipeline.config import Masks
 from pipeline.data.masks import build_mask_cache, image_label, target_size, unknown_class_index
-from tests.conftest import image, square, write_coco
+from tests.helpers import image, square, write_coco
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 

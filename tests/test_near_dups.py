@@ -7,25 +7,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data import near_dups as nd
+from tests.helpers import photo
 
 
-def photo(seed: int, h: int = 480, w: int = 640) -> np.ndarray:
-    """A cluttered scene (RGB): smoothed noise plus 60 random shapes, different for every seed."""
-    rng = np.random.default_rng(seed)
-    img = cv2.GaussianBlur(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8), (3, 3), 0)
-    img = np.ascontiguousarray(cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC))
-    for _ in range(60):
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
-        s = int(rng.integers(8, 60))
-        kind = rng.integers(3)
-        if kind == 0:
-            cv2.rectangle(img, (x, y), (x + s, y + int(rng.integers(8, 60))), colour, -1)
-        elif kind == 1:
-            cv2.circle(img, (x, y), s // 2, colour, -1)
-        else:
-            cv2.line(img, (x, y), (int(rng.integers(0, w)), int(rng.integers(0, h))), colour, int(rng.integers(1, 5)))
-    return img
 
 
 def letterbox(im: np.ndarray, colour=(255, 255, 255), side: int = 640) -> np.ndarray:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.masks import image_label, unknown_class_index
-from tests.conftest import image, square, write_coco
+from tests.helpers import image, square, write_coco
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 

@@ -19,7 +19,7 @@ from pipeline.data.coco import DataError, load_dataset, load_test_set
 from pipeline.labels import MAX_CLASSES
 from pipeline.data.eda import analyse
 from pipeline.data.masks import build_mask_cache, decode_oriented, image_label
-from tests.conftest import square, write_coco
+from tests.helpers import square, write_coco
 
 
 def _png_header_only(path: Path, w: int, h: int) -> None:

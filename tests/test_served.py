@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Infer
-from pipeline.inference.ensemble import Ensemble, load_member
+from pipeline.inference.ensemble import Ensemble
 from pipeline.inference.served import save_ensemble_model
 from pipeline.inference.submission import predict_folder
 from pipeline.models.checkpoint import InputSpec, save_checkpoint

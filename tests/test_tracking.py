@@ -112,7 +112,7 @@ def killed_stage(tmp_path, sig: int) -> int:
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     script = "import time\nfrom pipeline.tracking import stage_run\nwith stage_run('slow') as run:\n" \
              "    run.log_metrics({'x': 1.0})\n    print('ready', flush=True)\n    time.sleep(120)\n"
@@ -178,7 +178,7 @@ def test_a_tracking_outage_never_fails_a_stage_and_its_records_are_sent_later(tm
     import sys
     import time
 
-    from tests.conftest import REPO, Cable, mlflow_server
+    from tests.helpers import REPO, Cable, mlflow_server
 
     with mlflow_server(tmp_path / "server") as server:
         cable = Cable(int(server.rsplit(":", 1)[1]))

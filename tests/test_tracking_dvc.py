@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STAGE = ("python -c \"import yaml; from pipeline.tracking import stage_run; "
          "lr = yaml.safe_load(open('params.yaml'))['lr']; open('{name}.txt', 'w').write(str(lr)); "

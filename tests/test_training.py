@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import signal
 import zipfile
 
 import albumentations as A
@@ -14,61 +13,20 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import Masks, Params, Split
+from pipeline.config import Params
 from pipeline.data.augment import AUGMENTATIONS
-from pipeline.data.coco import DataError, load_dataset
-from pipeline.data.folds import make_folds
-from pipeline.data.masks import build_mask_cache
+from pipeline.data.coco import DataError
 from pipeline.data.mix import cutmix, paste_classes
 from pipeline.training import fold as fold_module
 from pipeline.training import trainer as trainer_module
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.training.run import PARAMS, train_fold
-from tests.conftest import SEED, write_coco
+from tests.helpers import Killed, easy_workspace, kill_in, params_for
 
 
-def easy_dataset(root, n=48, size=64, seed=SEED):
-    """Big red squares (class 1) and blue discs (class 2) on grey noise: easy to learn."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    images, anns = [], []
-    (root / "img").mkdir(parents=True)
-    for i in range(n):
-        img = rng.normal(128, 20, (size, size, 3)).clip(0, 255).astype(np.uint8)
-        x, y, s = rng.integers(4, size // 2 - 4, 3)
-        s = 12 + s % 10
-        img[y:y + s, x:x + s] = (40, 40, 220)                   # BGR red square
-        poly = [[float(x), float(y), float(x + s), float(y), float(x + s), float(y + s), float(x), float(y + s)]]
-        anns.append({"image_id": i, "category_id": 0, "segmentation": poly})
-        cx, cy, r = int(rng.integers(size // 2 + 8, size - 10)), int(rng.integers(10, size - 10)), 8
-        cv2.circle(img, (cx, cy), r, (220, 60, 40), -1)         # BGR blue disc
-        circle = cv2.ellipse2Poly((cx, cy), (r, r), 0, 0, 360, 15).astype(float).ravel().tolist()
-        anns.append({"image_id": i, "category_id": 1, "segmentation": [circle]})
-        cv2.imwrite(str(root / f"img/{i:03d}.png"), img)
-        images.append({"id": i, "file_name": f"img/{i:03d}.png", "width": size, "height": size})
-    write_coco(root, images, anns, ["square", "disc"], write_images=False)
 
 
-def params_for(tmp, **train):
-    raw = Params().model_dump()
-    raw.update(model="unet", encoder="resnet18")
-    raw["paths"].update(masks=str(tmp / "masks"), split=str(tmp / "split"), models=str(tmp / "models"),
-                        metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
-    raw["train"].update(dict(epochs=6, batch_size=8, image_size=64, lr=3e-3, loss={"ce": 1.0}, augment=["hflip"],
-                             warmup_epochs=0.5, ema=None), **train)   # EMA: opt in
-    raw["runtime"].update(workers=0, gallery=2)
-    return Params.model_validate(raw).only(*PARAMS)
 
-
-def easy_workspace(tmp, n=48):
-    """The easy dataset under tmp/data, its mask cache (tmp/masks) and 4 random folds (tmp/split)."""
-    easy_dataset(tmp / "data", n=n)
-    ds = load_dataset(tmp / "data", ["train.json"])
-    build_mask_cache(ds, tmp / "masks", Masks(), workers=1)
-    (tmp / "split").mkdir()
-    make_folds(ds, Split(strategy="random", n_folds=4, holdout=0.0, seed=SEED)).to_csv(tmp / "split/folds.csv", index=False)
-    return tmp
 
 
 @pytest.fixture(scope="module")
@@ -214,35 +172,8 @@ def test_checkpoints_carry_their_input_spec_and_a_disagreeing_params_file_stops(
         Ensemble.from_files([(prepared / "old.pt", 1.0)], Infer(), torch.device("cpu"))
 
 
-class Killed(BaseException):
-    """What the test's SIGUSR1 handler raises: the process dies there, as under a real kill."""
 
 
-def kill_in(monkeypatch, state: str, die=None) -> None:
-    """Make the next run die inside `state` (deterministically, at a fixed point): training — epoch 2
-    (epoch 1 saved); averaging — the EMA (SWA's average done and saved); finishing — while writing
-    the reports; done — while a finished run's reports are rewritten. die: what kills it (default: a
-    SIGUSR1 whose handler raises Killed; tests/test_interrupt.py passes a real SIGKILL)."""
-    if die is None:
-        signal.signal(signal.SIGUSR1, lambda *_: (_ for _ in ()).throw(Killed(state)))
-        die = lambda: signal.raise_signal(signal.SIGUSR1)   # noqa: E731
-    calls = {"n": 0}
-    if state == "training":
-        real = trainer_module.train_one_epoch
-
-        def epoch(*a, **k):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                die()
-            return real(*a, **k)
-        monkeypatch.setattr(trainer_module, "train_one_epoch", epoch)
-    elif state == "averaging":
-        real_average = trainer_module.Trainer.on_average
-        monkeypatch.setattr(trainer_module.Trainer, "on_average",
-                            lambda self, name, avg: die() if name == "ema" else real_average(self, name, avg))
-    else:
-        real_finish = trainer_module.finish_fold
-        monkeypatch.setattr(trainer_module, "finish_fold", lambda *a: die() or real_finish(*a))
 
 
 def counting(monkeypatch) -> dict:

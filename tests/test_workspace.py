@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import workspace
 from pipeline.config import Paths
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 
