@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import Train
+from pipeline.training.nets import ema_average
 
 from pipeline.training.optim import (OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule, check_groups, param_groups,
                                      use_slow_weights)
@@ -96,3 +98,26 @@ def test_schedule_warms_up_to_the_peak(name):
 def test_plateau_halves_on_a_flat_metric_and_not_while_improving():
     assert _lrs("plateau")[-1] < 0.1
     assert _lrs("plateau", metric=lambda step: step)[-1] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------- EMA
+def test_ema_average_known_answer():
+    """AveragedModel copies the first weights; update n then moves by 1 - decay_n towards the model,
+    decay_n = min(decay, (1 + n) / (10 + n)) with warmup (TensorFlow's num_updates ramp), else decay."""
+    for warmup, decay_1 in ((True, 2 / 11), (False, 0.9)):
+        net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+        ema = AveragedModel(net, multi_avg_fn=ema_average(0.9, warmup), use_buffers=True)
+        w0, m0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1.0, -1.0])
+        w1, m1 = torch.zeros(2, 2), torch.zeros(2)
+        with torch.no_grad():
+            net[0].weight.copy_(w0)
+            net[1].running_mean.copy_(m0)
+            net[1].num_batches_tracked.fill_(3)
+            ema.update_parameters(net)
+            net[0].weight.copy_(w1)
+            net[1].running_mean.copy_(m1)
+            net[1].num_batches_tracked.fill_(7)
+            ema.update_parameters(net)
+        torch.testing.assert_close(ema.module[0].weight, decay_1 * w0 + (1 - decay_1) * w1)
+        torch.testing.assert_close(ema.module[1].running_mean, decay_1 * m0 + (1 - decay_1) * m1)   # BN buffers too
+        assert int(ema.module[1].num_batches_tracked) == 7   # integer buffers follow the model

@@ -20,6 +20,7 @@ from pipeline.data.mix import cutmix, paste_classes
 from pipeline.training import fold as fold_module
 from pipeline.training import trainer as trainer_module
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pipeline.training.loop import rescale
 from pipeline.training.run import PARAMS, train_fold
 from tests.helpers import Killed, easy_workspace, kill_in, params_for
 
@@ -417,3 +418,30 @@ def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing, cro
     cm, _ = score(ens, val, p.train.batch_size)
     assert p.train.eval_size == (None if framing == "crop" else 32) and cm.numpy().sum() == len(val) * 64 * 64
     assert np.array_equal(cm.numpy(), best["confusion"].numpy())
+
+
+# ------------------------------------------------------------------------------------------ multi-scale
+def test_batch_sides_are_multiples_of_32():
+    t = Params().train                                      # image_size 64
+    assert [t.batch_side(s) for s in (0.25, 0.75, 1.0, 1.25, 2.0)] == [32, 64, 64, 64, 128]
+    t512 = t.model_copy(update={"image_size": 512})
+    assert [t512.batch_side(s) for s in (0.75, 1.0, 1.25)] == [384, 512, 640]
+
+
+def test_rescale_keeps_labels_labels():
+    x = torch.rand(2, 3, 64, 64)
+    y = torch.randint(0, 4, (2, 64, 64))
+    y[:, :8] = 255
+    x2, y2 = rescale(x, y, 96)
+    assert x2.shape == (2, 3, 96, 96) and y2.shape == (2, 96, 96) and y2.dtype == y.dtype
+    assert set(y2.unique().tolist()) <= set(y.unique().tolist()) and (y2[:, :12] == 255).all()
+    assert rescale(x, y, 64)[0] is x
+
+
+def test_training_draws_one_scale_per_batch(prepared, monkeypatch):
+    from pipeline.training import loop
+
+    seen, real = [], loop.rescale
+    monkeypatch.setattr(loop, "rescale", lambda x, y, side: seen.append(side) or real(x, y, side))
+    train_fold(1, 0, params_for(prepared, epochs=2, batch_size=4, scales=[0.5, 1.0, 1.5]))
+    assert len(seen) == 2 * (36 // 4) and set(seen) <= {32, 64, 96} and len(set(seen)) > 1
