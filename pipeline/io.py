@@ -24,7 +24,8 @@ class WriteFailed(Exception):
     one line naming the file and the cause. Nothing partial is left behind."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running (on this host)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -43,8 +44,17 @@ def _remove_stale(folder: Path, prefix: str, suffix: str) -> None:
         return
     for stale in found:
         pid = stale.name[len(prefix):len(stale.name) - len(suffix)]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` as a message shows it: relative to the working directory when inside it, else whole."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def _size(n: Optional[int]) -> str:
@@ -63,18 +73,13 @@ def _writing(e: OSError, *tmp: Path) -> bool:
 def write_failed(e: OSError, path: str | Path, needs: Optional[int] = None) -> WriteFailed:
     """`e` as one line: 'no space left on device writing models/fold_0/seed_0/last.pt (needs ~160 MB)'."""
     cause = (e.strerror or "").lower() or f"short write ({e})"
-    try:
-        shown = os.path.relpath(path)
-        shown = str(path) if shown.startswith("..") else shown
-    except ValueError:
-        shown = str(path)
     free = ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, None):
         try:
             free = f"; {shutil.disk_usage(Path(path).parent).free / 1e6:.0f} MB free there"
         except OSError:
             pass
-    return WriteFailed(f"{cause} writing {shown}{_size(needs)}{free}")
+    return WriteFailed(f"{cause} writing {shown_path(path)}{_size(needs)}{free}")
 
 
 @contextmanager
@@ -141,17 +146,18 @@ def write_image(path: str | Path, image, *options: int) -> bytes:
     import cv2
 
     path = Path(path)
-    ok, data = cv2.imencode(path.suffix, image, list(options))
+    ok, encoded = cv2.imencode(path.suffix, image, list(options))
     if not ok:
         raise WriteFailed(f"OpenCV could not encode {path} ({getattr(image, 'shape', '?')})")
+    data = encoded.tobytes()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
-            f.write(data.tobytes())
+            f.write(data)
     except OSError as e:
         path.unlink(missing_ok=True)
         raise write_failed(e, path, len(data)) from e
-    return data.tobytes()
+    return data
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.io import atomic_file
+from pipeline.io import atomic_file, pid_alive, shown_path
 from pipeline.mlflow_store import ensure_runs_view, outbox_dir, relocate_store
 from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock
 from pipeline.tracking import (CHAMPION, CHAMPION_METRIC_TAG, CHAMPION_SCORE_TAG, LABEL_TAG, SESSION_TAG, _alive, _clean,
@@ -226,24 +226,18 @@ def pending(folder: Path) -> list[Path]:
     for p in folder.iterdir():
         if p.suffix == ".json":
             found.append(p)
-        elif ".json.sending-" in p.name and not _pid_alive(int(p.name.rsplit("-", 1)[1])):
+        elif ".json.sending-" in p.name and not pid_alive(int(p.name.rsplit("-", 1)[1])):
             found.append(p)
     return sorted(found, key=lambda p: p.name)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def _base(record: Path) -> str:
+    """A record's name without `.json` (and without a sender's `.sending-<pid>`)."""
+    return record.name.split(".json")[0]
 
 
 def _claim(path: Path) -> Optional[Path]:
-    base = path.name.split(".json")[0]
-    claimed = path.with_name(f"{base}.json.sending-{os.getpid()}")
+    claimed = path.with_name(f"{_base(path)}.json.sending-{os.getpid()}")
     try:
         os.rename(path, claimed)
         return claimed
@@ -252,14 +246,12 @@ def _claim(path: Path) -> Optional[Path]:
 
 
 def _forget(claimed: Path) -> None:
-    base = claimed.name.split(".json")[0]
-    shutil.rmtree(claimed.with_name(f"{base}.files"), ignore_errors=True)
+    shutil.rmtree(claimed.with_name(f"{_base(claimed)}.files"), ignore_errors=True)
     claimed.unlink(missing_ok=True)
 
 
 def _release(claimed: Path) -> None:
-    base = claimed.name.split(".json")[0]
-    os.rename(claimed, claimed.with_name(f"{base}.json"))
+    os.rename(claimed, claimed.with_name(f"{_base(claimed)}.json"))
 
 
 REFUSED = "refused"   # the outbox's sub-folder for records the store answered with a client error
@@ -276,7 +268,7 @@ def _refused(e: Exception) -> bool:
 
 
 def _set_aside(claimed: Path, folder: Path) -> Path:
-    base = claimed.name.split(".json")[0]
+    base = _base(claimed)
     folder.mkdir(parents=True, exist_ok=True)
     files = claimed.with_name(f"{base}.files")
     if files.exists():
@@ -310,7 +302,7 @@ class Logger:
         self.failed = False                  # a stage of this execution failed or died
         self.views: set[str] = set()         # experiments whose runs view is up to date
         self.execution = execution
-        self.kept: list[dict] = []           # (uri, root) of each record this execution's stages kept
+        self.kept = False                    # a stage of this execution kept records in the outbox
         self.uri: Optional[str] = None       # the store and experiment of this execution (its first stage's)
         self.experiment: Optional[str] = None
         self.sending = threading.Lock()      # one sender of the outbox at a time (records of a session in order)
@@ -458,8 +450,7 @@ class Logger:
             path = keep(record)
         except Exception as e:
             return f"lost {failure}; and keeping the records failed too: {type(e).__name__}: {e}"
-        with self.lock:
-            self.kept.append({"uri": spec.get("uri"), "root": spec.get("root")})
+        self.kept = True
         return f"kept {len(record['ops']) + 1} {path} {failure}"
 
     def send(self, record: dict) -> None:
@@ -488,7 +479,7 @@ class Logger:
 
     def send_outbox(self, uri: Optional[str] = None, root: Optional[str] = None) -> tuple[int, int]:
         """Send the outbox's records (those for `uri`, or all), oldest first, stopping at the first
-        the store refuses. Returns (sent, left)."""
+        that cannot be sent (one the store refuses is set aside). Returns (sent, left)."""
         folder = outbox_dir(root)
         sent = 0
         if not pending(folder) or not self.sending.acquire(blocking=False):
@@ -600,15 +591,11 @@ def serve(path: str, session: str) -> None:
         except (OSError, ValueError, IndexError):
             execution = Execution(session)
     logger, active, served, idle_since = Logger(execution), [], 0, time.monotonic()
-
-    def handle(conn):
-        logger.handle(conn, dvc)
-
     try:
         while True:
             try:
                 conn, _ = server.accept()
-                t = threading.Thread(target=handle, args=(conn,))
+                t = threading.Thread(target=logger.handle, args=(conn, dvc))
                 t.start()
                 active.append(t)
                 served += 1
@@ -636,9 +623,8 @@ def sync() -> None:
     """Send every record waiting in the repo's outbox (`python -m pipeline.tracking sync`)."""
     folder = outbox_dir()
     sent, left = Logger().send_outbox(None)
-    shown = os.path.relpath(folder) if not os.path.relpath(folder).startswith("..") else str(folder)
     print(f"mlflow: sent {sent} kept record(s) to their store" + (
-        f"; {left} still waiting in {shown} (is the store reachable? see the line above)" if left else ""))
+        f"; {left} still waiting in {shown_path(folder)} (is the store reachable? see the line above)" if left else ""))
     if left:
         sys.exit(1)
 

@@ -35,8 +35,8 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from pipeline.config import PARAMS_FILE, ConfigError, ParamsView, flatten, load_params
-from pipeline.io import write_json
-from pipeline.mlflow_store import TrackingUnreachable, check_server, experiment_name, outbox_dir, tracking_uri
+from pipeline.io import shown_path, write_json
+from pipeline.mlflow_store import TrackingUnreachable, check_server, experiment_name, tracking_uri
 from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock  # noqa: F401 (tests take it like the logger)
 SESSION_TAG = "pipeline.session"
 LABEL_TAG = "pipeline.experiment"   # the parent's and its stage runs' experiment label (experiment_label)
@@ -250,7 +250,7 @@ class StageRun:
         kind, _, rest = answer.partition(" ")
         if kind == "kept":
             n, path, cause = (rest.split(" ", 2) + ["", ""])[:3]
-            print(f"mlflow: {cause}; this stage's {n} records are kept in {_shown(path)} and sent by the next stage "
+            print(f"mlflow: {cause}; this stage's {n} records are kept in {shown_path(path)} and sent by the next stage "
                   "that reaches the store, or now: `python -m pipeline.tracking sync`", file=sys.stderr, flush=True)
         elif kind != "ok":
             print(f"mlflow: this stage's MLflow records are incomplete: {rest or 'the logger stopped'} "
@@ -309,11 +309,6 @@ def _params_file(root: str) -> dict[str, str]:
 
 def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)
-
-
-def _shown(path: str | Path) -> str:
-    rel = os.path.relpath(path)
-    return str(path) if rel.startswith("..") else rel
 
 
 def main() -> None:

@@ -90,8 +90,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         why = str(e).split(". ")[0].splitlines()[0][:160] if str(e) else type(e).__name__
         raise _damaged(path, f"unreadable: {why}") from None
     if not isinstance(ck, dict) or DIGEST not in ck:
-        raise UnverifiedCheckpoint(f"{path}: the checkpoint has no digest (written by an older release, or not by this "
-                              "pipeline), so it cannot be checked; delete it and run `dvc repro` to train it again")
+        raise UnverifiedCheckpoint(f"{path}: the checkpoint has no digest (written by an older release, or not by "
+                                   "this pipeline), so it cannot be checked; delete it and run `dvc repro` to train it again")
     digest = ck.pop(DIGEST)
     if content_digest(ck) != digest:
         raise _damaged(path, "its contents do not match the digest written with them")
