@@ -2,9 +2,9 @@
 
   loader:      the training DataLoader alone over a mask cache (demo scenes generated at --size),
                default augmentations, --workers processes.
-  plain loop:  the real training loop (pipeline.training.loop.train_one_epoch) as a notebook would run
-               it: fp32, NCHW, pageable memory, workers respawned every epoch.
-  fast loop:   the same loop as the train stage runs it on a GPU: bf16 autocast, channels_last, pinned
+  plain loop:  the real training run (pipeline.training.trainer.Trainer on fold 0 of the scenes: its
+               loaders, train_epoch and train_step) with train.amp off and channels_last off: fp32, NCHW.
+  fast loop:   the same run as the train stage runs it on a GPU: bf16 autocast, channels_last, pinned
                memory, persistent workers, non-blocking copies (+ torch.compile with --compile).
   Each loop is timed end to end (loader included) and model-only (batches already on the device):
   when the two agree, data loading is not the bottleneck.
@@ -21,21 +21,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.config import Masks, Train
+from pipeline.config import Masks, Params, Split
 from pipeline.data.augment import build_transform
 from pipeline.data.coco import load_dataset
 from pipeline.data.dataset import SegDataset, worker_init
 from pipeline.data.demo import make_demo
+from pipeline.data.folds import make_folds
 from pipeline.data.masks import build_mask_cache
-from pipeline.models.factory import build_model, encoder_of
-from pipeline.models.losses import build_loss
 from pipeline.inference.ensemble import Ensemble
-from pipeline.devices import autocast
-from pipeline.training.loop import Step, train_one_epoch
-from pipeline.training.optim import build_optimizer, build_schedule
+from pipeline.models.factory import build_model
+from pipeline.training.fold import load_fold
+from pipeline.training.run import PARAMS
+from pipeline.training.trainer import Trainer
 
 AUGMENT = ["hflip", "vflip", "scale_rotate", "color"]
 
@@ -57,49 +58,37 @@ def loader_rate(table, size: int, batch: int, workers: int, batches: int) -> flo
     return n / (time.perf_counter() - start)
 
 
-def make_loop(model_name: str, encoder: str, device: torch.device, fast: bool, compile_: bool):
-    model = build_model(model_name, encoder, None, 12).to(device)
-    if fast:
-        model = model.to(memory_format=torch.channels_last)
-    trained = torch.compile(model) if compile_ else model
-    opt = build_optimizer(model, encoder_of(model), Train(optimizer="adamw", lr=1e-3, weight_decay=1e-4))
-    return model, trained, opt, build_loss({"ce": 1.0, "dice": 0.5}).to(device)
+def trainer(root: Path, args, device: torch.device, fast: bool) -> Trainer:
+    """The train stage's Trainer for fold 0 of the workspace under `root`, set up (model, loaders, optimizer)."""
+    raw = Params().model_dump()
+    raw.update(model=args.model, encoder=args.encoder)
+    raw["paths"].update({k: str(root / k) for k in ("masks", "split", "models", "metrics", "plots")})
+    raw["train"].update(batch_size=args.batch, image_size=args.size, augment=AUGMENT, ema=None, epochs=args.epochs + 1,
+                        amp="bf16" if fast and device.type == "cuda" else "off", channels_last=fast,
+                        compile=fast and args.compile)
+    raw["runtime"].update(workers=args.workers)
+    job = load_fold(0, 0, Params.model_validate(raw).only(*PARAMS), False)
+    job.device = device
+    run = Trainer(job)
+    run.setup()
+    return run
 
 
-def loop_rates(table, args, device: torch.device, fast: bool) -> tuple[float, float]:
-    """(end-to-end images/s through the real loader and loop, model-only images/s)."""
+def loop_rates(root: Path, args, device: torch.device, fast: bool) -> tuple[float, float]:
+    """(end-to-end images/s through the real loader and training epoch, model-only images/s: train_step
+    on one batch already on the device)."""
     cuda = device.type == "cuda"
-    amp = "bf16" if fast and cuda else "off"
-    model, trained, opt, loss_fn = make_loop(args.model, args.encoder, device, fast, fast and args.compile)
-    ds = SegDataset(table, build_transform(AUGMENT, args.size))
-    dl = DataLoader(ds, args.batch, shuffle=True, drop_last=True, num_workers=args.workers, worker_init_fn=worker_init,
-                    pin_memory=fast and cuda, persistent_workers=fast and args.workers > 0)
-    schedule = build_schedule(opt, "cosine", len(dl) * (args.epochs + 1), 0)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-
-    step = Step(trained, loss_fn, opt, schedule, scaler, device, amp, channels_last=fast)
-
-    def epoch():
-        train_one_epoch(step, dl, desc="bench")
-
-    epoch()  # warm-up: cuDNN autotuning, allocator, compilation, first worker start
-    seconds = timed(lambda: [epoch() for _ in range(args.epochs)], cuda)
-    end_to_end = args.epochs * len(dl) * args.batch / seconds
+    run = trainer(root, args, device, fast)
+    run.train_epoch(0)  # warm-up: cuDNN autotuning, allocator, compilation, first worker start
+    seconds = timed(lambda: [run.train_epoch(e) for e in range(1, args.epochs + 1)], cuda)
+    end_to_end = args.epochs * len(run.train_loader) * args.batch / seconds
 
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    y = torch.randint(0, 12, (args.batch, args.size, args.size), device=device)
-    if fast:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with autocast(device, amp):
-            out = trained(x)
-        loss_fn(out, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    model_only = args.steps * args.batch / timed(lambda: [step() for _ in range(args.steps)], cuda)
+    y = torch.randint(0, len(run.job.classes), (args.batch, args.size, args.size), device=device)
+    rng = np.random.default_rng(0)
+    run.train_step(x, y, rng, steps=True)
+    model_only = args.steps * args.batch / timed(lambda: [run.train_step(x, y, rng, steps=True)
+                                                          for _ in range(args.steps)], cuda)
     return end_to_end, model_only
 
 
@@ -145,9 +134,11 @@ def main() -> None:
         make_demo(Path(tmp) / "data", args.images, 0, args.size, seed=0)
         ds = load_dataset(Path(tmp) / "data", ["train.json"])
         table = build_mask_cache(ds, Path(tmp) / "masks", Masks(), workers=0)
+        (Path(tmp) / "split").mkdir()   # 4 random folds: fold 0's training images are 3/4 of the scenes
+        make_folds(ds, Split(strategy="random", n_folds=4, holdout=0.0)).to_csv(Path(tmp) / "split/folds.csv", index=False)
         load = loader_rate(table, args.size, args.batch, args.workers, batches=max(4, args.steps))
-        plain = loop_rates(table, args, device, fast=False)
-        fast = loop_rates(table, args, device, fast=True)
+        plain = loop_rates(Path(tmp), args, device, fast=False)
+        fast = loop_rates(Path(tmp), args, device, fast=True)
     infer, tta = inference_rates(args, device)
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.model}-{args.encoder} @ {args.size}px, batch {args.batch}, {args.workers} loader workers, on {name}")

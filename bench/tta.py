@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from pipeline.inference.tta import predict_proba
+from pipeline.inference.tta import tta_proba
 from pipeline.models.factory import build_model
 from pipeline.devices import autocast
 
@@ -41,12 +41,12 @@ def main() -> None:
     model = build_model(args.model, args.encoder, None, 12).to(device).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     ac = autocast(device, "bf16" if cuda else "off")
-    one = timed(lambda: predict_proba(model, x, ["identity"], autocast=ac), args.repeats)
+    one = timed(lambda: tta_proba(model, x, ["identity"], autocast=ac), args.repeats)
     print(f"{args.model}-{args.encoder} @ {args.size}px, batch {args.batch}, {device}")
     print(f"  1 view: {args.batch / one:8.1f} images/s")
     for views in (["identity", "hflip"], ["d4"]):
         n = 8 if views == ["d4"] else len(views)
-        t = timed(lambda: predict_proba(model, x, views, autocast=ac), args.repeats)
+        t = timed(lambda: tta_proba(model, x, views, autocast=ac), args.repeats)
         print(f"  {n} views ({'+'.join(views)}): {args.batch / t:8.1f} images/s, cost {t / one:.2f} single passes "
               f"= {t / (n * one):.2f} x n (target <= 1.1)")
 

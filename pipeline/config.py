@@ -7,21 +7,62 @@ keeps dvc.yaml's `params:` lists honest (tests/test_dvc_contract.py checks both 
 """
 from __future__ import annotations
 
+import ast
+import functools
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 CORRECTIONS_DIR = "corrections"   # label fixes live here (data.corrections); dvc.yaml's masks stage depends on it
 
-# Architectures the train stage can build: smp's and the classic ones written in pipeline/models.
-ModelName = Literal[
-    "unet", "unetplusplus", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "linknet", "manet",
-    "pan", "upernet", "segformer", "dpt",
-    "fcn32s", "fcn16s", "fcn8s", "deconvnet", "deeplabv1", "deeplabv2",
-]
+# Each family's names live once, as the keys of the literal dict in the module that owns the family
+# (smp's MODEL_ARCHITECTURES_MAPPING habit). The config reads those keys from the module's source
+# instead of importing it: config must load without torch (EDA, split, the leaderboard and the report
+# never import it). tests/test_config.py checks each read against the imported dict.
+REGISTRIES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "model": ("models/factory.py", ("MODELS",)),
+    "loss": ("models/losses.py", ("LOSSES",)),
+    "optimizer": ("training/optim.py", ("OPTIMIZERS",)),
+    "scheduler": ("training/optim.py", ("SCHEDULERS",)),
+    "augmentation": ("data/augment.py", ("AUGMENTATIONS",)),
+    "TTA view": ("inference/tta.py", ("TTA", "TTA_GROUPS")),
+    "loss without class weights": ("models/losses.py", ("NO_CLASS_WEIGHTS",)),
+}
+
+
+@functools.cache
+def registry_names(family: str) -> tuple[str, ...]:
+    """The names a registry holds: the string keys (or members) of its literal dicts (sets), in order."""
+    file, variables = REGISTRIES[family]
+    found: dict[str, tuple[str, ...]] = {}
+    for node in ast.parse((Path(__file__).parent / file).read_text()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id in variables and isinstance(node.value, (ast.Dict, ast.Set)):
+            keys = node.value.keys if isinstance(node.value, ast.Dict) else node.value.elts
+            found[target.id] = tuple(k.value for k in keys if isinstance(k, ast.Constant) and isinstance(k.value, str))
+    missing = [v for v in variables if v not in found]
+    if missing:   # a registry written as something other than a literal dict: a developer's error
+        raise RuntimeError(f"pipeline/{file}: {', '.join(missing)} must be a literal dict with string keys")
+    return tuple(n for v in variables for n in found[v])
+
+
+def _registered(family: str):
+    def check(name: str) -> str:
+        if name not in registry_names(family):
+            raise ValueError(f"unknown {family} {name!r}; valid: {', '.join(sorted(registry_names(family)))}")
+        return name
+    return AfterValidator(check)
+
+
+ModelName = Annotated[str, _registered("model")]
+LossName = Annotated[str, _registered("loss")]
+OptimizerName = Annotated[str, _registered("optimizer")]
+SchedulerName = Annotated[str, _registered("scheduler")]
+AugName = Annotated[str, _registered("augmentation")]
+TtaView = Annotated[str, _registered("TTA view")]
 
 
 class ConfigError(ValueError):
@@ -169,9 +210,6 @@ class Split(_Section):
         return self
 
 
-LossName = Literal["ce", "focal", "dice", "lovasz", "jaccard", "tversky", "boundary_ce"]
-NO_CLASS_WEIGHTS = {"lovasz"}   # losses that take no class weights (tests/test_losses.py checks the registry)
-AugName = Literal["hflip", "vflip", "rotate90", "scale_rotate", "color", "brightness_contrast", "cutout", "gridmask"]
 
 
 class Ema(_Section):
@@ -188,12 +226,12 @@ class Train(_UsesRuntime):
     crop_scale: tuple[float, float] = (0.5, 2.0)
     slide_overlap: float = Field(0.333, ge=0, le=0.9)
     crop_infer: Literal["slide", "whole"] = "slide"
-    optimizer: Literal["adamw", "sgd", "radam", "adamp"] = "adamw"
+    optimizer: OptimizerName = "adamw"
     lookahead: bool = False
     lr: float = Field(3e-3, gt=0)
     encoder_lr: Optional[float] = Field(None, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["cosine", "poly", "plateau", "onecycle"] = "cosine"
+    scheduler: SchedulerName = "cosine"
     warmup_epochs: float = Field(1.0, ge=0)
     accumulate: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(1.0, gt=0)
@@ -294,9 +332,6 @@ class CrfSection(_Section):
     sxy: float = Field(50.0, gt=0)         # appearance kernel: reach (pixels), colour scale, weight
     srgb: float = Field(13.0, gt=0)
     compat: float = Field(5.0, ge=0)
-
-
-TtaView = Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "antitranspose", "d4"]
 
 
 class Infer(_UsesRuntime):
@@ -434,7 +469,7 @@ class Params(_Section):
             raise ValueError(f"infer.fold_weights has {len(i.fold_weights)} weights for {len(t.folds)} folds "
                              f"(train.folds {t.folds})")
         weighted = [n for n, w in t.loss.items() if w > 0]
-        if t.class_weights != "none" and set(weighted) <= NO_CLASS_WEIGHTS:
+        if t.class_weights != "none" and set(weighted) <= set(registry_names("loss without class weights")):
             raise ValueError(f"train.class_weights {t.class_weights!r} has no effect: {', '.join(weighted)} takes no "
                              "class weights; add ce, focal, dice, jaccard, tversky or boundary_ce, or set none")
         return self

@@ -45,8 +45,9 @@ from typing import Any, Optional
 from pipeline.io import atomic_file, pid_alive, shown_path
 from pipeline.mlflow_store import ensure_runs_view, outbox_dir, relocate_store
 from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock
-from pipeline.tracking import (CHAMPION, CHAMPION_METRIC_TAG, CHAMPION_SCORE_TAG, LABEL_TAG, SESSION_TAG, _alive, _clean,
-                               _proc, champion_moves, experiment_label)
+from pipeline.session import alive, process
+from pipeline.tracking import (CHAMPION, CHAMPION_METRIC_TAG, CHAMPION_SCORE_TAG, LABEL_TAG, SESSION_TAG, _clean,
+                               champion_moves, experiment_label)
 
 IDLE_S = 20.0
 # MLflow's HTTP client retries 7 times with exponential backoff (minutes) and waits 120 s a call by
@@ -94,7 +95,7 @@ def _mark_killed(client, experiment_id: str) -> None:
     stale = client.search_runs([experiment_id], "tags.`pipeline.role` = 'parent' and attributes.status = 'RUNNING'",
                                max_results=200)
     for parent in stale:
-        if _alive(parent.data.tags.get(SESSION_TAG, "")):
+        if alive(parent.data.tags.get(SESSION_TAG, "")):
             continue
         kids = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
                                   "attributes.status = 'RUNNING'", max_results=1000)
@@ -587,7 +588,7 @@ def serve(path: str, session: str) -> None:
     execution = None
     if dvc:
         try:
-            execution = Execution(session, argv=_proc(int(session.split(":")[2]))[1])
+            execution = Execution(session, argv=process(int(session.split(":")[2]))[1])
         except (OSError, ValueError, IndexError):
             execution = Execution(session)
     logger, active, served, idle_since = Logger(execution), [], 0, time.monotonic()
@@ -602,15 +603,15 @@ def serve(path: str, session: str) -> None:
                 continue
             except socket.timeout:
                 pass
-            active = [t for t in active if t.is_alive()]
+            active = [t for t in active if t.isalive()]
             if active:
                 idle_since = time.monotonic()
                 continue
             if dvc:   # the pipeline's parent stays RUNNING between stages: wait for dvc itself
-                if not _alive(session):
+                if not alive(session):
                     break
                 continue
-            finished = served and (standalone or not _alive(session))   # nobody else will come
+            finished = served and (standalone or not alive(session))   # nobody else will come
             if finished or time.monotonic() - idle_since > IDLE_S:
                 break
     finally:

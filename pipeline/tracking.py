@@ -1,7 +1,7 @@
 """MLflow, as stages see it: one parent run per pipeline execution, one child run per stage (and fold).
 
 A pipeline execution is one `dvc repro` or one `dvc exp run`: every stage process DVC starts for it
-descends from the same `dvc` process, so (host, dvc pid, dvc start time) identifies it (session_key).
+descends from the same `dvc` process, so (host, dvc pid, dvc start time) identifies it (pipeline/session.py).
 A stage opens its run with `with stage_run(...) as run:` and logs through `run`; each call is one
 line to the execution's logger process (pipeline/mlflow_logger.py: the protocol, how parents are
 created and ended, and what happens in an outage). A stage run by hand (`python -m stages.eda`) gets
@@ -36,42 +36,11 @@ import yaml
 
 from pipeline.config import PARAMS_FILE, ConfigError, ParamsView, flatten, load_params
 from pipeline.io import shown_path, write_json
+from pipeline.session import session_key
 from pipeline.mlflow_store import TrackingUnreachable, check_server, experiment_name, tracking_uri
 from pipeline.mlflow_store import sqlite_setup_lock as _sqlite_setup_lock  # noqa: F401 (tests take it like the logger)
 SESSION_TAG = "pipeline.session"
 LABEL_TAG = "pipeline.experiment"   # the parent's and its stage runs' experiment label (experiment_label)
-
-
-def _proc(pid: int) -> tuple[int, list[str], str]:
-    """(parent pid, argv, start time) of a process, from /proc (Linux)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return int(fields[1]), [a.decode(errors="replace") for a in argv if a], fields[19]
-
-
-def _is_dvc(argv: list[str]) -> bool:
-    names = [Path(a).name for a in argv[:3]]
-    return any(n == "dvc" or n.startswith("dvc.") for n in names) or argv[1:3] == ["-m", "dvc"]
-
-
-def session_key() -> str:
-    """Identity of the current pipeline execution (see the module docstring)."""
-    if os.environ.get("PIPELINE_SESSION"):
-        return os.environ["PIPELINE_SESSION"]
-    host = socket.gethostname()
-    pid = os.getppid()
-    try:
-        for _ in range(12):
-            if pid <= 1:
-                break
-            ppid, argv, start = _proc(pid)
-            if _is_dvc(argv):
-                return f"{host}:dvc:{pid}:{start}"
-            pid = ppid
-    except OSError:
-        pass
-    return f"{host}:standalone:{os.getpid()}:{time.time_ns()}"
 
 
 def git_sha(root: Optional[str] = None) -> Optional[str]:
@@ -93,18 +62,6 @@ def experiment_label(exp_name: Optional[str], params: dict[str, Any]) -> str:
         return exp_name
     model, encoder = params.get("model"), params.get("encoder")
     return "-".join(str(v) for v in (model, encoder) if v)
-
-
-def _alive(key: str) -> bool:
-    """Is the pipeline execution with this session key still running? (Unknown = yes.)"""
-    host, kind, *rest = key.split(":") + ["", ""]
-    if host != socket.gethostname() or kind not in ("dvc", "standalone"):
-        return True
-    try:
-        start = _proc(int(rest[0]))[2]
-        return kind == "standalone" or start == rest[1]
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 CHAMPION = "champion"

@@ -96,8 +96,8 @@ class SplitFiles(Folder):
 
 
 class CvFiles(Folder):
-    """plots/cv (stage cv)."""
-    image_confusions = _File("image_confusions.npz")   # every out-of-fold image's confusion (the leaderboard's pairs)
+    """plots/cv (stage cv): its figures."""
+    old_image_confusions = _File("image_confusions.npz")   # where experiments before 2026-12 kept cv_image_confusions
     confusion_png = _File("confusion.png")
     iou_png = _File("iou.png")
 
@@ -275,5 +275,8 @@ class Workspace:
         """metrics/details/<stage>.json: everything the stage measured (the report reads it; DVC does not)."""
         return self._dir("metrics") / "details" / f"{stage}.json"
 
-
-FINAL_VARIANT = "holdout/final"   # metrics/details/ensemble.json key of the final ensemble judged on the holdout
+    @property
+    def cv_image_confusions(self) -> Path:
+        """metrics/details/cv_image_confusions.npz (stage cv): every out-of-fold image's key and (C, C)
+        confusion, the leaderboard's paired comparisons."""
+        return self._dir("metrics") / "details" / "cv_image_confusions.npz"

@@ -3,9 +3,9 @@
 corrections/README.md); with the demo's label_noise.csv, the recall of the known errors."""
 from pathlib import Path
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
-from pipeline.data.coco import dataset_from_params
+from pipeline.data.corrections import dataset_from_params
 from pipeline.evaluation.audit import audit, plot_suspects, review_coco, review_sheet, summary_line
 from pipeline.evaluation.oof import read_oof
 from pipeline.io import atomic_dir, write_json
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

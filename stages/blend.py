@@ -1,7 +1,7 @@
 """Stage blend: this experiment's final ensemble with other experiments' (blend.experiments), weights
 fitted on the out-of-fold predictions, judged on the holdout -> reports/blend (variants.csv, blend.json).
 With other experiments, the submission uses the fitted blend."""
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.devices import pick_device
 from pipeline.evaluation.blend import blend_experiments, summary_line
@@ -30,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -1,6 +1,6 @@
 """Stage cv: out-of-fold score over all trained folds, logged on the pipeline's parent MLflow run."""
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.evaluation.cv import cv_scores, summary_line, write_cv
@@ -29,4 +29,4 @@ def main() -> None:
             print(summary_line(s["metric"]))
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

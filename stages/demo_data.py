@@ -1,5 +1,5 @@
 """Stage demo_data: write the built-in synthetic dataset to paths.demo."""
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.data.demo import make_demo
 from pipeline.tracking import stage_run
@@ -15,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

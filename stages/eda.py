@@ -1,7 +1,7 @@
 """Stage eda: class balance, areas, overlapping labels and malformed annotations, from the json alone."""
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
-from pipeline.data.coco import dataset_from_params
+from pipeline.data.corrections import dataset_from_params
 from pipeline.data.eda import analyse, write_report
 from pipeline.io import atomic_dir
 from pipeline.evaluation.headline import write_metrics
@@ -25,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

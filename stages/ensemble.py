@@ -1,12 +1,12 @@
 """Stage ensemble: score every variant (TTA, epoch/SWA/EMA/seed/k-fold ensembles, round 2, CRF and
 post-processing fitted out of fold) on images none of its members saw -> reports/ensemble
 (variants.csv, postprocess.json: what submit, predict and the MLflow model apply)."""
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
 from pipeline.devices import pick_device
-from pipeline.evaluation.variants import (evaluate_variants, submitted_variant, summary_lines, train_minutes,
-                                          variants_metrics)
+from pipeline.evaluation.judge import (evaluate_variants, submitted_variant, summary_lines, train_minutes,
+                                      variants_metrics)
 from pipeline.io import atomic_dir, write_json
 from pipeline.evaluation.headline import write_metrics
 from pipeline.tracking import stage_run
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

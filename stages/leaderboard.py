@@ -9,7 +9,7 @@ between the rows.
 """
 import argparse
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.evaluation.leaderboard import dvc_images, git_experiments, leaderboard, render
 
 PARAMS = ()
@@ -26,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -1,9 +1,10 @@
 """Stage masks: rasterise every labelled image once into the class-index PNG cache."""
 import time
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
-from pipeline.data.coco import dataset_from_params, load_test_set
+from pipeline.data.coco import load_test_set
+from pipeline.data.corrections import dataset_from_params
 from pipeline.data.masks import build_mask_cache
 from pipeline.tracking import stage_run
 from pipeline.workspace import Workspace
@@ -25,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -2,9 +2,10 @@
 another name, so the split can keep such images in one fold (pipeline/data/near_dups.py)."""
 import pandas as pd
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
-from pipeline.data.coco import dataset_from_params, load_test_set
+from pipeline.data.coco import load_test_set
+from pipeline.data.corrections import dataset_from_params
 from pipeline.data.near_dups import PAIR_COLUMNS, clusters, find_pairs, summary, with_test_images, write_report
 from pipeline.io import atomic_dir
 from pipeline.evaluation.headline import write_metrics
@@ -31,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

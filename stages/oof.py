@@ -1,7 +1,7 @@
 """Stage oof: each fold's final-ensemble members predict their own validation images -> paths.oof
 (small uint8 probabilities for the label audit and for blend weights)."""
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.devices import pick_device
 from pipeline.evaluation.oof import write_oof
@@ -24,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -5,11 +5,11 @@ writes OUT/<name>.png (class indices) and OUT/<name>_overlay.jpg for every image
 """
 import argparse
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.data.masks import read_classes
-from pipeline.evaluation.submit import submitted_refiner
-from pipeline.evaluation.variants import final_ensemble
+from pipeline.delivery import submitted_refiner
+from pipeline.inference.ensemble import final_ensemble
 from pipeline.models.checkpoint import ModelSet
 from pipeline.workspace import Workspace
 from pipeline.inference.submission import predict_folder
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.data.coco import load_test_set
 from pipeline.inference.pseudo import pseudo_label_folds, unlabelled
@@ -32,4 +32,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

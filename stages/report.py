@@ -1,6 +1,6 @@
 """Stage report: reports/index.html, one self-contained page of everything the pipeline found and
 scored; prints the headline (CV mIoU, what is submitted and its holdout score, where the page is)."""
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.evaluation.report import write_report
 from pipeline.tracking import stage_run
@@ -27,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

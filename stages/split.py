@@ -1,8 +1,8 @@
 """Stage split: assign folds (and the holdout) per image, keeping identical files, an exporter's named
 copies and near-duplicates together; report balance against random KFold."""
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
-from pipeline.data.coco import dataset_from_params
+from pipeline.data.corrections import dataset_from_params
 from pipeline.data.folds import plot_balance, split_dataset
 from pipeline.data.near_dups import read_pairs
 from pipeline.evaluation.headline import write_metrics
@@ -31,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -4,10 +4,10 @@ its experiment, commit and scores; `@champion` moves to it only if it beats the 
 The submitted variant's holdout score goes on the pipeline's parent run."""
 import os
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.evaluation.headline import cv_score, parent_metrics, read_headline, submitted
-from pipeline.evaluation.submit import submit
+from pipeline.delivery import submit
 from pipeline.tracking import experiment_label, git_sha, stage_run
 from pipeline.workspace import Workspace
 
@@ -35,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

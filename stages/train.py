@@ -1,7 +1,7 @@
 """Stage train@<fold>-<seed>: train one model (DVC runs one per fold in train.folds and seed in train.seeds)."""
 from contextlib import nullcontext
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from pipeline.training import distributed
@@ -9,7 +9,7 @@ from pipeline.training.run import PARAMS, train_fold
 
 
 def main() -> None:
-    fold, seed = cli.member_arguments(__doc__)
+    fold, seed = entrypoint.member_arguments(__doc__)
     p = load_params().only(*PARAMS)
     distributed.relaunch(p.train.devices, "stages.train", p.train.device)  # runtime.devices > 1: this, under torchrun
     with stage_run("train", p, fold=fold, seed=seed) if distributed.from_env().main else nullcontext() as run:
@@ -17,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -1,7 +1,7 @@
 """Stage train_round2@<fold>-<seed>: fine-tune that round-1 model on its training + pseudo-labelled images."""
 from contextlib import nullcontext
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.config import load_params
 from pipeline.tracking import stage_run
 from pipeline.training import distributed
@@ -11,7 +11,7 @@ PARAMS = PARAMS + ("pseudo",)
 
 
 def main() -> None:
-    fold, seed = cli.member_arguments(__doc__)
+    fold, seed = entrypoint.member_arguments(__doc__)
     p = load_params().only(*PARAMS)
     distributed.relaunch(p.train.devices, "stages.train_round2", p.train.device)  # runtime.devices > 1: this, under torchrun
     with stage_run("train_round2", p, fold=fold, seed=seed) if distributed.from_env().main else nullcontext() as run:
@@ -19,4 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.mlflow_store import open_runs_view, tracking_uri, view_url
 
 PARAMS = ()
@@ -36,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    entrypoint.run(main)

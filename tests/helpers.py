@@ -228,21 +228,21 @@ def kill_in(monkeypatch, state: str, die=None) -> None:
         die = lambda: signal.raise_signal(signal.SIGUSR1)   # noqa: E731
     calls = {"n": 0}
     if state == "training":
-        real = trainer_module.train_one_epoch
+        real = trainer_module.Trainer.train_epoch
 
-        def epoch(*a, **k):
+        def epoch(self, e):
             calls["n"] += 1
             if calls["n"] == 2:
                 die()
-            return real(*a, **k)
-        monkeypatch.setattr(trainer_module, "train_one_epoch", epoch)
+            return real(self, e)
+        monkeypatch.setattr(trainer_module.Trainer, "train_epoch", epoch)
     elif state == "averaging":
-        real_average = trainer_module.Trainer.on_average
-        monkeypatch.setattr(trainer_module.Trainer, "on_average",
+        real_average = trainer_module.Trainer.average_model
+        monkeypatch.setattr(trainer_module.Trainer, "average_model",
                             lambda self, name, avg: die() if name == "ema" else real_average(self, name, avg))
     else:
-        real_finish = trainer_module.finish_fold
-        monkeypatch.setattr(trainer_module, "finish_fold", lambda *a: die() or real_finish(*a))
+        real_finish = trainer_module.Trainer.write_reports
+        monkeypatch.setattr(trainer_module.Trainer, "write_reports", lambda self: die() or real_finish(self))
 
 
 # Every assertion below is mechanics or a constructed known answer, never a learnt outcome of these

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.evaluation import stats
 from pipeline.evaluation.metrics import Metric
-from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, VariantTable, summary_lines
+from pipeline.evaluation.judge import VariantTable, summary_lines
+from pipeline.evaluation.variants import HOLDOUT, OOF, Variant
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 

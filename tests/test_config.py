@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, Params, flatten, load_params, parse_params
+from pipeline.config import REGISTRIES, ConfigError, Params, flatten, load_params, parse_params, registry_names
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
@@ -27,7 +27,9 @@ def test_defaults_equal_the_params_file():
     ({"masks": {"overlapp": "x"}}, "masks.overlapp: unknown key (valid keys here: cache_images, max_side, overlap, unknown, unknown_name)"),
     ({"modle": "unet"}, "modle: unknown key (valid keys here: audit, blend, data, demo"),
     ({"masks": {"overlap": "largest"}}, "masks.overlap: 'largest' is not a valid choice; expected 'smaller_on_top' or 'higher_class_wins'"),
-    ({"model": "unet3"}, "model: 'unet3' is not a valid choice"),
+    ({"model": "unet3"}, "model: unknown model 'unet3'; valid: deconvnet, deeplabv1"),
+    ({"train": {"loss": {"cee": 1.0}}}, "unknown loss 'cee'; valid: boundary_ce, ce, dice, focal"),
+    ({"infer": {"tta": ["d8"]}}, "infer.tta.0: unknown TTA view 'd8'; valid: antitranspose, d4, hflip"),
     ({"split": {"n_folds": "five"}}, "split.n_folds: Input should be a valid integer"),
     ({"split": {"holdout": 0.95}}, "split.holdout: Input should be less than 0.9"),
     ({"demo": {"image_size": 8}}, "demo.image_size: Input should be greater than or equal to 32"),
@@ -124,3 +126,14 @@ def test_a_bad_preset_fails_naming_its_key(tmp_path, monkeypatch):
         presets.load_preset("broken", REPO / "params.yaml")
     with pytest.raises(ConfigError, match="unknown preset 'nope'; available: broken"):
         presets.load_preset("nope", REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("family", sorted(REGISTRIES))
+def test_the_config_accepts_exactly_each_registrys_names(family):
+    """What config reads from each registry's source (it must not import torch) is what the module holds."""
+    import importlib
+
+    file, variables = REGISTRIES[family]
+    module = importlib.import_module("pipeline." + file.removesuffix(".py").replace("/", "."))
+    held = [name for v in variables for name in getattr(module, v)]
+    assert registry_names(family) == tuple(held) and len(held) == len(set(held)) > 0

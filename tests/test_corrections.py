@@ -10,7 +10,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from pipeline.config import Params
-from pipeline.data.coco import DataError, dataset_from_params
+from pipeline.data.coco import DataError
+from pipeline.data.corrections import dataset_from_params
 from pipeline.data.corrections import apply_corrections
 from pipeline.data.eda import analyse
 from pipeline.evaluation.audit import REVIEW_COLUMNS, find_suspects, review_coco, review_sheet

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli
+from pipeline import entrypoint
 from pipeline.io import WriteFailed, atomic_dir, atomic_file, write_json
 from pipeline.models.checkpoint import save_checkpoint
 
@@ -52,7 +52,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_partial(tmp_
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["fold_0", "metrics.json", "models", "seed_0"]
     # What a stage's __main__ shows: the line, exit status 2, no traceback.
     with pytest.raises(SystemExit) as stop:
-        cli.run(lambda: save_checkpoint(out / "best.pt", model={"w": torch.zeros(256, 1024)}))
+        entrypoint.run(lambda: save_checkpoint(out / "best.pt", model={"w": torch.zeros(256, 1024)}))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: file too large writing ") and err.count("\n") == 1
 
@@ -90,10 +90,10 @@ def test_a_failed_experiment_says_how_to_undo_its_params(tmp_path, monkeypatch, 
         raise FloatingPointError("loss is nan")
 
     with pytest.raises(SystemExit):
-        cli.run(fails)
+        entrypoint.run(fails)
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: loss is nan" and "`git checkout params.yaml` restores it" in err[1]
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / ".dvc/tmp/exps/tmp1"))  # --temp/--queue: the workspace is untouched
     with pytest.raises(SystemExit):
-        cli.run(fails)
+        entrypoint.run(fails)
     assert capsys.readouterr().err.splitlines() == ["error: loss is nan"]

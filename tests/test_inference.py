@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-from typing import get_args
 
 import cv2
 import numpy as np
@@ -14,20 +13,16 @@ from torch import nn
 
 from tests.helpers import image, square, write_coco
 
-from pipeline.config import Masks, TtaView
+from pipeline.config import Masks
 from pipeline.data.coco import DataError, load_dataset
 from pipeline.data.masks import build_mask_cache
-from pipeline.evaluation.variants import score
+from pipeline.evaluation.scoring import score
 from pipeline.inference.ensemble import Ensemble
 from pipeline.config import Data
 from pipeline.data.coco import load_test_set
 from pipeline.inference.submission import check_output_dir, predict_folder, write_submission
 from pipeline.models.checkpoint import InputSpec
-from pipeline.inference.tta import D4, TTA, expand, predict_proba
-
-
-def test_registry_matches_params_choices():
-    assert set(get_args(TtaView)) == set(TTA) | {"d4"}
+from pipeline.inference.tta import D4, TTA, expand, tta_proba
 
 
 @pytest.mark.parametrize("name", sorted(TTA))
@@ -59,9 +54,9 @@ class PixelModel(nn.Module):
 
 def test_tta_on_an_equivariant_model_changes_nothing():
     model, x = PixelModel().eval(), torch.randn(2, 3, 64, 96)
-    single = predict_proba(model, x)
-    assert torch.allclose(predict_proba(model, x, ["d4"]), single, atol=1e-6)
-    multi = predict_proba(model, x, ["identity", "hflip"], [0.5, 1.0, 1.5])
+    single = tta_proba(model, x)
+    assert torch.allclose(tta_proba(model, x, ["d4"]), single, atol=1e-6)
+    multi = tta_proba(model, x, ["identity", "hflip"], [0.5, 1.0, 1.5])
     assert multi.shape == single.shape and torch.allclose(multi.sum(1), torch.ones(2, 64, 96), atol=1e-5)
 
 
@@ -69,11 +64,11 @@ def test_tta_passes_per_device(monkeypatch):
     calls = []
     model = PixelModel().eval()
     model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    predict_proba(model, torch.randn(2, 3, 32, 32), ["d4"])
+    tta_proba(model, torch.randn(2, 3, 32, 32), ["d4"])
     assert calls == [2] * 8                         # CPU: one pass per view
     calls.clear()
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    predict_proba(model, torch.randn(2, 3, 32, 48), ["identity", "hflip", "rot90"])
+    tta_proba(model, torch.randn(2, 3, 32, 48), ["identity", "hflip", "rot90"])
     assert calls == [4, 2]                          # "CUDA": same-shape views batched together
 
 
@@ -112,8 +107,7 @@ def test_score_counts_every_pixel_of_every_size_once(tmp_path):
             {"image_id": 2, "category_id": 0, "segmentation": square(0, 0, 7, 3)}]
     write_coco(tmp_path / "data", images, anns, ["a", "b"])
     table = build_mask_cache(load_dataset(tmp_path / "data", ["train.json"]), tmp_path / "masks", Masks(), workers=1)
-    ens = Ensemble([(ConstantModel(2), 1.0)], ["identity"], [1.0], torch.device("cpu"))
-    ens.spec = InputSpec(("bg", "a", "b"), None, 32, None)
+    ens = Ensemble([(ConstantModel(2), 1.0)], ["identity"], [1.0], torch.device("cpu"), spec=InputSpec(("bg", "a", "b"), None, 32, None))
     cm, rate = score(ens, table, 2)
     mat = cm.numpy()
     assert mat.sum() == 80 + 240 + 105 and rate > 0
@@ -142,8 +136,7 @@ def test_submission_format(test_set, tmp_path, framing):
     images = load_test_set(Data(root=str(test_set)))
     model = PixelModel(classes=12).eval()
     member, size = (model, 64) if framing == "resize" else (SlidingWindow(model, 32, 1 / 3), None)
-    ens = Ensemble([(member, 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
-    ens.spec = InputSpec(tuple(f"c{i}" for i in range(12)), None, size, None)
+    ens = Ensemble([(member, 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"), spec=InputSpec(tuple(f"c{i}" for i in range(12)), None, size, None))
     kept = write_submission(ens, images, tmp_path / "submission.csv", size=256, keep=2)
     csv.field_size_limit(10**7)   # a row holds 65,536 numbers: more than csv's default field limit
     rows = list(csv.reader(open(tmp_path / "submission.csv")))
@@ -165,8 +158,7 @@ def test_predict_refuses_to_write_into_its_inputs(test_set, tmp_path):
     for out in (test_set, test_set / "test" / "preds", tmp_path):
         with pytest.raises(DataError, match="overlaps --images"):
             check_output_dir(test_set / "test", out) if out != tmp_path else check_output_dir(tmp_path / "data", out)
-    ens = Ensemble([(PixelModel(classes=3).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
-    ens.spec = InputSpec(("bg", "a", "b"), None, 64, None)
+    ens = Ensemble([(PixelModel(classes=3).eval(), 1.0)], ["identity"], [1.0], torch.device("cpu"), spec=InputSpec(("bg", "a", "b"), None, 64, None))
     n = predict_folder(ens, test_set / "test", tmp_path / "out")
     assert n == 3
     pred = cv2.imread(str(tmp_path / "out/1.png"), cv2.IMREAD_UNCHANGED)

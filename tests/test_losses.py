@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import NO_CLASS_WEIGHTS
-from pipeline.models.losses import LOSSES, BoundaryCE, build_loss, class_weights_from_pixels
+from pipeline.models.losses import LOSSES, NO_CLASS_WEIGHTS, BoundaryCE, build_loss, class_weights_from_pixels
 
 pytestmark = pytest.mark.quick   # `make test-quick`: config, data, metrics, the model zoo in about a minute
 
@@ -41,7 +40,7 @@ def test_right_answer_scores_lower(name):
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_class_weights_apply_except_where_config_says_not(name):
-    """config.NO_CLASS_WEIGHTS (what the start-up check trusts) is exactly the losses class weights
+    """losses.NO_CLASS_WEIGHTS (what the start-up check trusts) is exactly the losses class weights
     do not change."""
     logits, target = batch()
     plain = build_loss({name: 1.0})(logits, target)

@@ -163,8 +163,8 @@ def test_seed_ensembles_are_judged_with_every_seed_of_every_fold():
     specs = {v.id: v for v in variants(Params.model_validate(raw).only("infer", "train", "paths"), has_round2=True)}
     assert specs["fold_seeds"].judged_on == OOF and specs["kfold_seeds"].judged_on == HOLDOUT
     for key in ("fold_seeds", "kfold_seeds"):
-        assert sorted((k, s) for _, k, s, _ in specs[key].members) == [(0, 3), (0, 5), (1, 3), (1, 5)]
-    assert {(k, s) for _, k, s, _ in specs["kfold"].members} == {(0, 3), (1, 3)}   # single models: the first seed
+        assert sorted((r.fold, r.seed) for r in specs[key].members) == [(0, 3), (0, 5), (1, 3), (1, 5)]
+    assert {(r.fold, r.seed) for r in specs["kfold"].members} == {(0, 3), (1, 3)}   # single models: the first seed
     raw["train"].update(seeds=[3])
     assert not {"fold_seeds", "kfold_seeds"} & {v.id for v in variants(Params.model_validate(raw).only(
         "infer", "train", "paths"), has_round2=True)}

@@ -7,7 +7,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from pipeline.config import Train
-from pipeline.training.nets import ema_average
+from pipeline.training.optim import ema_average
 
 from pipeline.training.optim import (OPTIMIZERS, SCHEDULERS, build_optimizer, build_schedule, check_groups, param_groups,
                                      use_slow_weights)

@@ -48,8 +48,7 @@ def test_set(tmp_path):
 @pytest.mark.parametrize("min_kept, kept_images", [(0.0, 3), (0.4, 0)])
 def test_tta_disagreement_is_not_confident(test_set, tmp_path, min_kept, kept_images):
     """With hflip, each half averages with the other's mirror: no pixel reaches 0.9."""
-    teacher = Ensemble([(FixedLogits(), 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"))
-    teacher.spec = SPEC
+    teacher = Ensemble([(FixedLogits(), 1.0)], ["identity", "hflip"], [1.0], torch.device("cpu"), spec=SPEC)
     index, report = pseudo_label(teacher, test_set, tmp_path / "p", Pseudo(threshold=0.9, min_kept=min_kept))
     assert len(index) == kept_images
     assert report.set_index("class_idx").kept_fraction[1] == pytest.approx(0.0)   # hflip averages the halves
@@ -59,8 +58,7 @@ def test_tta_disagreement_is_not_confident(test_set, tmp_path, min_kept, kept_im
 
 
 def test_identity_tta_keeps_the_confident_half(test_set, tmp_path):
-    teacher = Ensemble([(FixedLogits(), 1.0)], ["identity"], [1.0], torch.device("cpu"))
-    teacher.spec = SPEC
+    teacher = Ensemble([(FixedLogits(), 1.0)], ["identity"], [1.0], torch.device("cpu"), spec=SPEC)
     index, _ = pseudo_label(teacher, test_set, tmp_path / "tmp", Pseudo(threshold=0.9, min_kept=0.4),
                             final_dir=tmp_path / "final")
     assert index["mask"][0].startswith(str(tmp_path / "final"))     # where the folder lives after the rename

@@ -154,7 +154,7 @@ def test_standard_coco_layout_one_folder_per_json(tmp_path):
     data = Data(root=str(tmp_path), train_json="annotations/instances_train2017.json",
                 val_json="annotations/instances_val2017.json", test_json="annotations/image_info_test2017.json",
                 image_dir={"train": "images/train2017", "val": "images/val2017", "test": "images/test2017"})
-    from pipeline.data.coco import dataset_from_params
+    from pipeline.data.corrections import dataset_from_params
     ds = dataset_from_params(data)
     assert len(ds.images) == 5 and ds.images.key.is_unique
     assert ds.images.key.iloc[3] == "images/val2017/000000000000.png"

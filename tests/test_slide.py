@@ -10,7 +10,7 @@ from torch import nn
 from pipeline.data.augment import build_transform
 from pipeline.labels import IGNORE_INDEX
 from pipeline.inference.slide import SlidingWindow, window_starts
-from pipeline.inference.tta import predict_proba
+from pipeline.inference.tta import tta_proba
 
 
 def test_window_starts_known_answers():
@@ -48,9 +48,9 @@ def test_sliding_windows_compose_with_tta_and_scales():
     """Flips, rotations (non-square images turn) and rescales before the windows, undone after."""
     x = torch.randn(1, 3, 70, 45)
     model = PixelModel().eval()
-    plain = predict_proba(model.conv, x)
-    assert torch.allclose(predict_proba(SlidingWindow(model, 32, 1 / 3), x, ["d4"]), plain, atol=1e-5)
-    multi = predict_proba(SlidingWindow(model, 32, 1 / 3), x, ["identity"], [0.75, 1.0, 1.5])
+    plain = tta_proba(model.conv, x)
+    assert torch.allclose(tta_proba(SlidingWindow(model, 32, 1 / 3), x, ["d4"]), plain, atol=1e-5)
+    multi = tta_proba(SlidingWindow(model, 32, 1 / 3), x, ["identity"], [0.75, 1.0, 1.5])
     assert multi.shape == plain.shape and torch.allclose(multi.sum(1), torch.ones(1, 70, 45), atol=1e-5)
 
 

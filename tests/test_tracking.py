@@ -8,7 +8,8 @@ import mlflow
 import pytest
 
 from pipeline.config import Params
-from pipeline.tracking import _sqlite_setup_lock, champion_moves, session_key, stage_run, tracking_uri
+from pipeline.session import session_key
+from pipeline.tracking import _sqlite_setup_lock, champion_moves, stage_run, tracking_uri
 
 
 def runs(experiment="segmentation"):
@@ -254,10 +255,10 @@ def _fake_dvc(monkeypatch):
     import socket
     import subprocess
 
-    from pipeline.tracking import _proc
+    from pipeline.session import process
 
     proc = subprocess.Popen(["sleep", "60"])
-    monkeypatch.setenv("PIPELINE_SESSION", f"{socket.gethostname()}:dvc:{proc.pid}:{_proc(proc.pid)[2]}")
+    monkeypatch.setenv("PIPELINE_SESSION", f"{socket.gethostname()}:dvc:{proc.pid}:{process(proc.pid)[2]}")
     return proc
 
 

@@ -19,7 +19,7 @@ from tests.helpers import REPO
 STAGE = ("python -c \"import yaml; from pipeline.tracking import stage_run; "
          "lr = yaml.safe_load(open('params.yaml'))['lr']; open('{name}.txt', 'w').write(str(lr)); "
          "run = stage_run('{name}'); r = run.__enter__(); r.log_metrics({{'lr': lr}}); run.__exit__(None, None, None)\"")
-KILL_DVC = ("python -c \"import os; from pipeline.tracking import session_key; "
+KILL_DVC = ("python -c \"import os; from pipeline.session import session_key; "
             "os.kill(int(session_key().split(':')[2]), 9)\"")   # dvc dies with no stage running
 
 

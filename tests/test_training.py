@@ -3,7 +3,6 @@ on their pixels. No test here asserts what a tiny model learnt (a score, a confi
 the CPU's floating-point path. Learnt quality is measured in bench/ (bench/quality.py)."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import zipfile
 
@@ -17,10 +16,9 @@ from pipeline.config import Params
 from pipeline.data.augment import AUGMENTATIONS
 from pipeline.data.coco import DataError
 from pipeline.data.mix import cutmix, paste_classes
-from pipeline.training import fold as fold_module
 from pipeline.training import trainer as trainer_module
 from pipeline.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.training.loop import rescale
+from pipeline.training.trainer import rescale
 from pipeline.training.run import PARAMS, train_fold
 from tests.helpers import Killed, easy_workspace, kill_in, params_for
 
@@ -64,7 +62,7 @@ def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):
     def no_training(*a, **k):
         raise RuntimeError("retrained")
 
-    monkeypatch.setattr(trainer_module, "train_one_epoch", no_training)
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", no_training)
     again = train_fold(0, 0, params_for(prepared, folds=[0, 2], seeds=[0, 5]))   # other members: same run
     after = load_checkpoint(prepared / "models/fold_0/seed_0/best.pt")
     assert again["mIoU"] == before["scores"]["mIoU"] and after["epoch"] == before["epoch"]
@@ -89,18 +87,18 @@ def test_a_finished_run_is_reused_not_retrained(prepared, monkeypatch):
 def killed_in_epoch_2(monkeypatch, train) -> None:
     """Run `train` with its second validation raising KeyboardInterrupt (a run killed after epoch 1
     was saved), then restore validation."""
-    real_validate, calls = fold_module.validate, {"n": 0}
+    real_validate, calls = trainer_module.Trainer.validate, {"n": 0}
 
-    def dies_in_epoch_2(*a, **k):
+    def dies_in_epoch_2(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt("killed")
-        return real_validate(*a, **k)
+        return real_validate(self, *a, **k)
 
-    monkeypatch.setattr(fold_module, "validate", dies_in_epoch_2)
+    monkeypatch.setattr(trainer_module.Trainer, "validate", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train()
-    monkeypatch.setattr(fold_module, "validate", real_validate)
+    monkeypatch.setattr(trainer_module.Trainer, "validate", real_validate)
 
 
 def test_interrupted_training_resumes_to_the_same_result(prepared, monkeypatch):
@@ -180,11 +178,12 @@ def test_checkpoints_carry_their_input_spec_and_a_disagreeing_params_file_stops(
 def counting(monkeypatch) -> dict:
     """Count the epochs trained, the averages computed and the reports written from now on."""
     n = {"epochs": 0, "averages": [], "finished": 0}
-    epoch, average, finish = trainer_module.train_one_epoch, trainer_module.Trainer.on_average, trainer_module.finish_fold
-    monkeypatch.setattr(trainer_module, "train_one_epoch", lambda *a, **k: n.update(epochs=n["epochs"] + 1) or epoch(*a, **k))
-    monkeypatch.setattr(trainer_module.Trainer, "on_average",
+    Trainer = trainer_module.Trainer
+    epoch, average, finish = Trainer.train_epoch, Trainer.average_model, Trainer.write_reports
+    monkeypatch.setattr(Trainer, "train_epoch", lambda self, e: n.update(epochs=n["epochs"] + 1) or epoch(self, e))
+    monkeypatch.setattr(Trainer, "average_model",
                         lambda self, name, avg: n["averages"].append(name) or average(self, name, avg))
-    monkeypatch.setattr(trainer_module, "finish_fold", lambda *a: n.update(finished=n["finished"] + 1) or finish(*a))
+    monkeypatch.setattr(Trainer, "write_reports", lambda self: n.update(finished=n["finished"] + 1) or finish(self))
     return n
 
 
@@ -274,18 +273,18 @@ def test_a_damaged_checkpoint_of_any_kind_is_never_used(prepared, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(prepared, monkeypatch):
     p = params_for(prepared, epochs=3)
-    real, calls = trainer_module.train_one_epoch, {"n": 0}
+    real, calls = trainer_module.Trainer.train_epoch, {"n": 0}
 
-    def poisoned(step, *a, **k):
+    def poisoned(self, epoch):
         calls["n"] += 1
         if calls["n"] == 2:                                    # epoch 2: the loss blows up
-            real_loss = step.loss_fn
+            real_loss = self.loss_fn
             poison = lambda logits, y: real_loss(logits, y) * float("nan")   # noqa: E731
             poison.last = {}
-            step = dataclasses.replace(step, loss_fn=poison)
-        return real(step, *a, **k)
+            self.loss_fn = poison
+        return real(self, epoch)
 
-    monkeypatch.setattr(trainer_module, "train_one_epoch", poisoned)
+    monkeypatch.setattr(trainer_module.Trainer, "train_epoch", poisoned)
     with pytest.raises(FloatingPointError, match=r"fold 3 seed 0 epoch 2: loss is nan at batch 0; the last good"):
         train_fold(3, 0, p)
     out = prepared / "models/fold_3/seed_0"
@@ -295,8 +294,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(pr
 
 
 def test_val_every_validates_every_nth_epoch_and_the_last(prepared, monkeypatch):
-    real_validate, calls = fold_module.validate, []
-    monkeypatch.setattr(fold_module, "validate", lambda *a, **k: calls.append(1) or real_validate(*a, **k))
+    real_validate, calls = trainer_module.Trainer.validate, []
+    monkeypatch.setattr(trainer_module.Trainer, "validate", lambda self, m: calls.append(1) or real_validate(self, m))
     s = train_fold(3, 0, params_for(prepared, epochs=5, val_every=2))
     assert len(calls) == 3                                        # epochs 2, 4 and 5 (the last)
     hist = load_checkpoint(prepared / "models/fold_3/seed_0/last.pt")["history"]
@@ -399,7 +398,7 @@ def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing, cro
     (ensemble, submit, predict, pseudo) loads best.pt and must give the very confusion matrix
     training kept for that epoch."""
     from pipeline.data.dataset import fold_tables
-    from pipeline.evaluation.variants import score
+    from pipeline.evaluation.scoring import score
     from pipeline.inference.ensemble import Ensemble, load_member
     from pipeline.inference.slide import SlidingWindow
 
@@ -412,8 +411,7 @@ def test_a_model_is_predicted_exactly_as_it_was_validated(prepared, framing, cro
     assert isinstance(model, SlidingWindow) == (framing == "crop")
     assert getattr(model, "whole", False) == (framing == "crop" and crop_infer == "whole")
     val = fold_tables(prepared / "masks", prepared / "split", 2)[1]
-    ens = Ensemble([(model, 1.0)], ["identity"], [1.0], torch.device("cpu"))
-    ens.spec = spec
+    ens = Ensemble([(model, 1.0)], ["identity"], [1.0], torch.device("cpu"), spec=spec)
     assert spec.eval_size == p.train.eval_size
     cm, _ = score(ens, val, p.train.batch_size)
     assert p.train.eval_size == (None if framing == "crop" else 32) and cm.numpy().sum() == len(val) * 64 * 64
@@ -439,9 +437,7 @@ def test_rescale_keeps_labels_labels():
 
 
 def test_training_draws_one_scale_per_batch(prepared, monkeypatch):
-    from pipeline.training import loop
-
-    seen, real = [], loop.rescale
-    monkeypatch.setattr(loop, "rescale", lambda x, y, side: seen.append(side) or real(x, y, side))
+    seen, real = [], trainer_module.rescale
+    monkeypatch.setattr(trainer_module, "rescale", lambda x, y, side: seen.append(side) or real(x, y, side))
     train_fold(1, 0, params_for(prepared, epochs=2, batch_size=4, scales=[0.5, 1.0, 1.5]))
     assert len(seen) == 2 * (36 // 4) and set(seen) <= {32, 64, 96} and len(set(seen)) > 1

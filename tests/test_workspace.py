@@ -42,10 +42,10 @@ def test_every_workspace_path_lies_under_its_params_folder():
     ws = workspace.Workspace(paths, root="/exp")
     folders = {name: Path("/exp") / value for name, value in paths.model_dump().items()}
     got = [ws.eda.issues_csv, ws.near_dups.pairs_csv, ws.folds_csv, ws.split_files.fold_balance_png,
-           ws.cv.image_confusions, ws.ensemble.variants_csv, ws.blend.blend_json, ws.audit.review_csv,
+           ws.cv_image_confusions, ws.ensemble.variants_csv, ws.blend.blend_json, ws.audit.review_csv,
            ws.pseudo.report_csv, ws.submission.csv, ws.demo.label_noise_csv, ws.report_html,
            ws.metrics_json("cv"), ws.member(1, 2).gallery_png, ws.member(1, 2, round=2).checkpoint("best")]
-    expected = ["eda", "near_dups", "split", "split", "plots", "reports", "reports", "reports", "pseudo",
+    expected = ["eda", "near_dups", "split", "split", "metrics", "reports", "reports", "reports", "pseudo",
                 "submission", "demo", "reports", "metrics", "models", "models_round2"]
     for path, folder in zip(got, expected):
         assert path.is_relative_to(folders[folder]), (path, folder)

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional, Sequence
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.rle import compressed_rle_counts
 from pipeline.labels import BACKGROUND, IGNORE_INDEX, MAX_CLASSES
 
 MAX_SIDE_PX = 1_000_000          # a json width/height beyond this is a typo or an attack, not a photo
@@ -161,31 +162,6 @@ def safe_relpath(file_name: Any) -> Optional[str]:
     if p.is_absolute() or (len(file_name) > 1 and file_name[1] == ":") or ".." in p.parts:
         return None
     return str(p)
-
-
-def compressed_rle_counts(counts: str | bytes) -> Optional[list[int]]:
-    """The run lengths of a COCO compressed RLE string (pycocotools' rleFrString, in Python);
-    None when the string is malformed (a character out of range, or a run cut short)."""
-    text = counts.decode("latin-1") if isinstance(counts, bytes) else counts
-    runs: list[int] = []
-    p = 0
-    while p < len(text):
-        x, k, more = 0, 0, True
-        while more:
-            if p >= len(text):
-                return None
-            c = ord(text[p]) - 48
-            if not 0 <= c <= 63:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
 
 
 def check_segmentation(seg: Any, h: int, w: int) -> tuple[Optional[str], list[str]]:
@@ -471,20 +447,6 @@ def load_dataset(root: str | Path, json_files: Iterable[str], image_dir: str | S
                         + describe_errors(frame))
     return Dataset(images=images.reset_index(drop=True), annotations=anns.reset_index(drop=True),
                    classes=classes or [BACKGROUND], issues=frame)
-
-
-def dataset_from_params(data: Any, check_files: bool = True, corrections: bool = True) -> Dataset:
-    """Load the labelled pool named by the `data` params section, with data.corrections applied unless
-    `corrections` is False (the split: label fixes never move an image between folds or into the
-    holdout, so runs before and after a fix are judged on the same images and can be blended)."""
-    files = [data.train_json] + ([data.val_json] if data.val_json else [])
-    dirs = [data.images_of("train")] + ([data.images_of("val")] if data.val_json else [])
-    ds = load_dataset(data.root, files, dirs, data.strict, check_files)
-    if corrections and data.corrections:   # a reviewer's label fixes, overlaid (pipeline/data/corrections.py)
-        from pipeline.data.corrections import apply_corrections
-
-        ds = apply_corrections(ds, data.corrections)
-    return ds
 
 
 def load_test_set(data: Any) -> pd.DataFrame:

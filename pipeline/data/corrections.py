@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from pipeline.data.coco import Dataset, DataError, check_segmentation
+from pipeline.data.coco import Dataset, DataError, check_segmentation, load_dataset
 
 ACTIONS = ("relabel:<class>", "delete", "ok")
 
@@ -112,3 +113,15 @@ def _added(ds: Dataset, f: Path, notes: list[dict]) -> pd.DataFrame:
     if problems:
         raise DataError(f"{f}: {len(problems)} added annotation(s) cannot be used:\n  " + "\n  ".join(problems[:20]))
     return pd.DataFrame(rows, columns=ds.annotations.columns)
+
+
+def dataset_from_params(data: Any, check_files: bool = True, corrections: bool = True) -> Dataset:
+    """Load the labelled pool named by the `data` params section, with data.corrections applied unless
+    `corrections` is False (the split: label fixes never move an image between folds or into the
+    holdout, so runs before and after a fix are judged on the same images and can be blended)."""
+    files = [data.train_json] + ([data.val_json] if data.val_json else [])
+    dirs = [data.images_of("train")] + ([data.images_of("val")] if data.val_json else [])
+    ds = load_dataset(data.root, files, dirs, data.strict, check_files)
+    if corrections and data.corrections:   # a reviewer's label fixes, overlaid (apply_corrections)
+        ds = apply_corrections(ds, data.corrections)
+    return ds

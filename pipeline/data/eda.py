@@ -26,7 +26,8 @@ from scipy.sparse.csgraph import connected_components
 from pipeline.data.coco import ISSUE_COLUMNS, Dataset
 from pipeline.data.sources import naming_summary
 from pipeline.labels import IGNORE_INDEX
-from pipeline.data.masks import paint_order, rle_runs, rle_spans, span_pixels, to_rle, union, unknown_class_index
+from pipeline.data.masks import paint_order, to_rle, union, unknown_class_index
+from pipeline.data.rle import rle_runs, rle_spans, span_pixels
 from pipeline.io import parallel_map
 from pipeline.workspace import EdaFiles
 

@@ -22,6 +22,7 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 
 from pipeline.data.coco import DataError, Dataset
+from pipeline.data.rle import rle_runs
 from pipeline.labels import IGNORE_INDEX
 from pipeline.io import atomic_dir, parallel_map, write_image
 from pipeline.workspace import CLASSES_JSON, INDEX
@@ -126,68 +127,6 @@ def to_rle(seg: Any, height: int, width: int, out_h: int, out_w: int) -> dict:
     # pixel off the INTER_AREA image it labels)
     m = cv2.resize(mask_utils.decode(rle), (out_w, out_h), interpolation=cv2.INTER_NEAREST_EXACT)
     return mask_utils.encode(np.asfortranarray(m))
-
-
-def rle_runs(rle: dict) -> np.ndarray:
-    """A compressed COCO RLE's run lengths as int64 (pycocotools' rleFrString, vectorised): runs
-    alternate 0s and 1s, starting with 0s, over the pixels in column-major order."""
-    c = np.frombuffer(rle["counts"], np.uint8).astype(np.int64) - 48
-    if not len(c):
-        return np.zeros(0, np.int64)
-    last = np.flatnonzero((c & 0x20) == 0)              # the last character of each number
-    first = np.r_[0, last[:-1] + 1]
-    width = last - first + 1
-    shift = 5 * (np.arange(len(c)) - np.repeat(first, width))
-    x = np.add.reduceat((c & 0x1F) << shift, first)
-    neg = (c[last] & 0x10) != 0                         # sign bit of the number's last character
-    x[neg] -= np.left_shift(1, 5 * width[neg])
-    runs = x.copy()                                     # numbers after the third are deltas to the one two back
-    runs[1::2] = np.cumsum(x[1::2])
-    if len(x) > 2:
-        runs[2::2] = np.cumsum(x[2::2])
-    return runs
-
-
-def rle_spans(rles: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every foreground run of many compressed RLEs at once, decoded in one vectorised pass
-    (rle_runs one RLE at a time costs ~25 us of numpy overhead each: too much at 50,000 per photo).
-    Returns (start, length, owner): column-major pixel offset, run length and the RLE's index."""
-    counts = [r["counts"] for r in rles]
-    c = np.frombuffer(b"".join(counts), np.uint8).astype(np.int64) - 48
-    if not len(c):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    last = np.flatnonzero((c & 0x20) == 0)              # the last character of each number
-    first = np.r_[0, last[:-1] + 1]
-    width = last - first + 1
-    shift = 5 * (np.arange(len(c)) - np.repeat(first, width))
-    x = np.add.reduceat((c & 0x1F) << shift, first)
-    neg = (c[last] & 0x10) != 0
-    x[neg] -= np.left_shift(1, 5 * width[neg])
-    ends = np.cumsum([len(k) for k in counts])          # each RLE's numbers: the ones ending in its bytes
-    per_rle = np.diff(np.r_[0, np.searchsorted(last, ends)])
-    owner = np.repeat(np.arange(len(rles)), per_rle)
-    local = np.arange(len(x)) - np.repeat(np.cumsum(per_rle) - per_rle, per_rle)
-    runs = x.copy()
-    for part in (local % 2 == 1, (local % 2 == 0) & (local >= 2)):   # deltas to the number two back
-        runs[part] = segmented_cumsum(x[part], owner[part])
-    pos = segmented_cumsum(runs, owner)                 # each run's end, within its own RLE
-    ones = local % 2 == 1
-    return (pos - runs)[ones], runs[ones], owner[ones]
-
-
-def segmented_cumsum(v: np.ndarray, segment: np.ndarray) -> np.ndarray:
-    """Cumulative sums restarting at each new value of the sorted array `segment`."""
-    if not len(v):
-        return v
-    cs = np.cumsum(v)
-    start = np.r_[True, segment[1:] != segment[:-1]]
-    base = (cs - v)[start]
-    return cs - np.repeat(base, np.diff(np.r_[np.flatnonzero(start), len(v)]))
-
-
-def span_pixels(start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """The pixel offsets the runs (start, length) cover, run after run."""
-    return np.repeat(start - (np.cumsum(length) - length), length) + np.arange(int(length.sum()))
 
 
 def paint_order(areas: Sequence[int], classes: Sequence[int], rule: str) -> list[int]:

@@ -154,7 +154,7 @@ def noise_recall(suspects: pd.DataFrame, noise: pd.DataFrame, ds: Dataset, oof_w
 
 def plot_suspects(suspects: pd.DataFrame, oof_dir: str | Path, ds: Dataset, path: Path, n: int) -> Optional[Path]:
     """The top n suspects: image | label | out-of-fold prediction, the suspect's box drawn on each."""
-    from pipeline.evaluation.reports import _plt, _save
+    from pipeline.evaluation.plots import _plt, _save
 
     top = suspects.head(n)
     if top.empty:

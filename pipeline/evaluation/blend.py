@@ -22,15 +22,14 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from pipeline.config import Params, parse_params
 from pipeline.data.coco import DataError
-from pipeline.data.masks import read_classes, read_image
+from pipeline.data.masks import read_classes
 from pipeline.evaluation.oof import read_oof
 from pipeline.evaluation.metrics import Metric, scores
-from pipeline.evaluation.variants import holdout_table
-from pipeline.inference.ensemble import Ensemble, ImageFiles, at_size
+from pipeline.evaluation.scoring import ImageConfusions, holdout_table, predict_rows
+from pipeline.inference.ensemble import Ensemble
 from pipeline.io import write_json
 from pipeline.models.checkpoint import ModelSet
 from pipeline.workspace import Workspace
@@ -83,7 +82,7 @@ def load_experiment(spec: str, repo: str | Path, cache: str | Path) -> Experimen
     shutil.rmtree(exp.root, ignore_errors=True)
     p, here = exp.params.paths, Workspace(exp.params.paths)   # paths inside the experiment's repo
     final = ModelSet.final(exp.params.infer, exp.params.train, here)
-    files = [str(here.folds_csv)] + [str(final.member(k, s).checkpoint(c)) for k, s, c in final.keys()]
+    files = [str(here.folds_csv)] + [str(r.path) for r in final.refs()]
     try:
         fs.get(p.oof, str(exp.root / p.oof), recursive=True)
         for f in files:
@@ -168,21 +167,14 @@ def judge_on_holdout(exps: list[Experiment], variants: dict[str, list[float]], h
                      classes: list[str], device: torch.device, metric: Optional[Metric] = None) -> dict[str, np.ndarray]:
     """(N, C, C) per-image confusions on the holdout of every variant (weights over `exps`); each
     experiment's final ensemble predicts every image once, the variants mix its probabilities."""
-    metric, n_cls = metric or Metric(), len(classes)
     p = exps[0].params
     ens = [Ensemble.from_files(e.members, p.infer, device) for e in exps]
-    images, masks = held["image"].tolist(), held["mask"].tolist()
-    sizes = list(zip(held.height.astype(int), held.width.astype(int)))
-    data = ImageFiles(lambda i: read_image(images[i], sizes[i]), len(images), p.train.eval_size)
-    cms = {name: np.zeros((len(held), n_cls, n_cls), np.int64) for name in variants}
-    for x, idx in DataLoader(data, p.infer.batch_size if data.size else 1):
-        per_exp = [e.proba(x) for e in ens]
+    counts = ImageConfusions(held, len(classes), metric, variants)
+    for i, per_exp in predict_rows(ens, held, p.infer.batch_size):
         for name, weights in variants.items():
             mix = sum(w * q for w, q in zip(weights, per_exp) if w)
-            for q, i in zip(mix, idx.tolist()):
-                cms[name][i] = metric.count(at_size(q, sizes[i]).argmax(0).cpu().numpy(),
-                                            cv2.imread(masks[i], cv2.IMREAD_UNCHANGED), n_cls).numpy()
-    return cms
+            counts.count(i, mix.argmax(0).cpu().numpy(), name)
+    return counts.per_image
 
 
 def blend_members(exps: list[Experiment], weights: list[float]) -> list[tuple[Path, float]]:

@@ -18,8 +18,8 @@ import numpy as np
 from pipeline.data.coco import DataError
 from pipeline.evaluation import stats
 from pipeline.evaluation.metrics import Metric, scores
-from pipeline.evaluation.reports import plot_confusion, plot_iou
-from pipeline.io import atomic_dir
+from pipeline.evaluation.plots import plot_confusion, plot_iou
+from pipeline.io import atomic_dir, atomic_file
 from pipeline.models.checkpoint import ModelSet
 from pipeline.workspace import CvFiles, Workspace
 
@@ -61,12 +61,13 @@ def cv_scores(models: ModelSet, classes: list[str], metric_params: Optional["Met
 
 
 def write_cv(s: dict, classes: list[str], ws: Workspace) -> None:
-    """plots/cv (atomically): every out-of-fold image's confusion (the leaderboard's paired
-    comparisons), the summed confusion and the per-class IoU."""
+    """Every out-of-fold image's confusion (the leaderboard's paired comparisons) and plots/cv
+    (atomically): the summed confusion and the per-class IoU."""
+    if "image_confusions" in s:
+        with atomic_file(ws.cv_image_confusions) as tmp:
+            np.savez(tmp, keys=s["image_keys"], confusions=s["image_confusions"])
     with atomic_dir(ws.cv.dir) as tmp:
         out = CvFiles(tmp)
-        if "image_confusions" in s:
-            np.savez(out.image_confusions, keys=s["image_keys"], confusions=s["image_confusions"])
         plot_confusion(s["confusion"], classes, out.confusion_png, "out-of-fold confusion, all folds and seeds")
         plot_iou(s["IoU"], out.iou_png, f"CV mIoU {s['mIoU']:.3f}")
 

@@ -187,18 +187,20 @@ def dvc_images(cwd: Optional[str] = None):
     """images() for leaderboard(): each row's stage-cv per-image confusions, from the workspace for
     'workspace' and from DVC's cache for a commit or an experiment (None where it has none)."""
     def read(name: str, params: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        rel = str(_workspace(params).cv.image_confusions)
-        try:
-            if name == "workspace":
-                f = np.load(Path(cwd or ".") / rel)
-            else:
-                from dvc.api import DVCFileSystem
+        ws = _workspace(params)
+        for rel in (str(ws.cv_image_confusions), str(ws.cv.old_image_confusions)):
+            try:
+                if name == "workspace":
+                    f = np.load(Path(cwd or ".") / rel)
+                else:
+                    from dvc.api import DVCFileSystem
 
-                with DVCFileSystem(cwd or ".", rev=name).open(rel, "rb") as fh:
-                    f = np.load(io.BytesIO(fh.read()))
-            return np.asarray(f["keys"]), np.asarray(f["confusions"])
-        except Exception:  # noqa: BLE001 - an older experiment without the file, an unknown revision
-            return None
+                    with DVCFileSystem(cwd or ".", rev=name).open(rel, "rb") as fh:
+                        f = np.load(io.BytesIO(fh.read()))
+                return np.asarray(f["keys"]), np.asarray(f["confusions"])
+            except Exception:  # noqa: BLE001 - an older experiment without the file, an unknown revision
+                continue
+        return None
     return read
 
 

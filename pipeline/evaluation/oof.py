@@ -13,12 +13,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from pipeline.data.dataset import fold_tables
-from pipeline.data.masks import read_classes, read_image, target_size
+from pipeline.data.masks import read_classes, target_size
 from pipeline.evaluation.metrics import ConfusionMatrix, scores
 from pipeline.io import atomic_dir, read_index, write_image
 from pipeline.workspace import INDEX, Workspace
@@ -39,9 +38,8 @@ def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> di
     """Write paths.oof (atomically) from the final ensemble's `models`, each fold's members on that
     fold's validation images, at most oof.max_side px; return the OOF scores at that resolution.
     p: params with infer, train, audit and paths."""
-    import torch
-
-    from pipeline.inference.ensemble import Ensemble, ImageFiles
+    from pipeline.evaluation.scoring import ImageConfusions, predict_rows
+    from pipeline.inference.ensemble import Ensemble
 
     ws, infer, max_side = Workspace(p.paths), p.infer, p.oof.max_side
     cache = read_classes(ws.masks)
@@ -55,19 +53,17 @@ def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> di
             val = fold_tables(ws.masks, ws.split, k)[1]
             ens = Ensemble.from_files([(f, 1.0) for f in models.only(folds=[k]).files()], infer, device)
             ens.spec.check(f"oof, fold {k}", eval_size=p.train.eval_size, max_side=cache.get("max_side"), classes=classes)
-            cached = list(zip(val.height.astype(int), val.width.astype(int)))
-            small = [target_size(h, w, max_side) for h, w in cached]
-            data = ImageFiles(lambda i, v=val, c=cached: read_image(v["image"][i], c[i]), len(val), ens.spec.eval_size)
-            for i, prob in ens.predict_proba(data, small, infer.batch_size):
+            small = [target_size(h, w, max_side) for h, w in zip(val.height.astype(int), val.width.astype(int))]
+            counts = ImageConfusions(val, len(classes))
+            for i, (prob,) in predict_rows([ens], val, infer.batch_size, small):
                 n = len(rows)
-                h, w = small[i]
-                truth = cv2.resize(cv2.imread(val["mask"][i], cv2.IMREAD_UNCHANGED), (w, h),
-                                   interpolation=cv2.INTER_NEAREST_EXACT)
+                truth = counts.truth(i, small[i])
                 np.save(tmp / f"probs/{n}.npy", quantise(prob))
                 write_image(tmp / f"masks/{n}.png", truth)
-                cm.update(prob.argmax(0).cpu(), torch.from_numpy(truth))
-                rows.append({"key": val.key[i], "fold": k, "height": h, "width": w, "probs": f"probs/{n}.npy",
-                             "mask": f"masks/{n}.png"})
+                counts.count(i, prob.argmax(0).cpu().numpy(), truth=truth)
+                rows.append({"key": val.key[i], "fold": k, "height": small[i][0], "width": small[i][1],
+                             "probs": f"probs/{n}.npy", "mask": f"masks/{n}.png"})
+            cm.merge(counts.per_image[""].sum(0))
         pd.DataFrame(rows).to_csv(tmp / INDEX, index=False)
     return scores(cm.numpy(), classes)
 

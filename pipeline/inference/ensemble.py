@@ -19,13 +19,14 @@ from pipeline.data.augment import build_transform
 from pipeline.data.masks import prepare_image
 from pipeline.inference.postprocess import Refiner
 from pipeline.inference.slide import SlidingWindow
-from pipeline.inference.tta import predict_proba
+from pipeline.inference.tta import tta_proba
 from pipeline.models.factory import build_model
 from pipeline.models.checkpoint import InputSpec, load_checkpoint
 from pipeline.devices import autocast
 
 if TYPE_CHECKING:
     from pipeline.config import Infer
+    from pipeline.models.checkpoint import ModelSet
 
 
 def load_member(path: str | Path, device: torch.device, window_batch: int = 8) -> tuple[torch.nn.Module, InputSpec]:
@@ -65,10 +66,12 @@ class Ensemble:
     """Members (model, weight); `predict_proba` yields mean softmax probabilities per image, `predict`
     class maps: their argmax, or what `refine` (CRF, fitted post-processing rules) makes of them."""
 
-    spec: Optional[InputSpec] = None   # how its members' inputs are made (set by from_files)
-
     def __init__(self, members: list[tuple[torch.nn.Module, float]], views: list[str], scales: list[float],
-                 device: torch.device, amp: str = "off", refine: Optional[Refiner] = None):
+                 device: torch.device, amp: str = "off", refine: Optional[Refiner] = None,
+                 spec: Optional[InputSpec] = None):
+        """spec: how its members' inputs are made (the InputSpec they share; from_files reads it from
+        the checkpoints)."""
+        self.spec = spec
         total = sum(w for _, w in members)
         self.members = [(m, w / total) for m, w in members]
         self.views, self.scales, self.device, self.amp = list(views), list(scales), device, amp
@@ -80,14 +83,13 @@ class Ensemble:
         """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp;
         `spec`: the InputSpec its members share (they must)."""
         loaded = [(load_member(f, device, infer.batch_size), w) for f, w in members]
-        ens = cls([(m, w) for (m, _), w in loaded], infer.tta, infer.scales, device, infer.amp, refine)
-        ens.spec = InputSpec.common([s for (_, s), _ in loaded], ", ".join(sorted({str(f) for f, _ in members})))
-        return ens
+        spec = InputSpec.common([s for (_, s), _ in loaded], ", ".join(sorted({str(f) for f, _ in members})))
+        return cls([(m, w) for (m, _), w in loaded], infer.tta, infer.scales, device, infer.amp, refine, spec)
 
     def proba(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, C, S, S) float32 probabilities."""
         x = x.to(self.device)
-        return sum(w * predict_proba(m, x, self.views, self.scales, autocast(self.device, self.amp))
+        return sum(w * tta_proba(m, x, self.views, self.scales, autocast(self.device, self.amp))
                    for m, w in self.members)
 
     def predict_proba(self, dataset: ImageFiles, sizes: list[tuple[int, int]], batch_size: int = 8,
@@ -114,3 +116,9 @@ def at_size(p: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(p.shape[-2:]) == tuple(size):
         return p
     return F.interpolate(p[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def final_ensemble(infer: "Infer", models: "ModelSet", device: torch.device) -> Ensemble:
+    """The ensemble the submission and `predict` use: `models` (ModelSet.final: folds x seeds x
+    infer.checkpoints of infer.round, fold-weighted) with infer's TTA."""
+    return Ensemble.from_files(models.weighted(), infer, device)

@@ -38,9 +38,10 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
         cfg = json.loads(Path(context.artifacts["config"]).read_text())
         device = pick_device(cfg["device"])
         loaded = [load_member(context.artifacts[f"member_{i}"], device, cfg["batch_size"]) for i in range(len(cfg["weights"]))]
+        self.spec = InputSpec.common([s for _, s in loaded], "the MLflow model's checkpoints")
         self.ensemble = Ensemble([(m, w) for (m, _), w in zip(loaded, cfg["weights"])], cfg["tta"], cfg["scales"],
-                                 device, cfg["amp"], Refiner.from_json(cfg["refine"]) if cfg.get("refine") else None)
-        self.spec = self.ensemble.spec = InputSpec.common([s for _, s in loaded], "the MLflow model's checkpoints")
+                                 device, cfg["amp"], Refiner.from_json(cfg["refine"]) if cfg.get("refine") else None,
+                                 self.spec)
         self.spec.check("the MLflow model", **{k: v for k, v in cfg["input_spec"].items()
                                                if k in ("eval_size", "max_side", "classes")})
         self.cfg = cfg

@@ -42,14 +42,17 @@ TTA: dict[str, View] = {
     "transpose": _TRANSPOSE,
     "antitranspose": _then(_TRANSPOSE, _rot(2)),  # the other diagonal
 }
-D4 = ["identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"]
+TTA_GROUPS: dict[str, list[str]] = {   # names that stand for several views
+    "d4": ["identity", "rot90", "rot180", "rot270", "hflip", "vflip", "transpose", "antitranspose"],
+}
+D4 = TTA_GROUPS["d4"]
 
 
 def expand(views: list[str]) -> list[str]:
-    names = [v for name in views for v in (D4 if name == "d4" else [name])]
+    names = [v for name in views for v in TTA_GROUPS.get(name, [name])]
     unknown = sorted(set(names) - set(TTA))
     if unknown:
-        raise ValueError(f"unknown TTA view(s) {unknown}; available: d4, {', '.join(sorted(TTA))}")
+        raise ValueError(f"unknown TTA view(s) {unknown}; available: {', '.join(sorted([*TTA_GROUPS, *TTA]))}")
     return list(dict.fromkeys(names))
 
 
@@ -58,8 +61,8 @@ def _size(s: int, scale: float) -> int:
 
 
 @torch.no_grad()
-def predict_proba(model, x: torch.Tensor, views: list[str] = ("identity",), scales: list[float] = (1.0,),
-                  autocast=None) -> torch.Tensor:
+def tta_proba(model, x: torch.Tensor, views: list[str] = ("identity",), scales: list[float] = (1.0,),
+              autocast=None) -> torch.Tensor:
     """(N, 3, H, W) normalised images -> (N, C, H, W) float32 mean softmax over views x scales."""
     names = expand(list(views))
     n, _, h, w = x.shape

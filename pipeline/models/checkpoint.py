@@ -105,6 +105,19 @@ def verify_checkpoints(paths) -> None:
 
 
 @dataclass(frozen=True)
+class ModelRef:
+    """One trained model on disk: a models folder's fold, seed and checkpoint (best | last | swa | ema)."""
+    dir: Path
+    fold: int
+    seed: int
+    checkpoint: str = "best"
+
+    @property
+    def path(self) -> Path:
+        return Member.of(self.dir, self.fold, self.seed).checkpoint(self.checkpoint)
+
+
+@dataclass(frozen=True)
 class ModelSet:
     """Trained models that travel together: a models folder, its folds x seeds, the checkpoints used
     of each, and the folds' weights (the final ensemble's infer.fold_weights; None = equal)."""
@@ -123,13 +136,13 @@ class ModelSet:
     def member(self, fold: int, seed: int) -> Member:
         return Member.of(self.dir, fold, seed)
 
-    def keys(self) -> list[tuple[int, int, str]]:
-        """(fold, seed, checkpoint) of every member, fold-major."""
-        return [(k, s, c) for k in self.folds for s in self.seeds for c in self.checkpoints]
+    def refs(self) -> list[ModelRef]:
+        """Every model of the set: folds x seeds x checkpoints, fold-major."""
+        return [ModelRef(self.dir, k, s, c) for k in self.folds for s in self.seeds for c in self.checkpoints]
 
     def files(self) -> list[Path]:
         """Checkpoint files of folds x seeds x checkpoints (in that order); an error names the missing ones."""
-        paths = [self.member(k, s).checkpoint(c) for k, s, c in self.keys()]
+        paths = [r.path for r in self.refs()]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
             raise DataError(f"missing checkpoints {missing}: run the train stages first")
@@ -138,10 +151,10 @@ class ModelSet:
     def weighted(self) -> list[tuple[Path, float]]:
         """(checkpoint file, its fold's weight) of every member."""
         w = dict(zip(self.folds, self.weights or [1.0] * len(self.folds)))
-        return [(f, w[k]) for f, (k, _, _) in zip(self.files(), self.keys())]
+        return [(f, w[r.fold]) for f, r in zip(self.files(), self.refs())]
 
     def exists(self) -> bool:
-        return all(self.member(k, s).checkpoint(c).exists() for k, s, c in self.keys())
+        return all(r.path.exists() for r in self.refs())
 
     def only(self, folds=None, seeds=None, checkpoints=None) -> "ModelSet":
         """The same models restricted to some folds, seeds or checkpoints (fold weights dropped)."""

@@ -36,10 +36,17 @@ def _classic(cls: Callable[..., nn.Module], encoder: str, weights: Optional[str]
 
 
 MODELS: dict[str, Callable[[str, Optional[str], int], nn.Module]] = {
-    **{arch: partial(_smp, arch) for arch in (
-        "unet", "unetplusplus", "fpn", "deeplabv3", "deeplabv3plus", "linknet", "manet", "pan",
-        "upernet", "segformer")},
+    "unet": partial(_smp, "unet"),
+    "unetplusplus": partial(_smp, "unetplusplus"),
+    "fpn": partial(_smp, "fpn"),
     "pspnet": _pspnet,
+    "deeplabv3": partial(_smp, "deeplabv3"),
+    "deeplabv3plus": partial(_smp, "deeplabv3plus"),
+    "linknet": partial(_smp, "linknet"),
+    "manet": partial(_smp, "manet"),
+    "pan": partial(_smp, "pan"),
+    "upernet": partial(_smp, "upernet"),
+    "segformer": partial(_smp, "segformer"),
     "dpt": partial(_smp, "dpt", dynamic_img_size=True),  # ViT encoders at any size, not just 224
     "fcn32s": partial(_classic, classic.FCN, skips=0),
     "fcn16s": partial(_classic, classic.FCN, skips=1),
@@ -48,10 +55,10 @@ MODELS: dict[str, Callable[[str, Optional[str], int], nn.Module]] = {
     "deeplabv1": partial(_classic, classic.DeepLabV1),
     "deeplabv2": partial(_classic, classic.DeepLabV2),
 }
-CLASSIC = {"fcn32s", "fcn16s", "fcn8s", "deconvnet", "deeplabv1", "deeplabv2"}
 # What the classics are built on, whatever `encoder` says (they are the papers' VGG16 networks).
 CLASSIC_BACKBONE = {"fcn32s": "vgg16", "fcn16s": "vgg16", "fcn8s": "vgg16", "deconvnet": "vgg16_bn",
                     "deeplabv1": "vgg16", "deeplabv2": "vgg16"}
+CLASSIC = set(CLASSIC_BACKBONE)
 
 
 def backbone(name: str, encoder: str) -> str:

@@ -61,6 +61,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
     "tversky": lambda cw, **_: smp_losses.TverskyLoss("multiclass", ignore_index=IGNORE_INDEX, class_weights=_cw_list(cw)),
     "boundary_ce": lambda cw, width=3, weight=2.0, **_: BoundaryCE(width, weight, cw),
 }
+NO_CLASS_WEIGHTS = {"lovasz"}   # the losses above that take no class weights (tests/test_losses.py checks)
 
 
 class WeightedSum(nn.Module):

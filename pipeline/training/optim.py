@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules by name.
+"""Optimizers and learning-rate schedules by name; the EMA's averaging rule.
 
 Parameter groups: encoder vs everything else (decoder, head, skip scorers...), each split into
 decayed weights and undecayed biases/norm parameters. `param_groups` checks that every trainable
@@ -63,6 +63,22 @@ def build_optimizer(model: nn.Module, encoder: nn.Module, t: "Train") -> torch.o
     opt = ("lookahead_" if lookahead else "") + OPTIMIZERS[name]
     kwargs = {"momentum": 0.9, "nesterov": True} if name == "sgd" else {}
     return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def ema_average(decay: float, warmup: bool):
+    """AveragedModel's multi-average function for an EMA: each update moves the average 1 - d of the way
+    to the model, d = decay, or with warmup min(decay, (1 + n) / (10 + n)) at update n (TensorFlow's
+    ExponentialMovingAverage num_updates ramp), so early averages are not dominated by random init.
+    Integer buffers (BN's num_batches_tracked) are copied: torch's get_ema_multi_avg_fn would round
+    a blend of counts instead."""
+    @torch.no_grad()
+    def average(ema_params, params, n_averaged):
+        if not torch.is_floating_point(ema_params[0]):
+            torch._foreach_copy_(ema_params, params)
+            return
+        n = int(n_averaged)
+        torch._foreach_lerp_(ema_params, params, 1.0 - (min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay))
+    return average
 
 
 def use_slow_weights(opt: torch.optim.Optimizer) -> None:

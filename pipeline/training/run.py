@@ -1,7 +1,8 @@
 """Train one fold: the stage train@<fold>-<seed> (and train_round2@...) calls `train_fold` and nothing else.
 
-Writes <models>/fold_<k>/seed_<s>/: last.pt (the run state, see trainer.py: everything resuming
-needs while training or averaging; the final weights after), best.pt (weights of the best epoch by
+The run itself is one class, pipeline/training/trainer.py. Writes <models>/fold_<k>/seed_<s>/:
+last.pt (the run state: everything resuming needs while training or averaging; the final weights
+after), best.pt (weights of the best epoch by
 validation metric, with that epoch's confusion matrix), val_confusion.npy (the out-of-fold result
 the cv stage sums), reports/*.png; with train.swa_epochs > 0 also swa.pt and val_confusion_swa.npy,
 with train.ema ema.pt and val_confusion_ema.npy. Every checkpoint carries its InputSpec.
@@ -28,16 +29,16 @@ def train_fold(fold: int, seed: int, p: ParamsView, run=None, round2: bool = Fal
     round2: fine-tune round 1's best model of this fold and seed for `pseudo.epochs` on its training
     images plus the fold's pseudo-labelled test images (validation unchanged), into paths.models_round2.
     """
-    f = load_fold(fold, seed, p, round2)
+    job = load_fold(fold, seed, p, round2)
     check_input_size(p.model, p.train.image_size)
     used = backbone(p.model, p.encoder)
     if run:
         run.set_tags({"pipeline.backbone": used})   # what the model is built on, not just what params say
     if used != p.encoder:
         print(f"note: {p.model} is built on {used}; encoder {p.encoder!r} is not used")
-    f.d, f.device = distributed.setup(pick_device(p.train.device))
-    f.run = run if f.d.main else None
+    job.dist, job.device = distributed.setup(pick_device(p.train.device))
+    job.mlflow_run = run if job.dist.main else None
     try:
-        return (Round2Trainer if round2 else Trainer)(f).fit()
+        return (Round2Trainer if round2 else Trainer)(job).fit()
     finally:
         distributed.teardown()

@@ -1,4 +1,4 @@
-"""What the submit stage writes: the final ensemble's (or, with blend.experiments, the fitted blend's)
+"""What the submit stage delivers: the final ensemble's (or, with blend.experiments, the fitted blend's)
 predictions for test.json's images -> submission.csv, a gallery of the first few, and the same
 ensemble as an MLflow model folder a user can take away."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pipeline.data.coco import load_test_set
 from pipeline.data.masks import read_classes
 from pipeline.devices import pick_device
 from pipeline.evaluation.blend import submitted_members
-from pipeline.evaluation.reports import plot_test_gallery
+from pipeline.evaluation.plots import plot_test_gallery
 from pipeline.inference.ensemble import Ensemble
 from pipeline.inference.postprocess import Refiner
 from pipeline.inference.served import export_ensemble_model
