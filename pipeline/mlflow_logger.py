@@ -603,7 +603,7 @@ def serve(path: str, session: str) -> None:
                 continue
             except socket.timeout:
                 pass
-            active = [t for t in active if t.isalive()]
+            active = [t for t in active if t.is_alive()]
             if active:
                 idle_since = time.monotonic()
                 continue

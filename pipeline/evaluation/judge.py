@@ -70,29 +70,29 @@ class Judge:
     """Scores ensembles of checkpoints on images none of their members saw (models load once)."""
 
     def __init__(self, p: "ParamsView", classes: list[str], device: torch.device):
-        self.p, self.classes, self.device, self.metric = p, classes, device, Metric.of(p.metric)
+        self.params, self.classes, self.device, self.metric = p, classes, device, Metric.of(p.metric)
         self.ws, self.models = Workspace(p.paths), {}
 
     def model(self, ref: ModelRef) -> tuple[torch.nn.Module, InputSpec]:
         f = ModelSet(Path(ref.dir), (ref.fold,), (ref.seed,), (ref.checkpoint,)).files()[0]   # an error names a missing one
         if f not in self.models:
-            self.models[f] = load_member(f, self.device, self.p.infer.batch_size)
+            self.models[f] = load_member(f, self.device, self.params.infer.batch_size)
         return self.models[f]
 
     def ensemble(self, refs, tta: bool = False, weights=None) -> Ensemble:
-        i, loaded = self.p.infer, [self.model(r) for r in refs]
+        i, loaded = self.params.infer, [self.model(r) for r in refs]
         e = Ensemble([(m, w) for (m, _), w in zip(loaded, weights or [1.0] * len(refs))], i.tta if tta else ["identity"],
                      i.scales if tta else [1.0], self.device, i.amp,
                      spec=InputSpec.common([s for _, s in loaded], "variant members"))
-        e.spec.check("ensemble", eval_size=self.p.train.eval_size, classes=self.classes)
+        e.spec.check("ensemble", eval_size=self.params.train.eval_size, classes=self.classes)
         return e
 
     def run(self, e: Ensemble, tab: pd.DataFrame, refiners=None) -> tuple[dict[str, np.ndarray], float]:
-        return score_images(e, tab, self.p.infer.batch_size, self.metric, refiners)
+        return score_images(e, tab, self.params.infer.batch_size, self.metric, refiners)
 
     def out_of_fold(self, v: Variant) -> tuple[np.ndarray, float]:
         per, seconds = [], 0.0
-        for k in self.p.train.folds:
+        for k in self.params.train.folds:
             val = fold_tables(self.ws.masks, self.ws.split, k)[1]
             c, rate = self.run(self.ensemble([r for r in v.members if r.fold == k], v.tta), val)
             per.append(c[""])
@@ -131,7 +131,7 @@ def evaluate_variants(p: "ParamsView", classes: list[str], device: torch.device)
 
 def fold_mean_row(judge: Judge, held: pd.DataFrame) -> dict:
     """Each fold model alone on the holdout, the mean over folds (no interval: a mean of models)."""
-    t, classes, metric = judge.p.train, judge.classes, judge.metric
+    t, classes, metric = judge.params.train, judge.classes, judge.metric
     per_fold = [judge.run(judge.ensemble([ModelRef(judge.ws.models(1), k, t.seeds[0])]), held) for k in t.folds]
     return {"id": "fold_mean", "variant": "fold model (mean over folds)", "judged_on": HOLDOUT, "images": len(held),
             **{m: sum(scores(c[""].sum(0), classes)[m] for c, _ in per_fold) / len(t.folds)
@@ -144,7 +144,7 @@ def final_rows(judge: Judge, held: pd.DataFrame, has_round2: bool, refiner: Refi
                table: VariantTable) -> None:
     """The final ensemble the submission uses (infer: folds x seeds x checkpoints, fold-weighted, TTA)
     on the holdout: plain, + CRF, + the refinements in force — predicted once, each refinement timed."""
-    infer, t = judge.p.infer, judge.p.train
+    infer, t = judge.params.infer, judge.params.train
     rnd = 2 if infer.round == 2 and has_round2 else 1
     final = ModelSet.final(infer, t, judge.ws)
     final = replace(final, dir=judge.ws.models(rnd))
