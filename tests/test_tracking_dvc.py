@@ -81,7 +81,8 @@ def test_queued_experiments_parents_log_the_params_they_ran_with(toy):
     for lr in ("0.1", "0.2"):
         subprocess.run(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "-n", f"lr{lr}"], cwd=repo, env=env, check=True,
                        capture_output=True, timeout=120)
-    out = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)   # a guard against a hang: under a loaded 2-core machine the workers start slowly
     assert out.returncode == 0, out.stderr
     ps = parents(repo, lambda ps: len(ps) == 2 and all(p.info.status != "RUNNING" for p in ps), seconds=240)
     got = {p.data.tags["dvc.exp_name"]: (p.data.params["lr"], p.info.status) for p in ps}
