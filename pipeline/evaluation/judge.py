@@ -116,7 +116,10 @@ def evaluate_variants(p: "ParamsView", classes: list[str], device: torch.device)
     for v in specs:
         if v.judged_on == OOF:
             table.add(v, *judge.out_of_fold(v))
-    refiner, crf, settings = fitted_refiner(p, classes, judge.metric, table)
+    fitted = fitted_refiner(p, classes, judge.metric)
+    for row in fitted.rows:
+        table.add(*row)
+    table.fit_log, refiner, settings = fitted.log, fitted.refiner, fitted.settings
     held = holdout_table(judge.ws)
     if held.empty:
         return table.frame(), refiner, table.fit_log
