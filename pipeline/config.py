@@ -335,6 +335,10 @@ class CrfSection(_Section):
 
 
 class Infer(_UsesRuntime):
+    # auto: the ensemble stage chooses round, checkpoints, TTA, scales, CRF and post-processing from the
+    # out-of-fold predictions (reports/ensemble/choice.json); the values below are the fixed recipe it is
+    # judged against on the holdout. fixed: these values are the final ensemble.
+    choose: Literal["auto", "fixed"] = "auto"
     tta: list[TtaView] = Field(default_factory=lambda: ["identity", "hflip"], min_length=1)
     scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     checkpoints: list[Literal["best", "last", "swa", "ema"]] = Field(default_factory=lambda: ["best"], min_length=1)
@@ -508,6 +512,12 @@ class ParamsView:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("params are read-only")
+
+    def replacing(self, **sections: BaseModel) -> "ParamsView":
+        """The same view with some declared sections replaced (the final ensemble's chosen `infer`)."""
+        for name in sections:
+            getattr(self, name)   # a section the stage did not declare is still a contract error
+        return ParamsView(self._params.model_copy(update=sections), self.sections)
 
     def flat(self) -> dict[str, Any]:
         """The declared sections flattened to dotted keys, e.g. {'masks.overlap': 'smaller_on_top'}."""

@@ -14,6 +14,7 @@ from pipeline.evaluation.blend import submitted_members
 from pipeline.evaluation.plots import plot_test_gallery
 from pipeline.inference.ensemble import Ensemble
 from pipeline.inference.postprocess import Refiner
+from pipeline.inference.recipe import final_params
 from pipeline.inference.served import export_ensemble_model
 from pipeline.inference.submission import write_submission
 from pipeline.workspace import SubmissionFiles, Workspace
@@ -35,6 +36,7 @@ def submit(p: "ParamsView", out: SubmissionFiles) -> Submitted:
     cache = read_classes(p.paths.masks)
     classes, max_side = cache["classes"], cache.get("max_side")
     images = load_test_set(p.data)
+    p = final_params(p)   # the recipe the ensemble stage chose (infer.choose auto), else params'
     members = submitted_members(p)
     refine = submitted_refiner(p.paths)
     ens = Ensemble.from_files(members, p.infer, pick_device(p.infer.device), refine)

@@ -106,6 +106,7 @@ class EnsembleFiles(Folder):
     """reports/ensemble (stage ensemble)."""
     variants_csv = _File("variants.csv")
     postprocess_json = _File("postprocess.json")   # what submit, predict and the MLflow model apply (CRF, fitted rules)
+    choice_json = _File("choice.json")   # the final ensemble's recipe chosen out of fold, and its evidence
 
 
 class BlendFiles(Folder):

@@ -12,6 +12,7 @@ from pipeline.delivery import submitted_refiner
 from pipeline.inference.ensemble import final_ensemble
 from pipeline.models.checkpoint import ModelSet
 from pipeline.workspace import Workspace
+from pipeline.inference.recipe import final_params
 from pipeline.inference.submission import predict_folder
 from pipeline.devices import pick_device
 
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--images", required=True, help="folder of images (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder; must not overlap --images")
     args = ap.parse_args()
-    p = load_params().only(*PARAMS)
+    p = final_params(load_params().only(*PARAMS))   # the recipe the ensemble stage chose (infer.choose auto)
     cache = read_classes(p.paths.masks)   # classes, and how training images were prepared (max_side)
     ens = final_ensemble(p.infer, ModelSet.final(p.infer, p.train, Workspace(p.paths)), pick_device(p.infer.device))
     ens.refine = submitted_refiner(p.paths) if submitted_refiner(p.paths).active else None   # as submit applies

@@ -116,8 +116,14 @@ def test_each_member_trains_and_cv_and_the_variants_are_scored(repro):
     assert ens["out_of_fold/fold"]["mIoU"] == pytest.approx(cv["per_seed_mIoU"]["0"])
     assert {"holdout/kfold", "holdout/kfold_tta", "out_of_fold/fold_tta",
             "out_of_fold/fold_swa", "out_of_fold/fold_swa_tta", "out_of_fold/fold_round2",
-            "holdout/kfold_round2", "holdout/final",
+            "holdout/kfold_round2", "holdout/final", "holdout/chosen",
             } <= set(ens)
+    # infer.choose auto (the default): the recipe chosen out of fold, its evidence, chosen vs fixed on the holdout
+    choice = json.loads((ws / "reports/ensemble/choice.json").read_text())
+    assert choice["mode"] == "auto" and [r["choice"] for r in choice["evidence"] if r["taken"]][:4] == [
+        "round", "checkpoints", "tta", "scales"]
+    assert set(choice["holdout"]) >= {"chosen", "fixed", "diff", "low", "high"}
+    assert read(ws, "ensemble")["submitted"]["id"].startswith("chosen")
 
 
 def test_pseudo_labels_keep_what_the_threshold_implies(repro):
@@ -147,7 +153,7 @@ def test_oof_audit_and_blend_of_this_experiment_alone(repro):
     coco = json.loads((ws / "reports/audit/review_coco.json").read_text())
     assert len(coco["annotations"]) == (review.kind == "unlabelled object").sum()
     blend = json.loads((ws / "reports/blend/blend.json").read_text())
-    assert blend["blend_mIoU"] == read(ws, "ensemble")["variants"]["holdout/final"]["mIoU"]
+    assert blend["blend_mIoU"] == read(ws, "ensemble")["variants"]["holdout/chosen"]["mIoU"]   # the chosen recipe
     assert "label audit:" in first and "labels corrupted on purpose" in first
 
 

@@ -30,12 +30,13 @@ from pipeline.evaluation.oof import read_oof
 from pipeline.evaluation.metrics import Metric, scores
 from pipeline.evaluation.scoring import ImageConfusions, holdout_table, predict_rows
 from pipeline.inference.ensemble import Ensemble
+from pipeline.inference.recipe import chosen_infer
 from pipeline.io import write_json
 from pipeline.models.checkpoint import ModelSet
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
-    from pipeline.config import ParamsView
+    from pipeline.config import Infer, ParamsView
 
 HERE = "this experiment"
 
@@ -54,9 +55,14 @@ class Experiment:
         return Workspace(self.params.paths, self.root)
 
     @property
+    def infer(self) -> "Infer":
+        """Its infer section as its final ensemble uses it (the recipe its ensemble stage chose, with choose auto)."""
+        return chosen_infer(self.params.infer, self.ws)
+
+    @property
     def members(self) -> list[tuple[Path, float]]:
         """(checkpoint, weight) of its final ensemble (folds x seeds x checkpoints, fold-weighted)."""
-        return ModelSet.final(self.params.infer, self.params.train, self.ws).weighted()
+        return ModelSet.final(self.infer, self.params.train, self.ws).weighted()
 
 
 def this_experiment(p: Params) -> Experiment:
@@ -81,7 +87,13 @@ def load_experiment(spec: str, repo: str | Path, cache: str | Path) -> Experimen
     exp = Experiment(spec, Path(cache) / spec.replace("/", "_"), parse_params(raw, f"params.yaml of {spec}"))
     shutil.rmtree(exp.root, ignore_errors=True)
     p, here = exp.params.paths, Workspace(exp.params.paths)   # paths inside the experiment's repo
-    final = ModelSet.final(exp.params.infer, exp.params.train, here)
+    choice = str(here.ensemble.choice_json)   # its chosen recipe (an experiment from before choose has none)
+    (exp.root / choice).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fs.get_file(choice, str(exp.root / choice))
+    except FileNotFoundError:
+        pass
+    final = ModelSet.final(exp.infer, exp.params.train, here)
     files = [str(here.folds_csv)] + [str(r.path) for r in final.refs()]
     try:
         fs.get(p.oof, str(exp.root / p.oof), recursive=True)
@@ -103,7 +115,7 @@ def check_compatible(exps: list[Experiment]) -> None:
         return {"classes and max_side": read_classes(e.path(e.params.paths.oof)),
                 "split (folds.csv)": folds.sort_values("key").reset_index(drop=True),
                 "train.eval_size": e.params.train.eval_size,
-                "infer TTA views and scales": (e.params.infer.tta, e.params.infer.scales)}
+                "infer TTA views and scales": (e.infer.tta, e.infer.scales)}
 
     ref = facts(base)
     for e in exps[1:]:
@@ -168,7 +180,7 @@ def judge_on_holdout(exps: list[Experiment], variants: dict[str, list[float]], h
     """(N, C, C) per-image confusions on the holdout of every variant (weights over `exps`); each
     experiment's final ensemble predicts every image once, the variants mix its probabilities."""
     p = exps[0].params
-    ens = [Ensemble.from_files(e.members, p.infer, device) for e in exps]
+    ens = [Ensemble.from_files(e.members, e.infer, device) for e in exps]
     counts = ImageConfusions(held, len(classes), metric, variants)
     for i, per_exp in predict_rows(ens, held, p.infer.batch_size):
         for name, weights in variants.items():
@@ -257,4 +269,4 @@ def submitted_members(p: "ParamsView") -> list[tuple[Path, float]]:
     blend.experiments (written by the blend stage), else this experiment's final ensemble."""
     if p.blend.experiments:
         return [(Path(f), w) for f, w in json.loads(Workspace(p.paths).blend.blend_json.read_text())["members"]]
-    return ModelSet.final(p.infer, p.train, Workspace(p.paths)).weighted()
+    return ModelSet.final(chosen_infer(p.infer, Workspace(p.paths)), p.train, Workspace(p.paths)).weighted()

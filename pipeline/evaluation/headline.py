@@ -22,7 +22,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "eda": ("images", "annotations", "classes", "images_without_annotations"),
     "split": ("images", "holdout_images", "leaky_images"),
     "cv": ("mIoU", "pixel_acc", "mean_acc", "metric/name", "metric/value", "metric/ci95_low", "metric/ci95_high"),
-    "ensemble": ("submitted", "train_min"),
+    "ensemble": ("submitted", "choice", "train_min"),
     "oof": ("mIoU", "pixel_acc"),
     "pseudo": ("test_images", "left_out_in_labelled_pool"),
     "audit": ("images", "suspects", "noise/recall"),
@@ -90,6 +90,8 @@ def parent_metrics(stage: str, details: dict[str, Any]) -> dict[str, float]:
         if s.get("ci95"):
             out.update({f"holdout/{s['metric_name']}_ci95_low": s["ci95"][0],
                         f"holdout/{s['metric_name']}_ci95_high": s["ci95"][1]})
+        choice = details.get("ensemble", {}).get("choice") or {}   # infer.choose auto: chosen vs fixed recipe
+        out.update({f"choice/{k}": float(v) for k, v in choice.items() if isinstance(v, (int, float))})
         return out
     raise KeyError(f"no parent metrics for stage {stage!r}")
 

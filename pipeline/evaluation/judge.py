@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +19,15 @@ import torch
 
 from pipeline.data.dataset import fold_tables
 from pipeline.evaluation import stats
+from pipeline.evaluation.choice import Recipe, choose_recipe
 from pipeline.evaluation.metrics import Metric, scores
 from pipeline.evaluation.refinement import fitted_refiner, refine_cost
+from pipeline.evaluation.oof import predict_oof, quantise
 from pipeline.evaluation.scoring import holdout_table, score_images
 from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, variants
 from pipeline.inference.ensemble import Ensemble, load_member
 from pipeline.inference.postprocess import Refiner
-from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet
+from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet, fold_weights
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -67,11 +69,12 @@ class VariantTable:
 
 
 class Judge:
-    """Scores ensembles of checkpoints on images none of their members saw (models load once)."""
+    """Scores ensembles of checkpoints on images none of their members saw (models load once; an
+    ensemble's out-of-fold confusions are computed once)."""
 
     def __init__(self, p: "ParamsView", classes: list[str], device: torch.device):
         self.params, self.classes, self.device, self.metric = p, classes, device, Metric.of(p.metric)
-        self.ws, self.models = Workspace(p.paths), {}
+        self.ws, self.models, self.scored, self.probabilities = Workspace(p.paths), {}, {}, {}
 
     def model(self, ref: ModelRef) -> tuple[torch.nn.Module, InputSpec]:
         f = ModelSet(Path(ref.dir), (ref.fold,), (ref.seed,), (ref.checkpoint,)).files()[0]   # an error names a missing one
@@ -79,57 +82,121 @@ class Judge:
             self.models[f] = load_member(f, self.device, self.params.infer.batch_size)
         return self.models[f]
 
-    def ensemble(self, refs, tta: bool = False, weights=None) -> Ensemble:
-        i, loaded = self.params.infer, [self.model(r) for r in refs]
-        e = Ensemble([(m, w) for (m, _), w in zip(loaded, weights or [1.0] * len(refs))], i.tta if tta else ["identity"],
-                     i.scales if tta else [1.0], self.device, i.amp,
-                     spec=InputSpec.common([s for _, s in loaded], "variant members"))
+    def ensemble(self, refs, views=("identity",), scales=(1.0,), weights=None) -> Ensemble:
+        loaded = [self.model(r) for r in refs]
+        e = Ensemble([(m, w) for (m, _), w in zip(loaded, weights or [1.0] * len(refs))], list(views), list(scales),
+                     self.device, self.params.infer.amp, spec=InputSpec.common([s for _, s in loaded], "variant members"))
         e.spec.check("ensemble", eval_size=self.params.train.eval_size, classes=self.classes)
         return e
+
+    def views(self, v: Variant) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """A variant's TTA views and scales: infer's with tta, else the identity alone."""
+        i = self.params.infer
+        return (tuple(i.tta), tuple(i.scales)) if v.tta else (("identity",), (1.0,))
 
     def run(self, e: Ensemble, tab: pd.DataFrame, refiners=None) -> tuple[dict[str, np.ndarray], float]:
         return score_images(e, tab, self.params.infer.batch_size, self.metric, refiners)
 
     def out_of_fold(self, v: Variant) -> tuple[np.ndarray, float]:
-        per, seconds = [], 0.0
-        for k in self.params.train.folds:
-            val = fold_tables(self.ws.masks, self.ws.split, k)[1]
-            c, rate = self.run(self.ensemble([r for r in v.members if r.fold == k], v.tta), val)
-            per.append(c[""])
-            seconds += len(val) / rate
-        return np.concatenate(per), sum(len(x) for x in per) / seconds
+        return self.oof_images(v.members, *self.views(v))
+
+    def oof_images(self, members, views, scales) -> tuple[np.ndarray, float]:
+        """((N, C, C) per-image confusions over every fold's validation images, fold after fold; images/s)."""
+        key = (tuple(members), tuple(views), tuple(scales))
+        if key not in self.scored:
+            per, seconds = [], 0.0
+            for k in self.params.train.folds:
+                val = fold_tables(self.ws.masks, self.ws.split, k)[1]
+                c, rate = self.run(self.ensemble([r for r in members if r.fold == k], views, scales), val)
+                per.append(c[""])
+                seconds += len(val) / rate
+            self.scored[key] = np.concatenate(per), sum(len(x) for x in per) / seconds
+        return self.scored[key]
 
     def holdout(self, v: Variant, held: pd.DataFrame) -> tuple[np.ndarray, float]:
-        c, rate = self.run(self.ensemble(list(v.members), v.tta), held)
+        c, rate = self.run(self.ensemble(list(v.members), *self.views(v)), held)
         return c[""], rate
 
+    def models_of(self, recipe: Recipe) -> ModelSet:
+        """The final ensemble's models for `recipe`: its round's folder, folds x seeds x its checkpoints, fold-weighted."""
+        t, i = self.params.train, self.params.infer
+        return ModelSet(self.ws.models(recipe.round), tuple(t.folds), tuple(t.seeds), recipe.checkpoints,
+                        tuple(fold_weights(t.folds, i.fold_weights)))
 
-def evaluate_variants(p: "ParamsView", classes: list[str], device: torch.device) -> tuple[pd.DataFrame, Refiner, list[dict]]:
-    """(one row per variant: id, variant (its label), judged_on, images, metric, ci95_low/high, mIoU,
-    pixel_acc, mean_acc, images_per_s, extra_s_per_image, IoU/<class>; the refiner the submission
-    applies: the rules fitted on the out-of-fold probabilities (paths.oof) when infer.postprocess, and
-    the CRF when infer.crf.enabled; the rules kept, one row each). `p`: params with infer, train, metric, paths."""
-    judge, t = Judge(p, classes, device), p.train
+    def available(self, rnd: int) -> list[str]:
+        """The checkpoints every member of round `rnd` has."""
+        t = self.params.train
+        return [c for c in ("best", "last", "swa", "ema")
+                if ModelSet(self.ws.models(rnd), tuple(t.folds), tuple(t.seeds), (c,)).exists()]
+
+    def recipe_oof(self, recipe: Recipe) -> np.ndarray:
+        return self.oof_images(self.models_of(recipe).refs(), recipe.tta, recipe.scales)[0]
+
+    def recipe_probabilities(self, recipe: Recipe) -> list[tuple[dict, np.ndarray, np.ndarray]]:
+        """The recipe's out-of-fold probabilities as paths.oof keeps them (oof.max_side, uint8)."""
+        if recipe not in self.probabilities:
+            i = self.params.infer.model_copy(update=recipe.to_json())
+            self.probabilities[recipe] = [(row, quantise(prob), truth) for row, prob, truth in
+                                          predict_oof(self.models_of(recipe), i, self.params, self.device)]
+        return self.probabilities[recipe]
+
+
+@dataclass
+class Judged:
+    """What the ensemble stage found: the variant table; the refiner the submission applies; the
+    post-processing rules kept; the choice (choice.json: mode, recipe, fixed, evidence, holdout)."""
+    table: pd.DataFrame
+    refiner: Refiner
+    fit_log: list[dict]
+    choice: dict
+
+
+def evaluate_variants(p: "ParamsView", classes: list[str], device: torch.device) -> Judged:
+    """Every variant judged (the table: id, variant (its label), judged_on, images, metric,
+    ci95_low/high, mIoU, pixel_acc, mean_acc, images_per_s, extra_s_per_image, IoU/<class>), the final
+    recipe chosen out of fold (infer.choose auto) or taken from params (fixed), the post-processing
+    fitted on that recipe's out-of-fold probabilities, and on the holdout the chosen recipe beside the
+    fixed one. `p`: params with infer, train, metric, oof, paths."""
+    judge, t, infer = Judge(p, classes, device), p.train, p.infer
     has_round2 = ModelSet(judge.ws.models(2), tuple(t.folds), tuple(t.seeds)).exists()
     table = VariantTable(classes, judge.metric, p.metric.bootstrap, p.metric.seed)
     specs = variants(p, has_round2)
     for v in specs:
         if v.judged_on == OOF:
             table.add(v, *judge.out_of_fold(v))
-    fitted = fitted_refiner(p, classes, judge.metric)
+    fixed = Recipe.of(infer, has_round2)
+    auto = infer.choose == "auto"
+    recipe, evidence = (choose_recipe(judge.recipe_oof, fixed, has_round2, judge.available, judge.metric,
+                                      p.metric.bootstrap, p.metric.seed) if auto else (fixed, []))
+    fitted = fitted_refiner(p, classes, judge.metric, judge.recipe_probabilities(recipe), choose=auto)
     for row in fitted.rows:
         table.add(*row)
-    table.fit_log, refiner, settings = fitted.log, fitted.refiner, fitted.settings
+    table.fit_log, refiner = fitted.log, fitted.refiner
+    choice = {"mode": infer.choose, "recipe": recipe.to_json(), "label": recipe.label(),
+              "crf": refiner.crf is not None, "rules": refiner.rules is not None and refiner.rules.active,
+              "fixed": {**fixed.to_json(), "crf": infer.crf.enabled, "rules": infer.postprocess},
+              "evidence": evidence + fitted.evidence}
     held = holdout_table(judge.ws)
+    prefix = "chosen" if auto else "final"
     if held.empty:
-        return table.frame(), refiner, table.fit_log
+        return Judged(table.frame(), refiner, table.fit_log, choice)
     table.rows.append(fold_mean_row(judge, held))
     for v in specs:
         if v.judged_on == HOLDOUT:
             table.add(v, *judge.holdout(v, held))
-    final_rows(judge, held, has_round2, refiner, Refiner(crf=settings), table)
-    table.compare_to(f"{HOLDOUT}/{submitted_id(refiner)}")
-    return table.frame(), refiner, table.fit_log
+    with_crf = Refiner(crf=fitted.settings)
+    final_rows(judge, held, recipe, refiner, with_crf, table, prefix,
+               f"chosen ensemble ({recipe.label()})" if auto else f"final ensemble (infer params, round {recipe.round})")
+    submitted = f"{HOLDOUT}/{submitted_id(refiner, prefix)}"
+    if auto:   # the fixed recipe, as params would have submitted it, judged beside the choice
+        fixed_refiner = fitted_refiner(p, classes, judge.metric, judge.recipe_probabilities(fixed)).refiner
+        final_rows(judge, held, fixed, fixed_refiner, with_crf, table, "final",
+                   f"final ensemble (infer params, round {fixed.round})")
+        mine, theirs = table.images[submitted], table.images[f"{HOLDOUT}/{submitted_id(fixed_refiner, 'final')}"]
+        choice["holdout"] = {"chosen": table.metric.value(mine), "fixed": table.metric.value(theirs),
+                             **stats.paired(table.metric, mine, theirs, table.draws, table.seed)}
+    table.compare_to(submitted)
+    return Judged(table.frame(), refiner, table.fit_log, choice)
 
 
 def fold_mean_row(judge: Judge, held: pd.DataFrame) -> dict:
@@ -143,43 +210,64 @@ def fold_mean_row(judge: Judge, held: pd.DataFrame) -> dict:
             "images_per_s": sum(r for _, r in per_fold) / len(t.folds)}
 
 
-def final_rows(judge: Judge, held: pd.DataFrame, has_round2: bool, refiner: Refiner, with_crf: Refiner,
-               table: VariantTable) -> None:
-    """The final ensemble the submission uses (infer: folds x seeds x checkpoints, fold-weighted, TTA)
-    on the holdout: plain, + CRF, + the refinements in force — predicted once, each refinement timed."""
-    infer, t = judge.params.infer, judge.params.train
-    rnd = 2 if infer.round == 2 and has_round2 else 1
-    final = ModelSet.final(infer, t, judge.ws)
-    final = replace(final, dir=judge.ws.models(rnd))
-    base = f"final ensemble (infer params, round {rnd})"
-    refiners = {"final": (base, None), "final_crf": (base + " + CRF", with_crf)}
+def final_rows(judge: Judge, held: pd.DataFrame, recipe: Recipe, refiner: Refiner, with_crf: Refiner,
+               table: VariantTable, prefix: str, base: str) -> None:
+    """The final ensemble of `recipe` (folds x seeds x checkpoints, fold-weighted, TTA) on the holdout:
+    plain, + CRF, + the refinements in force (ids <prefix>, <prefix>_crf, ...) — predicted once, each
+    refinement timed."""
+    refiners = {prefix: (base, None), f"{prefix}_crf": (base + " + CRF", with_crf)}
     if refiner.rules is not None and refiner.rules.active:
         crf = refiner.crf is not None
-        refiners["final_crf_postprocess" if crf else "final_postprocess"] = (
+        refiners[f"{prefix}_crf_postprocess" if crf else f"{prefix}_postprocess"] = (
             base + (" + CRF" if crf else "") + " + postprocess (OOF-fitted rules)", refiner)
-    refs = final.refs()
-    weights = [w for _, w in final.weighted()]
-    per, rate = judge.run(judge.ensemble(refs, True, weights), held, {i: r for i, (_, r) in refiners.items()})
+    models = judge.models_of(recipe)
+    refs, weights = models.refs(), [w for _, w in models.weighted()]
+    per, rate = judge.run(judge.ensemble(refs, recipe.tta, recipe.scales, weights), held,
+                          {i: r for i, (_, r) in refiners.items()})
     for i, (label, r) in refiners.items():   # each refinement's own cost per image, beside the shared prediction
         cost = refine_cost(r, held, len(judge.classes)) if r is not None else 0.0
         table.add(Variant(i, label, HOLDOUT), per[i], rate, cost)
 
 
-def submitted_id(refiner: Refiner) -> str:
-    """The variant id of what submit applies: the final ensemble, + the refinements in force."""
+def submitted_id(refiner: Refiner, prefix: str = "final") -> str:
+    """The variant id of what submit applies: the final (or chosen) ensemble, + the refinements in force."""
     crf, rules = refiner.crf is not None, refiner.rules is not None and refiner.rules.active
-    return "final" + ("_crf" if crf else "") + ("_postprocess" if rules else "")
+    return prefix + ("_crf" if crf else "") + ("_postprocess" if rules else "")
 
 
-def submitted_variant(table: pd.DataFrame, refiner: Refiner) -> dict:
+def submitted_variant(table: pd.DataFrame, refiner: Refiner, prefix: str = "final") -> dict:
     """The holdout row of what submit applies, as metrics."""
-    vid = submitted_id(refiner)
+    vid = submitted_id(refiner, prefix)
     row = table[(table.judged_on == HOLDOUT) & (table["id"] == vid)] if "id" in table else table.iloc[:0]
     if row.empty:
         return {}
     r = row.iloc[0]
     return {"id": vid, "variant": r["variant"], "metric": r["metric"], "ci95_low": r["ci95_low"],
             "ci95_high": r["ci95_high"], "mIoU": r["mIoU"], "metric_name": table.attrs.get("metric", "mIoU")}
+
+
+def choice_metrics(choice: dict) -> dict:
+    """The choice as DVC/MLflow metrics: mode, what was chosen, and on the holdout chosen vs fixed."""
+    out = {"auto": choice["mode"] == "auto", "round": choice["recipe"]["round"],
+           "tta_views": len(choice["recipe"]["tta"]), "crf": choice["crf"], "rules": choice["rules"]}
+    if "holdout" in choice:
+        h = choice["holdout"]
+        out.update(holdout_chosen=h["chosen"], holdout_fixed=h["fixed"], holdout_diff=h["diff"],
+                   holdout_diff_low=h["low"], holdout_diff_high=h["high"])
+    return out
+
+
+def choice_lines(choice: dict) -> list[str]:
+    """What the stage prints of the choice: the recipe and, on the holdout, chosen vs fixed."""
+    if choice["mode"] != "auto":
+        return [f"final ensemble (infer.choose fixed): {choice['label']}"]
+    out = [f"chosen out of fold: {choice['label']}, CRF {'on' if choice['crf'] else 'off'}, "
+           f"rules {'on' if choice['rules'] else 'off'} (evidence: reports/ensemble/choice.json)"]
+    if "holdout" in choice:
+        h = choice["holdout"]
+        out.append(f"holdout, chosen vs fixed (params): {h['chosen']:.4f} vs {h['fixed']:.4f}, "
+                   f"{h['diff']:+.4f} [{h['low']:+.4f}, {h['high']:+.4f}] (paired, same images)")
+    return out
 
 
 def summary_lines(submitted: dict, fit_log: list[dict], table: pd.DataFrame) -> list[str]:

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pandas as pd
 
 from pipeline.data.dataset import fold_tables
 from pipeline.data.masks import read_classes, target_size
-from pipeline.evaluation.metrics import ConfusionMatrix, scores
+from pipeline.evaluation.metrics import ConfusionMatrix, Metric, scores
 from pipeline.io import atomic_dir, read_index, write_image
 from pipeline.workspace import INDEX, Workspace
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.config import ParamsView
+    from pipeline.config import Infer, ParamsView
     from pipeline.models.checkpoint import ModelSet
 
 
@@ -34,36 +34,41 @@ def read_oof(oof_dir: str | Path) -> pd.DataFrame:
     return read_index(oof_dir, ("probs", "mask"))
 
 
-def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> dict:
-    """Write paths.oof (atomically) from the final ensemble's `models`, each fold's members on that
-    fold's validation images, at most oof.max_side px; return the OOF scores at that resolution.
-    p: params with infer, train, audit and paths."""
+def predict_oof(models: "ModelSet", infer: "Infer", p: "ParamsView", device: "torch.device") -> Iterator[tuple[dict, "torch.Tensor", np.ndarray]]:
+    """Each fold's members of `models` (with infer's TTA and scales) on that fold's validation images, at
+    most oof.max_side px: yields (row: key, fold, height, width; (C, h, w) float32 probabilities; (h, w)
+    uint8 truth, centre-aligned nearest; 255 = ignored). p: params with train, oof and paths."""
     from pipeline.evaluation.scoring import ImageConfusions, predict_rows
     from pipeline.inference.ensemble import Ensemble
 
-    ws, infer, max_side = Workspace(p.paths), p.infer, p.oof.max_side
+    ws, max_side = Workspace(p.paths), p.oof.max_side
     cache = read_classes(ws.masks)
-    classes = cache["classes"]
+    for k in models.folds:
+        val = fold_tables(ws.masks, ws.split, k)[1]
+        ens = Ensemble.from_files([(f, 1.0) for f in models.only(folds=[k]).files()], infer, device)
+        ens.spec.check(f"oof, fold {k}", eval_size=p.train.eval_size, max_side=cache.get("max_side"), classes=cache["classes"])
+        small = [target_size(h, w, max_side) for h, w in zip(val.height.astype(int), val.width.astype(int))]
+        truths = ImageConfusions(val, len(cache["classes"]))
+        for i, (prob,) in predict_rows([ens], val, infer.batch_size, small):
+            yield {"key": val.key[i], "fold": k, "height": small[i][0], "width": small[i][1]}, prob, truths.truth(i, small[i])
+
+
+def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> dict:
+    """Write paths.oof (atomically) from the final ensemble's `models` (predict_oof, with p.infer);
+    return the OOF scores at that resolution. p: params with infer, train, oof and paths."""
+    ws = Workspace(p.paths)
+    classes = read_classes(ws.masks)["classes"]
     cm, rows = ConfusionMatrix(len(classes)), []
     with atomic_dir(ws.oof) as tmp:
         (tmp / "probs").mkdir()
         (tmp / "masks").mkdir()
         shutil.copy(ws.classes_json, tmp / ws.classes_json.name)
-        for k in models.folds:
-            val = fold_tables(ws.masks, ws.split, k)[1]
-            ens = Ensemble.from_files([(f, 1.0) for f in models.only(folds=[k]).files()], infer, device)
-            ens.spec.check(f"oof, fold {k}", eval_size=p.train.eval_size, max_side=cache.get("max_side"), classes=classes)
-            small = [target_size(h, w, max_side) for h, w in zip(val.height.astype(int), val.width.astype(int))]
-            counts = ImageConfusions(val, len(classes))
-            for i, (prob,) in predict_rows([ens], val, infer.batch_size, small):
-                n = len(rows)
-                truth = counts.truth(i, small[i])
-                np.save(tmp / f"probs/{n}.npy", quantise(prob))
-                write_image(tmp / f"masks/{n}.png", truth)
-                counts.count(i, prob.argmax(0).cpu().numpy(), truth=truth)
-                rows.append({"key": val.key[i], "fold": k, "height": small[i][0], "width": small[i][1],
-                             "probs": f"probs/{n}.npy", "mask": f"masks/{n}.png"})
-            cm.merge(counts.per_image[""].sum(0))
+        for row, prob, truth in predict_oof(models, p.infer, p, device):
+            n = len(rows)
+            np.save(tmp / f"probs/{n}.npy", quantise(prob))
+            write_image(tmp / f"masks/{n}.png", truth)
+            cm.merge(Metric().count(prob.argmax(0).cpu().numpy(), truth, len(classes)))
+            rows.append({**row, "probs": f"probs/{n}.npy", "mask": f"masks/{n}.png"})
         pd.DataFrame(rows).to_csv(tmp / INDEX, index=False)
     return scores(cm.numpy(), classes)
 

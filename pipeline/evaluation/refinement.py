@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipeline.data.masks import read_image
 from pipeline.evaluation.metrics import Metric
-from pipeline.evaluation.oof import read_oof
+from pipeline.evaluation.choice import decide
 from pipeline.evaluation.rules import confusions, fit_rules
 from pipeline.evaluation.variants import Variant
 from pipeline.inference.postprocess import Crf, Refiner, crf_of, crf_refine
@@ -27,45 +27,63 @@ if TYPE_CHECKING:
 @dataclass
 class Fitted:
     """What fitting found: what the submission applies (`refiner`: the fitted rules and the CRF in
-    force), the CRF settings judged; the out-of-fold rows for the variant table, each (Variant, (N, C, C) per-image
-    confusions, images/s, extra seconds per image); the rules kept, one row each (`log`)."""
+    force), the CRF settings judged; the out-of-fold rows for the variant table, each (Variant,
+    (N, C, C) per-image confusions, images/s, extra seconds per image); the rules kept, one row each
+    (`log`); with choose, the evidence of the CRF and rules choices (choice.decide's rows)."""
     refiner: Refiner
     settings: Crf
     rows: list[tuple[Variant, np.ndarray, float, float]] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)
+    evidence: list[dict] = field(default_factory=list)
 
 
-def fitted_refiner(p: "ParamsView", classes: list[str], metric: Metric) -> Fitted:
-    """Fit the post-processing rules on the out-of-fold probabilities of the final ensemble's members
-    (paths.oof; after the CRF when infer.crf.enabled) and score them out of fold. The rules are fitted
-    on those images, so their out-of-fold gain is optimistic: the holdout judges them."""
+def fitted_refiner(p: "ParamsView", classes: list[str], metric: Metric, oof: list[tuple[dict, np.ndarray, np.ndarray]],
+                   choose: bool = False) -> Fitted:
+    """Fit the post-processing rules on out-of-fold probabilities `oof` of the final ensemble's members
+    ((row with key, height, width; (C, h, w) uint8 probabilities, as paths.oof keeps them; (h, w) truth);
+    after the CRF when it is on) and score them out of fold. The rules are fitted on those images, so
+    their out-of-fold gain is optimistic: the holdout judges them. CRF on and rules kept: params say
+    (infer.crf.enabled, infer.postprocess), or with `choose` the paired out-of-fold evidence does."""
     settings = crf_of(p.infer.crf)
     crf = settings if p.infer.crf.enabled else None
-    ws = Workspace(p.paths)
-    if not ws.oof_index.exists():
+    if not oof:
         return Fitted(Refiner(None, crf), settings)
-    rows = []
-    index = read_oof(ws.oof)
-    cache = pd.read_csv(ws.mask_index).set_index("key")
-    probs = [np.load(f).astype(np.float32) / 255.0 for f in index.probs]
-    truths = [cv2.imread(f, cv2.IMREAD_UNCHANGED) for f in index["mask"]]
-    photos = [cv2.resize(read_image(cache.image[k], (int(cache.height[k]), int(cache.width[k]))), (int(w), int(h)),
-                         interpolation=cv2.INTER_AREA) for k, h, w in zip(index.key, index.height, index.width)]
-    n, where = len(classes), f"out-of-fold, at most {max(index.height.max(), index.width.max())} px"
+    rows, evidence = [], []
+    cache = pd.read_csv(Workspace(p.paths).mask_index).set_index("key")
+    keys = [r["key"] for r, _, _ in oof]
+    probs = [q.astype(np.float32) / 255.0 for _, q, _ in oof]
+    truths = [t for _, _, t in oof]
+    photos = [cv2.resize(read_image(cache.image[k], (int(cache.height[k]), int(cache.width[k]))), (r["width"], r["height"]),
+                         interpolation=cv2.INTER_AREA) for k, (r, _, _) in zip(keys, oof)]
+    n = len(classes)
+    where = f"out-of-fold, at most {max(max(r['height'], r['width']) for r, _, _ in oof)} px"
     base = np.stack([metric.count(q.argmax(0), t, n).numpy() for q, t in zip(probs, truths)])
     rows.append((Variant("oof_members", "final ensemble's members per fold", where), base, 0.0, 0.0))
     start = time.perf_counter()
     crf_probs = [crf_refine(q, im, settings) for q, im in zip(probs, photos)]
     cost = (time.perf_counter() - start) / max(len(probs), 1)
-    rows.append((Variant("oof_members_crf", "final ensemble's members per fold + CRF", where),
-                 np.stack([metric.count(q.argmax(0), t, n).numpy() for q, t in zip(crf_probs, truths)]), 0.0, cost))
-    used = crf_probs if crf else probs
+    with_crf = np.stack([metric.count(q.argmax(0), t, n).numpy() for q, t in zip(crf_probs, truths)])
+    rows.append((Variant("oof_members_crf", "final ensemble's members per fold + CRF", where), with_crf, 0.0, cost))
+    draws, seed = p.metric.bootstrap, p.metric.seed
+    if choose:
+        kept, found = decide("crf", ("off", base), [("on", with_crf)], metric, draws, seed)
+        crf, evidence = (settings if kept == "on" else None), evidence + found
+    used, used_per = (crf_probs, with_crf) if crf else (probs, base)
     rules, log = fit_rules(used, truths, classes, metric)
+    apply_rules = p.infer.postprocess
     if rules.active:
+        fitted = confusions(used, truths, rules, metric, n)
         rows.append((Variant("oof_members" + ("_crf" if crf else "") + "_postprocess", "final ensemble's members per fold"
                              + (" + CRF" if crf else "") + " + postprocess (fitted here: optimistic)", where),
-                     confusions(used, truths, rules, metric, n), 0.0, 0.0))
-    return Fitted(Refiner(rules if p.infer.postprocess else None, crf), settings, rows, log)
+                     fitted, 0.0, 0.0))
+        if choose:
+            kept, found = decide("rules", ("off", used_per), [("on", fitted)], metric, draws, seed)
+            apply_rules, evidence = kept == "on", evidence + found
+    elif choose:
+        apply_rules = False
+        evidence.append({"choice": "rules", "option": "off", "vs": None, "oof_metric": metric.value(used_per),
+                         "diff": None, "low": None, "high": None, "taken": True, "note": "no rule gained out of fold"})
+    return Fitted(Refiner(rules if apply_rules else None, crf), settings, rows, log, evidence)
 
 
 def refine_cost(refine: Refiner, held: pd.DataFrame, n_cls: int) -> float:

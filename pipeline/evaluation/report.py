@@ -227,6 +227,7 @@ def _ensembles(ws: Workspace, m: dict) -> str:
              "leaderboard's (params metric), with its 95 % bootstrap interval over images; vs_submitted: a holdout "
              "row's metric minus the submission's on the same images, with its paired 95 % interval</p>" +
              _table(v[cols].sort_values(["judged_on", "mIoU"], ascending=[True, False])))
+    part += _choice(_json(files.choice_json))
     refine = _json(files.postprocess_json)
     kept = [r for r in refine.get("fitted", []) if r.get("rule") != "none"]
     if kept:
@@ -234,6 +235,28 @@ def _ensembles(ws: Workspace, m: dict) -> str:
                  "out-of-fold metric rose and no class lost more than 0.002 IoU; applied by submit and predict"
                  + (" (with the dense CRF)" if refine.get("crf") else "") + "</p>" + _table(pd.DataFrame(kept)))
     return part
+
+
+def _choice(choice: dict) -> str:
+    """What the final ensemble is and why: the recipe chosen out of fold with its evidence, and whether
+    the choice helped on the holdout it never read."""
+    if not choice:
+        return ""
+    if choice["mode"] != "auto":
+        return f"<h3>Final ensemble</h3><p>infer.choose fixed: {choice['label']} (params decide)</p>"
+    part = (f"<h3>Final ensemble, chosen out of fold</h3><p><b>{choice['label']}</b>, CRF "
+            f"{'on' if choice['crf'] else 'off'}, post-processing rules {'on' if choice['rules'] else 'off'}. "
+            "Each choice in order; an option replaces the current one only when its paired 95 % interval over the "
+            "out-of-fold images lies above 0 (the simpler one wins ties). The holdout is read by none of it.</p>")
+    h = choice.get("holdout")
+    if h:
+        verdict = ("helped" if h["low"] > 0 else "cost mIoU" if h["high"] < 0 else "made no difference beyond chance")
+        part += (f"<p>On the holdout (never read by the choice): chosen {h['chosen']:.4f} vs the fixed params recipe "
+                 f"{h['fixed']:.4f}, {h['diff']:+.4f} [{h['low']:+.4f}, {h['high']:+.4f}] paired: the choice "
+                 f"<b>{verdict}</b>.</p>")
+    rows = pd.DataFrame(choice["evidence"])
+    cols = [c for c in ("choice", "option", "vs", "oof_metric", "diff", "low", "high", "taken") if c in rows]
+    return part + _table(rows[cols])
 
 
 def _blend(ws: Workspace, m: dict) -> str:
