@@ -246,7 +246,8 @@ def test_a_rerun_reuses_finished_training_and_mlflow_records_each_repro(repro):
     # IoU, the submitted variant's holdout score with its interval, training minutes.
     head, sub = parents[0].data.metrics, read(ws, "ensemble")["submitted"]
     assert len(head) <= 25 and head["cv/mIoU"] == pytest.approx(read(ws, "cv")["mIoU"])
-    assert {"cv/mIoU_ci95_low", "cv/mIoU_ci95_high", "cv/IoU/Battery", "holdout/mIoU_ci95_low", "train/minutes"} <= set(head)
+    assert {"cv/mIoU_ci95_low", "cv/mIoU_ci95_high", "cv/IoU/Battery", "holdout/mIoU_ci95_low", "train/minutes",
+            "choice/holdout_vs_fixed", "choice/holdout_vs_fixed_low"} <= set(head)   # the chosen recipe minus the fixed
     assert head["holdout/mIoU"] == pytest.approx(sub["mIoU"]) and parents[0].data.tags["pipeline.submitted"] == sub["id"]
     for parent in parents:   # a reused run still shows the whole curve
         run = next(r for r in runs if r.info.run_name.endswith("train@1-0")

@@ -90,8 +90,8 @@ def parent_metrics(stage: str, details: dict[str, Any]) -> dict[str, float]:
         if s.get("ci95"):
             out.update({f"holdout/{s['metric_name']}_ci95_low": s["ci95"][0],
                         f"holdout/{s['metric_name']}_ci95_high": s["ci95"][1]})
-        choice = details.get("ensemble", {}).get("choice") or {}   # infer.choose auto: chosen vs fixed recipe
-        out.update({f"choice/{k}": float(v) for k, v in choice.items() if isinstance(v, (int, float))})
+        choice = details.get("ensemble", {}).get("choice") or {}   # infer.choose auto: chosen minus fixed recipe
+        out.update({f"choice/{k}": v for k, v in choice.items() if k.startswith("holdout_vs_fixed")})
         return out
     raise KeyError(f"no parent metrics for stage {stage!r}")
 

@@ -27,6 +27,7 @@ from pipeline.evaluation.scoring import holdout_table, score_images
 from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, variants
 from pipeline.inference.ensemble import Ensemble, load_member
 from pipeline.inference.postprocess import Refiner
+from pipeline.inference.tta import expand, scaled_side
 from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet, fold_weights
 from pipeline.workspace import Workspace
 
@@ -130,7 +131,12 @@ class Judge:
                 if ModelSet(self.ws.models(rnd), tuple(t.folds), tuple(t.seeds), (c,)).exists()]
 
     def recipe_oof(self, recipe: Recipe) -> np.ndarray:
-        return self.oof_images(self.models_of(recipe).refs(), recipe.tta, recipe.scales)[0]
+        """(N, C, C) per-image out-of-fold confusions of the recipe's members. Scales that every input
+        (train.eval_size) rounds back to its own size are the identity: scored once, as 1.0."""
+        size, scales = self.params.train.eval_size, recipe.scales
+        if size and all(scaled_side(size, s) == size for s in scales):
+            scales = (1.0,)
+        return self.oof_images(self.models_of(recipe).refs(), recipe.tta, scales)[0]
 
     def recipe_probabilities(self, recipe: Recipe) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """The recipe's out-of-fold probabilities as paths.oof keeps them (oof.max_side, uint8)."""
@@ -247,13 +253,13 @@ def submitted_variant(table: pd.DataFrame, refiner: Refiner, prefix: str = "fina
 
 
 def choice_metrics(choice: dict) -> dict:
-    """The choice as DVC/MLflow metrics: mode, what was chosen, and on the holdout chosen vs fixed."""
+    """The choice as DVC/MLflow metrics: mode, what was chosen, and on the holdout the chosen recipe minus
+    the fixed one (paired interval; the chosen one's own score is the submitted variant's)."""
     out = {"auto": choice["mode"] == "auto", "round": choice["recipe"]["round"],
-           "tta_views": len(choice["recipe"]["tta"]), "crf": choice["crf"], "rules": choice["rules"]}
+           "tta_views": len(expand(choice["recipe"]["tta"])), "crf": choice["crf"], "rules": choice["rules"]}
     if "holdout" in choice:
         h = choice["holdout"]
-        out.update(holdout_chosen=h["chosen"], holdout_fixed=h["fixed"], holdout_diff=h["diff"],
-                   holdout_diff_low=h["low"], holdout_diff_high=h["high"])
+        out.update(holdout_vs_fixed=h["diff"], holdout_vs_fixed_low=h["low"], holdout_vs_fixed_high=h["high"])
     return out
 
 

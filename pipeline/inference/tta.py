@@ -56,7 +56,8 @@ def expand(views: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _size(s: int, scale: float) -> int:
+def scaled_side(s: int, scale: float) -> int:
+    """The side an input of side s is resized to at `scale`: the nearest multiple of 32, at least 32."""
     return max(32, int(round(s * scale / 32)) * 32)
 
 
@@ -68,7 +69,7 @@ def tta_proba(model, x: torch.Tensor, views: list[str] = ("identity",), scales: 
     n, _, h, w = x.shape
     total, count = None, 0
     for scale in scales:
-        xs = x if scale == 1.0 else F.interpolate(x, size=(_size(h, scale), _size(w, scale)), mode="bilinear",
+        xs = x if scale == 1.0 else F.interpolate(x, size=(scaled_side(h, scale), scaled_side(w, scale)), mode="bilinear",
                                                  align_corners=False)
         groups: dict[tuple, list[str]] = {}
         for name in names:
