@@ -304,7 +304,12 @@ def test_a_team_shares_experiments_through_git_dvc_remotes_and_one_mlflow_server
     assert list(table.variant) == ["this experiment alone", "twin alone", "equal-weight blend",
                                    "fitted blend (OOF hill-climbing)"] and table.holdout_mIoU.nunique() == 1
     assert (table.vs_best_single == 0).all()
-    assert (b / "data/blend/twin/models_round2/fold_1/seed_0/best.pt").exists()
+    # What was copied of the twin: its chosen recipe (choice.json) and that recipe's checkpoints (the same
+    # data and code as this workspace: the same choice)
+    twin = json.loads((b / "data/blend/twin/reports/ensemble/choice.json").read_text())["recipe"]
+    assert twin == json.loads((b / "reports/ensemble/choice.json").read_text())["recipe"]
+    folder = "models" if twin["round"] == 1 else "models_round2"
+    assert all((b / f"data/blend/twin/{folder}/fold_1/seed_0/{c}.pt").exists() for c in twin["checkpoints"])
     assert (b / "submission/submission.csv").read_bytes() == submission
     # One truth for "submitted": B's headline, leaderboard row, report card and parent run agree.
     head = json.loads((b / "metrics/blend.json").read_text())["blend"]
