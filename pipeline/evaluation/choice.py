@@ -60,17 +60,14 @@ def decide(choice: str, current: tuple[str, np.ndarray], candidates: list[tuple[
     name kept and one evidence row per option: choice, option, vs, oof_metric, diff, low, high, taken."""
     name, per = current
     rows = [{"choice": choice, "option": name, "vs": None, "oof_metric": metric.value(per), "diff": None,
-             "low": None, "high": None, "taken": True}]
+             "low": None, "high": None}]
     for other, other_per in candidates:
         d = stats.paired(metric, other_per, per, draws, seed)
-        taken = d["low"] > 0
-        rows.append({"choice": choice, "option": other, "vs": name, "oof_metric": metric.value(other_per), **d,
-                     "taken": taken})
-        if taken:
-            rows[0]["taken"] = False
-            for r in rows[:-1]:
-                r["taken"] = False
+        rows.append({"choice": choice, "option": other, "vs": name, "oof_metric": metric.value(other_per), **d})
+        if d["low"] > 0:
             name, per = other, other_per
+    for r in rows:
+        r["taken"] = r["option"] == name
     return name, rows
 
 
