@@ -27,10 +27,15 @@ def confusions(probs: list[np.ndarray], truths: list[np.ndarray], rules: Rules, 
 def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[str], metric: Metric,
               tolerance: float = TOLERANCE) -> tuple[Rules, list[dict]]:
     """Greedy search on out-of-fold (C, h, w) float probabilities and their truths: (rules, one row
-    per rule kept: what, the metric before and after)."""
+    per rule kept: what, the metric before and after).
+
+    A size or hole rule of class c is tried only on the images whose current map has c: the rules only
+    ever turn pixels into c unless c's own minimum size removes them (tried once, from 0), so an image
+    without c keeps its map and its confusion — the same answer as recomputing every image."""
     n = len(classes)
     rules, logps = Rules.none(n), [log_probs(p) for p in probs]
-    per = confusions(probs, truths, rules, metric, n, logps)
+    preds = [decide(lp, rules) for lp in logps]
+    per = np.stack([metric.count(pr, t, n).numpy() for pr, t in zip(preds, truths)])
     best, iou = metric.value(per), _ious(per, classes)
     kept = [{"rule": "none", "metric": best}]
     candidates = ([("bias", c, b) for c in range(n) for b in BIASES]
@@ -42,16 +47,24 @@ def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[s
     for (what, c), values in groups.items():
         if what != "bias" and not any((t == c).any() for t in truths) and not any((p.argmax(0) == c).any() for p in probs):
             continue
+        touched = range(len(preds)) if what == "bias" else [i for i, pr in enumerate(preds) if (pr == c).any()]
+        if not touched:
+            continue
         trial = []
         for v in values:
             r = rules.changed(c, **{what: v})
-            per = confusions(probs, truths, r, metric, n, logps)
-            value, ious = metric.value(per), _ious(per, classes)
+            maps = {i: decide(logps[i], r) for i in touched}
+            trial_per = per.copy()
+            for i, pr in maps.items():
+                trial_per[i] = metric.count(pr, truths[i], n).numpy()
+            value, ious = metric.value(trial_per), _ious(trial_per, classes)
             worst = max((iou[k] - ious[k] for k in iou if k in ious), default=0.0)
             if value > best + 1e-9 and worst <= tolerance:
-                trial.append((value, v, r, ious))
+                trial.append((value, v, r, ious, trial_per, maps))
         if trial:
-            value, v, rules, iou = max(trial, key=lambda x: x[0])
+            value, v, rules, iou, per, maps = max(trial, key=lambda x: x[0])
+            for i, pr in maps.items():
+                preds[i] = pr
             kept.append({"rule": f"{classes[c]}: {what} = {v}", "metric": value, "gain": value - best})
             best = value
     return rules, kept
