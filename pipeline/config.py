@@ -133,6 +133,8 @@ class Runtime(_Section):
     data_workers: int = Field(0, ge=0)     # masks, eda, near-dups processes; 0 = all cores
     infer_batch_size: int = Field(8, ge=1)
     gallery: int = Field(6, ge=0)          # validation images drawn per fold
+    save_every_s: float = Field(30.0, ge=0)  # last.pt at most this often (and at every run state's end): an
+                                           # interruption retrains at most this much; 0 = after every epoch
 
 
 class _UsesRuntime(_Section):
@@ -300,6 +302,10 @@ class Train(_UsesRuntime):
     @property
     def gallery(self) -> int:
         return self._runtime.gallery
+
+    @property
+    def save_every_s(self) -> float:
+        return self._runtime.save_every_s
 
     def validates(self, epoch: int, epochs: int) -> bool:
         """Whether 0-based `epoch` of `epochs` is validated: every val_every-th, and always the last."""

@@ -181,7 +181,9 @@ def easy_dataset(root, n=48, size=64, seed=SEED):
     write_coco(root, images, anns, ["square", "disc"], write_images=False)
 
 
-def params_for(tmp, **train):
+def params_for(tmp, runtime=None, **train):
+    """Train params for the easy workspace; last.pt after every epoch (runtime.save_every_s 0) unless
+    runtime says otherwise."""
     from pipeline.config import Params
     from pipeline.training.run import PARAMS
 
@@ -191,7 +193,7 @@ def params_for(tmp, **train):
                         metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
     raw["train"].update(dict(epochs=6, batch_size=8, image_size=64, lr=3e-3, loss={"ce": 1.0}, augment=["hflip"],
                              warmup_epochs=0.5, ema=None), **train)   # EMA: opt in
-    raw["runtime"].update(workers=0, gallery=2)
+    raw["runtime"].update(dict(workers=0, gallery=2, save_every_s=0), **(runtime or {}))
     return Params.model_validate(raw).only(*PARAMS)
 
 

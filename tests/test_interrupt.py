@@ -27,7 +27,7 @@ def workdir(tmp, name):
                         masks=str(tmp / "masks"), split=str(tmp / "split"))
     raw["train"].update(folds=[0], epochs=EPOCHS, batch_size=6, image_size=64, augment=["hflip", "color"], cutmix=0.5,
                         swa_epochs=2, ema={"decay": 0.9, "warmup": True})
-    raw["runtime"].update(gallery=1)
+    raw["runtime"].update(gallery=1, save_every_s=0)
     (tmp / name).mkdir()
     (tmp / name / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(), sort_keys=False))
     return tmp / name

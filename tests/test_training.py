@@ -195,6 +195,30 @@ def outputs(out) -> dict:
     return got
 
 
+def test_short_epochs_are_saved_every_save_every_s_and_the_run_still_resumes(prepared, monkeypatch):
+    """runtime.save_every_s: an epoch shorter than it since the last save leaves last.pt alone (the
+    last epoch's is always written); a run killed before any save starts afresh and ends where an
+    uninterrupted one does."""
+    p = params_for(prepared, runtime={"save_every_s": 3600}, epochs=3)
+    out = prepared / "models/fold_2/seed_0"
+    shutil.rmtree(prepared / "models/fold_2", ignore_errors=True)
+    with monkeypatch.context() as m:
+        kill_in(m, "training")            # dies in epoch 2: epoch 1 was not saved
+        with pytest.raises(Killed):
+            train_fold(2, 0, p)
+    assert not (out / "last.pt").exists()
+    train_fold(2, 0, p)
+    last = load_checkpoint(out / "last.pt")
+    assert last["state"] == "done" and [h["epoch"] for h in last["history"]] == [1, 2, 3]
+    shutil.rmtree(prepared / "models/fold_2")
+    with monkeypatch.context() as m:
+        kill_in(m, "training")
+        with pytest.raises(Killed):
+            train_fold(2, 0, params_for(prepared, runtime={"save_every_s": 0}, epochs=3))
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1   # 0: every epoch
+    shutil.rmtree(prepared / "models/fold_2")
+
+
 def test_a_run_killed_in_any_state_resumes_in_it_and_equals_an_uninterrupted_one(prepared, monkeypatch):
     """The run state in last.pt (training -> averaging -> finishing -> done): a run killed in any of
     them resumes there — no finished epoch is retrained, no finished average recomputed — and

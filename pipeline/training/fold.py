@@ -37,6 +37,7 @@ class FoldJob:
     mlflow_run: Any = None      # the stage's MLflow child run (rank 0)
     dist: distributed.Dist = field(default_factory=distributed.Dist)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _identity: Optional[dict[str, str]] = field(default=None, repr=False)
 
     @property
     def workspace(self) -> Workspace:
@@ -60,7 +61,13 @@ class FoldJob:
         return "train_round2" if self.round2 else "train"
 
     def identity(self) -> dict[str, str]:
-        """What a checkpoint must match to be resumed or reused: params, fold, seed, data and code."""
+        """What a checkpoint must match to be resumed or reused: params, fold, seed, data and code
+        (computed once: every checkpoint of the run carries it)."""
+        if self._identity is None:
+            self._identity = self._compute_identity()
+        return self._identity
+
+    def _compute_identity(self) -> dict[str, str]:
         return {**{k: str(v) for k, v in self.params.flat().items() if k not in ("train.folds", "train.seeds")},
                 "fold": str(self.fold), "seed": str(self.seed), "data": fingerprint(*self.inputs),
                 "round": "2" if self.round2 else "1"}

@@ -68,6 +68,7 @@ class Trainer:
         self.averaged: list[str] = []   # the averages already validated and saved
         self.scores: dict = {}          # the best checkpoint's, once finished
         self.reused = False             # a finished run: its files stay byte for byte (DVC sees nothing changed)
+        self.saved_at = time.monotonic()  # when last.pt was last written (runtime.save_every_s)
 
     def fit(self) -> dict:
         """Run (or resume) the states to `done`; return the best checkpoint's scores."""
@@ -296,7 +297,8 @@ class Trainer:
         self.best_metric = max(self.best_metric, s["metric"])
 
     def end_epoch(self, epoch: int, row: dict, seconds: float) -> None:
-        """SWA's update, the history row (MLflow, console) and last.pt."""
+        """SWA's update, the history row (MLflow, console) and last.pt (the last epoch's always; an
+        earlier one's when runtime.save_every_s have passed since the last save)."""
         job = self.job
         if "swa" in self.averages and epoch >= job.epochs - self.train_params.swa_epochs:
             self.averages["swa"].update_parameters(self.model)
@@ -306,6 +308,8 @@ class Trainer:
         job.say(f"{job.name} epoch {epoch + 1}/{job.epochs}: train loss {row['train/loss']:.4f}" + (
             f"  val loss {row['val/loss']:.4f}  val mIoU {row['val/mIoU']:.4f}" if "val/mIoU" in row else ""))
         self.epoch = epoch + 1
+        if self.epoch < job.epochs and time.monotonic() - self.saved_at < self.train_params.save_every_s:
+            return   # last.pt costs about a second on CPU: short epochs are saved every save_every_s
         self.save("training" if self.epoch < job.epochs else "averaging")
         if self.dist.main:
             entrypoint.kept(f"{job.name}: {job.member.checkpoint('last')} holds epoch {self.epoch} of {job.epochs}; "
@@ -411,6 +415,7 @@ class Trainer:
     def save(self, state: str) -> None:
         """last.pt in `state`: while training or averaging, everything resuming needs; after, the
         final weights and the history (the optimizer state was only needed to resume)."""
+        self.saved_at = time.monotonic()
         if not self.dist.main:
             return
         job = self.job
