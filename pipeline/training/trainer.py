@@ -11,11 +11,12 @@ Like nnU-Net's trainer, the class is the recipe and its methods are the run:
 A variant overrides one method: round 2 (`Round2Trainer`) starts from round 1's weights
 (`initial_weights`) and keeps no weight averages (`build_averages`).
 
-The run state, saved in last.pt after every step that costs time, is one of
+The run state, saved in last.pt after every step that costs time (epochs: every
+runtime.save_every_s), is one of
 
-    training  -> averaging -> finishing -> done
+    training  -> averaging (SWA, EMA; skipped when there are none) -> finishing -> done
 
-A run killed in any state resumes in it: finished epochs are never retrained, a finished average
+A run killed in any state resumes in it: saved epochs are never retrained, a finished average
 never recomputed. `done` is reused as is (its reports are written again: DVC removed them).
 """
 from __future__ import annotations
@@ -173,7 +174,7 @@ class Trainer:
                 row.update({"val/loss": val_loss, **flat_scores(s, "val")})
                 self.keep_best(epoch, s, confusion, per_image)
             self.end_epoch(epoch, row, time.perf_counter() - began)
-        self.state = "averaging"
+        self.state = self.after_training
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training images; mean loss (and each loss term) per image, over every rank."""
@@ -310,10 +311,15 @@ class Trainer:
         self.epoch = epoch + 1
         if self.epoch < job.epochs and time.monotonic() - self.saved_at < self.train_params.save_every_s:
             return   # last.pt costs about a second on CPU: short epochs are saved every save_every_s
-        self.save("training" if self.epoch < job.epochs else "averaging")
+        self.save("training" if self.epoch < job.epochs else self.after_training)
         if self.dist.main:
             entrypoint.kept(f"{job.name}: {job.member.checkpoint('last')} holds epoch {self.epoch} of {job.epochs}; "
                      "`dvc repro` resumes from there")
+
+    @property
+    def after_training(self) -> str:
+        """The state the last epoch leads to: averaging (SWA, EMA), or finishing when there is nothing to average."""
+        return "averaging" if self.averages else "finishing"
 
     # ------------------------------------------------------------------ state: averaging
     def average(self) -> None:
@@ -321,7 +327,8 @@ class Trainer:
             if name not in self.averaged:
                 self.average_model(name, averaged_model)
                 self.averaged.append(name)
-                self.save("averaging")
+                if len(self.averaged) < len(self.averages):   # after the last one, straight to finishing
+                    self.save("averaging")
         self.save("finishing")
         self.state = "finishing"
 
@@ -413,15 +420,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ last.pt
     def save(self, state: str) -> None:
-        """last.pt in `state`: while training or averaging, everything resuming needs; after, the
-        final weights and the history (the optimizer state was only needed to resume)."""
+        """last.pt in `state`: while training, everything resuming needs (optimizer, schedule, scaler,
+        averages, RNG); while averaging, the averages and the RNG; after, the final weights and the
+        history (the optimizer state is only needed to train on)."""
         self.saved_at = time.monotonic()
         if not self.dist.main:
             return
         job = self.job
         resume = {} if state in ("finishing", "done") else dict(
-            optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(), scaler=self.scaler.state_dict(),
             rng=torch.get_rng_state(), averages={k: v.state_dict() for k, v in self.averages.items()})
+        if state == "training":
+            resume.update(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+                          scaler=self.scaler.state_dict())
         write_json(job.member.epoch_seconds, [h.get(EPOCH_S) for h in self.history])
         history = [{k: v for k, v in h.items() if k != EPOCH_S} for h in self.history]
         save_checkpoint(job.member.checkpoint("last"), state=state, model=self.model.state_dict(), epoch=self.epoch,
@@ -461,10 +471,11 @@ class Trainer:
         if self.state in ("training", "averaging"):
             for name, averaged_model in self.averages.items():
                 averaged_model.load_state_dict(ck["averages"][name])
+            torch.set_rng_state(ck["rng"])
+        if self.state == "training":
             self.optimizer.load_state_dict(ck["optimizer"])
             self.schedule.load_state_dict(ck["schedule"])
             self.scaler.load_state_dict(ck["scaler"])
-            torch.set_rng_state(ck["rng"])
         job.log(self.history)   # a resumed run still shows its whole curve
         if self.state == "done":
             job.say(f"{job.name}: already trained with these params, data and code; reusing it")
