@@ -78,7 +78,10 @@ class Judge:
         self.ws, self.models, self.scored, self.probabilities = Workspace(p.paths), {}, {}, {}
 
     def model(self, ref: ModelRef) -> tuple[torch.nn.Module, InputSpec]:
-        f = ModelSet(Path(ref.dir), (ref.fold,), (ref.seed,), (ref.checkpoint,)).files()[0]   # an error names a missing one
+        return self.member(ModelSet(Path(ref.dir), (ref.fold,), (ref.seed,), (ref.checkpoint,)).files()[0])   # an error names a missing one
+
+    def member(self, f: Path) -> tuple[torch.nn.Module, InputSpec]:
+        """A checkpoint file's model, loaded once."""
         if f not in self.models:
             self.models[f] = load_member(f, self.device, self.params.infer.batch_size)
         return self.models[f]
@@ -143,7 +146,7 @@ class Judge:
         if recipe not in self.probabilities:
             i = self.params.infer.model_copy(update=recipe.to_json())
             self.probabilities[recipe] = [(row, quantise(prob), truth) for row, prob, truth in
-                                          predict_oof(self.models_of(recipe), i, self.params, self.device)]
+                                          predict_oof(self.models_of(recipe), i, self.params, self.device, self.member)]
         return self.probabilities[recipe]
 
 

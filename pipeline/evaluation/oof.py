@@ -34,10 +34,12 @@ def read_oof(oof_dir: str | Path) -> pd.DataFrame:
     return read_index(oof_dir, ("probs", "mask"))
 
 
-def predict_oof(models: "ModelSet", infer: "Infer", p: "ParamsView", device: "torch.device") -> Iterator[tuple[dict, "torch.Tensor", np.ndarray]]:
+def predict_oof(models: "ModelSet", infer: "Infer", p: "ParamsView", device: "torch.device",
+                load=None) -> Iterator[tuple[dict, "torch.Tensor", np.ndarray]]:
     """Each fold's members of `models` (with infer's TTA and scales) on that fold's validation images, at
     most oof.max_side px: yields (row: key, fold, height, width; (C, h, w) float32 probabilities; (h, w)
-    uint8 truth, centre-aligned nearest; 255 = ignored). p: params with train, oof and paths."""
+    uint8 truth, centre-aligned nearest; 255 = ignored). p: params with train, oof and paths; load: as
+    Ensemble.from_files takes it."""
     from pipeline.evaluation.scoring import ImageConfusions, predict_rows
     from pipeline.inference.ensemble import Ensemble
 
@@ -45,7 +47,7 @@ def predict_oof(models: "ModelSet", infer: "Infer", p: "ParamsView", device: "to
     cache = read_classes(ws.masks)
     for k in models.folds:
         val = fold_tables(ws.masks, ws.split, k)[1]
-        ens = Ensemble.from_files([(f, 1.0) for f in models.only(folds=[k]).files()], infer, device)
+        ens = Ensemble.from_files([(f, 1.0) for f in models.only(folds=[k]).files()], infer, device, load=load)
         ens.spec.check(f"oof, fold {k}", eval_size=p.train.eval_size, max_side=cache.get("max_side"), classes=cache["classes"])
         small = [target_size(h, w, max_side) for h, w in zip(val.height.astype(int), val.width.astype(int))]
         truths = ImageConfusions(val, len(cache["classes"]))

@@ -51,9 +51,10 @@ def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[s
         if not touched:
             continue
         trial = []
+        fast = _bias_maps(logps, rules, c, values) if what == "bias" and not rules.shapes else None
         for v in values:
             r = rules.changed(c, **{what: v})
-            maps = {i: decide(logps[i], r) for i in touched}
+            maps = dict(enumerate(fast[v])) if fast else {i: decide(logps[i], r) for i in touched}
             trial_per = per.copy()
             for i, pr in maps.items():
                 trial_per[i] = metric.count(pr, truths[i], n).numpy()
@@ -68,6 +69,23 @@ def fit_rules(probs: list[np.ndarray], truths: list[np.ndarray], classes: list[s
             kept.append({"rule": f"{classes[c]}: {what} = {v}", "metric": value, "gain": value - best})
             best = value
     return rules, kept
+
+
+def _bias_maps(logps: list[np.ndarray], rules: Rules, c: int, values) -> dict[float, list[np.ndarray]]:
+    """{bias of class c: every image's map} under `rules` that hold biases only (decide is then an argmax):
+    the best other class is found once per image, each value compared with it (argmax's tie rule kept:
+    the lower class index wins)."""
+    bias = np.asarray(rules.bias, dtype=np.float32)[:, None, None]
+    out: dict[float, list[np.ndarray]] = {v: [] for v in values}
+    for lp in logps:
+        others = lp + bias
+        others[c] = -np.inf
+        arg = others.argmax(0)
+        top = np.take_along_axis(others, arg[None], 0)[0]
+        for v in values:
+            x = lp[c] + np.float32(v)
+            out[v].append(np.where((x > top) | ((x == top) & (c < arg)), c, arg).astype(np.uint8))
+    return out
 
 
 def _ious(per_image: np.ndarray, classes: list[str]) -> dict[str, float]:

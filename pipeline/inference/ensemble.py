@@ -79,10 +79,12 @@ class Ensemble:
 
     @classmethod
     def from_files(cls, members: list[tuple[Path, float]], infer: "Infer", device: torch.device,
-                   refine: Optional[Refiner] = None) -> "Ensemble":
+                   refine: Optional[Refiner] = None, load: Optional[Callable] = None) -> "Ensemble":
         """The ensemble of checkpoint files (file, weight) with `infer`'s TTA views, scales and amp;
-        `spec`: the InputSpec its members share (they must)."""
-        loaded = [(load_member(f, device, infer.batch_size), w) for f, w in members]
+        `spec`: the InputSpec its members share (they must). load(file): a loader that keeps models
+        already loaded (default: load_member)."""
+        load = load or (lambda f: load_member(f, device, infer.batch_size))
+        loaded = [(load(f), w) for f, w in members]
         spec = InputSpec.common([s for (_, s), _ in loaded], ", ".join(sorted({str(f) for f, _ in members})))
         return cls([(m, w) for (m, _), w in loaded], infer.tta, infer.scales, device, infer.amp, refine, spec)
 

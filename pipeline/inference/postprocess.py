@@ -45,7 +45,12 @@ class Rules:
 
     @property
     def active(self) -> bool:
-        return any(self.bias) or any(self.min_size) or any(self.fill_holes)
+        return any(self.bias) or self.shapes
+
+    @property
+    def shapes(self) -> bool:
+        """Whether any rule works on regions (sizes, holes) rather than on the probabilities alone."""
+        return any(self.min_size) or any(self.fill_holes)
 
     def changed(self, c: int, **kw) -> "Rules":
         r = Rules(list(self.bias), list(self.min_size), list(self.fill_holes))
