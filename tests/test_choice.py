@@ -72,3 +72,33 @@ def test_choose_recipe_walks_every_choice():
 def test_without_round_2_round_2_is_not_a_candidate():
     recipe, evidence = choose_recipe(lambda r: images(BASE), Recipe(2), False, lambda rnd: ["best"], Metric())
     assert recipe == Recipe() and [r["option"] for r in evidence if r["choice"] == "round"] == [Recipe().label()]
+
+
+def test_a_checkpoint_holding_the_same_weights_as_another_is_one_model(tmp_path):
+    """best.pt and last.pt of a run whose best epoch was its last hold one model: the judge predicts it
+    once (`last` and `best + last` are then `best`'s out-of-fold confusions); other weights stay apart."""
+    import torch
+
+    from pipeline.config import Params
+    from pipeline.evaluation.judge import Judge
+    from pipeline.models.checkpoint import InputSpec, ModelRef, save_checkpoint
+    from pipeline.models.factory import build_model
+
+    classes = ["Background", "a"]
+    spec = InputSpec(tuple(classes), max_side=None, eval_size=64, window=None).to_dict()
+    torch.manual_seed(0)
+    model = build_model("unet", "resnet18", None, len(classes))
+    out = tmp_path / "models/fold_0/seed_0"
+    out.mkdir(parents=True)
+    meta = dict(classes=classes, params={"model": "unet", "encoder": "resnet18"}, input_spec=spec)
+    save_checkpoint(out / "best.pt", model=model.state_dict(), epoch=12, **meta)
+    save_checkpoint(out / "last.pt", model=model.state_dict(), epoch=12, state="done", **meta)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_checkpoint(out / "ema.pt", model=model.state_dict(), epoch=12, **meta)
+    raw = Params().model_dump()
+    raw["paths"]["models"] = str(tmp_path / "models")
+    judge = Judge(Params.model_validate(raw).only("paths", "infer", "metric", "train"), classes, torch.device("cpu"))
+    best, last, ema = (ModelRef(tmp_path / "models", 0, 0, c) for c in ("best", "last", "ema"))
+    assert judge.canonical(best) == best and judge.canonical(last) == best   # the first one seen stands for both
+    assert judge.canonical(ema) == ema

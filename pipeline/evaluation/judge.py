@@ -28,7 +28,7 @@ from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, variants
 from pipeline.inference.ensemble import Ensemble, load_member
 from pipeline.inference.postprocess import Refiner
 from pipeline.inference.tta import expand, scaled_side
-from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet, fold_weights
+from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet, content_digest, fold_weights
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ class Judge:
     def __init__(self, p: "ParamsView", classes: list[str], device: torch.device):
         self.params, self.classes, self.device, self.metric = p, classes, device, Metric.of(p.metric)
         self.ws, self.models, self.scored, self.probabilities = Workspace(p.paths), {}, {}, {}
+        self.same: dict[tuple[int, str], ModelRef] = {}   # (fold, weights digest) -> the first ref holding them
+        self.canon: dict[ModelRef, ModelRef] = {}
 
     def model(self, ref: ModelRef) -> tuple[torch.nn.Module, InputSpec]:
         return self.member(ModelSet(Path(ref.dir), (ref.fold,), (ref.seed,), (ref.checkpoint,)).files()[0])   # an error names a missing one
@@ -104,9 +106,19 @@ class Judge:
     def out_of_fold(self, v: Variant) -> tuple[np.ndarray, float]:
         return self.oof_images(v.members, *self.views(v))
 
+    def canonical(self, ref: ModelRef) -> ModelRef:
+        """The first ref of its fold holding the same weights: best.pt and last.pt of a run whose best
+        epoch was its last are one model, predicted once."""
+        if ref not in self.canon:
+            weights = content_digest(self.model(ref)[0].state_dict())
+            self.canon[ref] = self.same.setdefault((ref.fold, weights), ref)
+        return self.canon[ref]
+
     def oof_images(self, members, views, scales) -> tuple[np.ndarray, float]:
-        """((N, C, C) per-image confusions over every fold's validation images, fold after fold; images/s)."""
-        key = (tuple(members), tuple(views), tuple(scales))
+        """((N, C, C) per-image confusions over every fold's validation images, fold after fold; images/s).
+        Members with the same weights count once (an equal-weight mean of one model twice is that model)."""
+        members = tuple(dict.fromkeys(self.canonical(r) for r in members))
+        key = (members, tuple(views), tuple(scales))
         if key not in self.scored:
             per, seconds = [], 0.0
             for k in self.params.train.folds:
