@@ -221,7 +221,7 @@ class Ema(_Section):
 
 class Train(_UsesRuntime):
     folds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    epochs: int = Field(25, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(4, ge=1)
     image_size: int = Field(64, ge=32)
     input: Literal["resize", "crop"] = "resize"
@@ -373,7 +373,7 @@ class Infer(_UsesRuntime):
 class Pseudo(_Section):
     threshold: float = Field(0.9, gt=0, le=1)
     min_kept: float = Field(0.5, ge=0, le=1)
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(1, ge=1)
 
 
 class Oof(_Section):
