@@ -11,7 +11,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from pipeline.labels import IGNORE_INDEX
+from pipeline.labels import IGNORE_INDEX, NORMALISE
 
 if TYPE_CHECKING:
     from pipeline.config import Train
@@ -31,7 +31,6 @@ AUGMENTATIONS: dict[str, Callable[[], A.BasicTransform]] = {
 
 # Per-channel (mean, std) of RGB in [0, 1]: ImageNet's, what pretrained encoders expect (and
 # albumentations' Normalize default). Checkpoints record it in their InputSpec.
-NORMALISE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def build_transform(names: list[str], size: Optional[int], seed: int = 0,

@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import pandas as pd
 
-from pipeline.data.dataset import fold_tables
 from pipeline.data.masks import read_classes, target_size
-from pipeline.evaluation.metrics import ConfusionMatrix, Metric, scores
 from pipeline.io import atomic_dir, read_index, write_image
 from pipeline.workspace import INDEX, Workspace
 
@@ -40,6 +38,7 @@ def predict_oof(models: "ModelSet", infer: "Infer", p: "ParamsView", device: "to
     most oof.max_side px: yields (row: key, fold, height, width; (C, h, w) float32 probabilities; (h, w)
     uint8 truth, centre-aligned nearest; 255 = ignored). p: params with train, oof and paths; load: as
     Ensemble.from_files takes it."""
+    from pipeline.data.dataset import fold_tables
     from pipeline.evaluation.scoring import ImageConfusions, predict_rows
     from pipeline.inference.ensemble import Ensemble
 
@@ -58,6 +57,8 @@ def predict_oof(models: "ModelSet", infer: "Infer", p: "ParamsView", device: "to
 def write_oof(models: "ModelSet", p: "ParamsView", device: "torch.device") -> dict:
     """Write paths.oof (atomically) from the final ensemble's `models` (predict_oof, with p.infer);
     return the OOF scores at that resolution. p: params with infer, train, oof and paths."""
+    from pipeline.evaluation.metrics import ConfusionMatrix, Metric, scores   # torch: not for read_oof's readers
+
     ws = Workspace(p.paths)
     classes = read_classes(ws.masks)["classes"]
     cm, rows = ConfusionMatrix(len(classes)), []

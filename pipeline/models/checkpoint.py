@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.data.augment import NORMALISE
 from pipeline.data.coco import DataError
 from pipeline.io import write_bytes
+from pipeline.labels import NORMALISE
 from pipeline.workspace import Member, Workspace
 
 if TYPE_CHECKING:
