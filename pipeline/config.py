@@ -191,7 +191,7 @@ class GroupPattern(_Section):
 
 class Split(_Section):
     strategy: Literal["multilabel", "random", "given"] = "multilabel"
-    n_folds: int = Field(3, ge=1)
+    n_folds: int = Field(2, ge=1)
     group: Optional[str | GroupPattern] = None   # null | folder | <image field> | {pattern: regex}
     copies_by_name: bool = True             # copies an exporter names as such (Roboflow's .rf.) share a group
     join_near_dups: Optional[bool] = None   # null: when group is null; true/false: always/never
@@ -220,8 +220,8 @@ class Ema(_Section):
 
 
 class Train(_UsesRuntime):
-    folds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    epochs: int = Field(10, ge=1)
+    folds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    epochs: int = Field(12, ge=1)
     batch_size: int = Field(4, ge=1)
     image_size: int = Field(64, ge=32)
     input: Literal["resize", "crop"] = "resize"

@@ -41,7 +41,7 @@ def test_defaults_equal_the_params_file():
     # Sections that disagree, found before any work instead of after training:
     ({"infer": {"checkpoints": ["best", "swa"], "round": 1}}, "train.swa_epochs is 0: no swa.pt is written"),
     ({"infer": {"checkpoints": ["swa"]}, "train": {"swa_epochs": 2}}, "round-2 models (fine-tuned on pseudo-labels) keep best/last only"),
-    ({"infer": {"fold_weights": [1.0, 2.0]}}, "infer.fold_weights has 2 weights for 3 folds"),
+    ({"infer": {"fold_weights": [1.0, 2.0, 1.0]}}, "infer.fold_weights has 3 weights for 2 folds"),
     ({"train": {"class_weights": "inverse", "loss": {"lovasz": 1.0}}}, "lovasz takes no class weights"),
     ({"train": {"workers": 4}, "audit": {"max_side": 96}}, "train.workers -> runtime.workers, audit.max_side -> oof.max_side"),
 ])
@@ -52,7 +52,7 @@ def test_bad_params_name_the_key(raw, expected):
 
 
 def test_agreeing_sections_pass():
-    parse_params({"infer": {"checkpoints": ["swa"], "round": 1, "fold_weights": [1, 1, 2]}, "train": {"swa_epochs": 2}})
+    parse_params({"infer": {"checkpoints": ["swa"], "round": 1, "fold_weights": [1, 2]}, "train": {"swa_epochs": 2}})
     parse_params({"train": {"class_weights": "inverse", "loss": {"ce": 1.0, "lovasz": 0.5}}})   # ce takes them
 
 

@@ -36,7 +36,7 @@ def test_stages_of_one_session_share_a_parent(tmp_path):
     eda = next(c for c in children if c.data.tags["pipeline.stage"] == "eda")
     assert eda.data.metrics == {"eda/images": 3.0, "eda/overlap/images": 1.0}   # the details, on the stage's run
     assert json.loads((tmp_path / "m.json").read_text()) == {"eda": {"images": 3}}   # the headline, for DVC
-    assert eda.data.params["split.strategy"] == "multilabel" and eda.data.params["split.n_folds"] == "3"
+    assert eda.data.params["split.strategy"] == "multilabel" and eda.data.params["split.n_folds"] == "2"
     assert json.loads((tmp_path / "details" / "m.json").read_text())["eda"]["overlap"]["images"] == 1
     masks = next(c for c in children if c.data.tags["pipeline.stage"] == "masks")
     assert masks.data.params["masks.overlap"] == "smaller_on_top" and masks.data.params["masks.max_side"] == "null"
