@@ -191,6 +191,7 @@ def params_for(tmp, runtime=None, **train):
     raw.update(model="unet", encoder="resnet18")
     raw["paths"].update(masks=str(tmp / "masks"), split=str(tmp / "split"), models=str(tmp / "models"),
                         metrics=str(tmp / "metrics"), plots=str(tmp / "plots"))
+    raw["split"]["n_folds"] = 4   # easy_workspace's folds
     raw["train"].update(dict(epochs=6, batch_size=8, image_size=64, lr=3e-3, loss={"ce": 1.0}, augment=["hflip"],
                              warmup_epochs=0.5, ema=None), **train)   # EMA: opt in
     raw["runtime"].update(dict(workers=0, gallery=2, save_every_s=0), **(runtime or {}))
