@@ -1,5 +1,6 @@
 """Fitting the post-processing out of fold: the rules (rules.py) fitted on the out-of-fold
-probabilities of the final ensemble's members (paths.oof; after the CRF when infer.crf.enabled), their
+probabilities of the final ensemble's members (predicted in memory at oof.max_side, as paths.oof keeps
+them; after the CRF when it is on), their
 out-of-fold rows for the variant table (optimistic there: the holdout judges them, see judge.py),
 and what each refinement costs per image."""
 from __future__ import annotations
