@@ -266,7 +266,8 @@ def summary_line(summary: dict) -> str:
 
 def submitted_members(p: "ParamsView") -> list[tuple[Path, float]]:
     """(checkpoint, weight) of what the submission uses: the fitted blend's members with
-    blend.experiments (written by the blend stage), else this experiment's final ensemble."""
+    blend.experiments (written by the blend stage), else this experiment's final ensemble.
+    p: params as recipe.final_params gives them (infer as the ensemble stage chose it)."""
     if p.blend.experiments:
         return [(Path(f), w) for f, w in json.loads(Workspace(p.paths).blend.blend_json.read_text())["members"]]
-    return ModelSet.final(chosen_infer(p.infer, Workspace(p.paths)), p.train, Workspace(p.paths)).weighted()
+    return ModelSet.final(p.infer, p.train, Workspace(p.paths)).weighted()

@@ -28,11 +28,11 @@ from pipeline.evaluation.variants import HOLDOUT, OOF, Variant, variants
 from pipeline.inference.ensemble import Ensemble, load_member
 from pipeline.inference.postprocess import Refiner
 from pipeline.inference.tta import expand, scaled_side
-from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet, content_digest, fold_weights
+from pipeline.models.checkpoint import InputSpec, ModelRef, ModelSet, content_digest
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
-    from pipeline.config import ParamsView, Train
+    from pipeline.config import Infer, ParamsView, Train
 
 
 class VariantTable:
@@ -133,11 +133,13 @@ class Judge:
         c, rate = self.run(self.ensemble(list(v.members), *self.views(v)), held)
         return c[""], rate
 
+    def infer_of(self, recipe: Recipe) -> "Infer":
+        """infer with the recipe's round, checkpoints, TTA views and scales."""
+        return self.params.infer.model_copy(update=recipe.to_json())
+
     def models_of(self, recipe: Recipe) -> ModelSet:
-        """The final ensemble's models for `recipe`: its round's folder, folds x seeds x its checkpoints, fold-weighted."""
-        t, i = self.params.train, self.params.infer
-        return ModelSet(self.ws.models(recipe.round), tuple(t.folds), tuple(t.seeds), recipe.checkpoints,
-                        tuple(fold_weights(t.folds, i.fold_weights)))
+        """The final ensemble's models for `recipe` (ModelSet.final of its infer)."""
+        return ModelSet.final(self.infer_of(recipe), self.params.train, self.ws)
 
     def available(self, rnd: int) -> list[str]:
         """The checkpoints every member of round `rnd` has."""
@@ -156,9 +158,9 @@ class Judge:
     def recipe_probabilities(self, recipe: Recipe) -> list[tuple[dict, np.ndarray, np.ndarray]]:
         """The recipe's out-of-fold probabilities as paths.oof keeps them (oof.max_side, uint8)."""
         if recipe not in self.probabilities:
-            i = self.params.infer.model_copy(update=recipe.to_json())
             self.probabilities[recipe] = [(row, quantise(prob), truth) for row, prob, truth in
-                                          predict_oof(self.models_of(recipe), i, self.params, self.device, self.member)]
+                                          predict_oof(self.models_of(recipe), self.infer_of(recipe), self.params,
+                                                      self.device, self.member)]
         return self.probabilities[recipe]
 
 
